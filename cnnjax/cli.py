@@ -1,0 +1,99 @@
+"""The `cnnjax` command: parses a config and calls one library function.
+
+    cnnjax train [--dataset mnist5k] [--epochs N] [--batch-size B] [--seed S] [--set key=value ...]
+    cnnjax eval --run DIR [--dataset NAME] [--split test]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+from cnnjax.config import Config
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train a model and write a run directory",
+                       description="Train a model; the run directory gets config.json, metrics.jsonl, "
+                                   "summary.json, plots and the best parameters.")
+    p.add_argument("--dataset", help="mnist5k (default, embedded), mnist or fashion_mnist")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--data-dir", help="TFDS data directory (default ~/.cache/cnnjax/tfds)")
+    p.add_argument("--manual-dir", help="directory holding the four IDX .gz files, for offline mnist")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="any config field, e.g. --set optim.learning_rate=3e-4 --set model.features=16,32")
+    p.add_argument("--run-dir", type=pathlib.Path,
+                   help="where to write the run (default checkpoints/<dataset>-<model>-s<seed>-<time>)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+
+
+def _eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a run's best parameters on a dataset split")
+    p.add_argument("--run", required=True, type=pathlib.Path, help="a run directory")
+    p.add_argument("--dataset", help="default: the run's own dataset")
+    p.add_argument("--split", default="test")
+    p.add_argument("--data-dir")
+    p.add_argument("--manual-dir")
+    p.add_argument("--batch-size", type=int, default=1000)
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    flags = {"data.dataset": args.dataset, "train.epochs": args.epochs,
+             "train.batch_size": args.batch_size, "train.seed": args.seed,
+             "data.data_dir": args.data_dir, "data.manual_dir": args.manual_dir}
+    cfg = Config()
+    for key, value in flags.items():
+        if value is not None:
+            cfg = cfg.set(key, value)
+    cfg = cfg.override(args.overrides)
+    if args.quiet:
+        cfg = cfg.set("train.progress", False)
+    return cfg
+
+
+def _run_train(args) -> int:
+    from cnnjax.train import train_and_evaluate
+
+    summary = train_and_evaluate(config_from_args(args), args.run_dir)
+    print(f"run {summary['run_dir']}: best epoch {summary['best_epoch']}, "
+          f"val accuracy {summary['val']['accuracy']:.4f}, test accuracy "
+          f"{summary['test']['accuracy']:.4f}, {summary['train_images_per_s']:.0f} images/s, "
+          f"{summary['wall_time_s']:.1f}s")
+    return 0
+
+
+def _run_eval(args) -> int:
+    from cnnjax import datasets, input_pipeline
+    from cnnjax.runs import load_run
+    from cnnjax.steps import evaluate, inference_state, make_eval_step
+
+    run = load_run(args.run)
+    name = args.dataset or run.config.data.dataset
+    spec = datasets.get_spec(name)
+    if spec.image_shape != run.spec.image_shape or spec.num_classes != run.spec.num_classes:
+        raise ValueError(f"dataset {name!r} ({spec.image_shape}, {spec.num_classes} classes) does not "
+                         f"fit the run's model ({run.spec.image_shape}, {run.spec.num_classes} classes).")
+    images, labels = datasets.load(name, args.split, data_dir=args.data_dir or run.config.data.data_dir,
+                                   manual_dir=args.manual_dir or run.config.data.manual_dir)
+    eval_step = make_eval_step(run.model, run.spec.mean, run.spec.std, spec.num_classes)
+    result = evaluate(eval_step, inference_state(run.variables),
+                      input_pipeline.eval_batches(images, labels, args.batch_size))
+    print(json.dumps({"run": str(args.run), "dataset": name, "split": args.split, **result}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cnnjax", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    _eval_parser(sub)
+    args = parser.parse_args(argv)
+    try:
+        return {"train": _run_train, "eval": _run_eval}[args.command](args)
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as err:
+        print(f"cnnjax {args.command}: error: {err}", file=sys.stderr)
+        return 2

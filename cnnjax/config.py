@@ -1,0 +1,168 @@
+"""Typed, frozen run configuration: defaults are the seed program's, overrides come as key=value.
+
+A `Config` is saved as `config.json` in every run directory and read back with `Config.from_dict`,
+so a run can be reproduced or inspected from its directory alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from typing import Any, Union
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "mnist5k"
+    data_dir: str | None = None  # TFDS data dir; None: $CNNJAX_DATA_DIR or ~/.cache/cnnjax/tfds
+    manual_dir: str | None = None  # holds the IDX .gz files for mnist/fashion_mnist when offline
+    val_fraction: float = 0.2  # seeded split of the train split into train/validation
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    name: str = "seed_cnn"
+    features: tuple[int, ...] = (32, 64)  # one conv + ReLU + pool block per entry
+    kernel_size: int = 3
+    stride: int = 1
+    padding: Union[int, str] = 1  # an int P, 'same' or 'valid'
+    pool: str = "max"  # 'max' or 'avg'
+    pool_size: int = 2
+    pool_stride: int | None = None  # None: equal to pool_size (non-overlapping)
+    dense: tuple[int, ...] = (128,)  # hidden Dense + ReLU layers before the classifier
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-5  # coupled L2, as torch.optim.Adam(weight_decay=...)
+    amsgrad: bool = True
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    plateau_factor: float = 0.5  # ReduceLROnPlateau on the validation loss, once per epoch
+    plateau_patience: int = 3  # in torch's convention
+    plateau_threshold: float = 1e-4  # torch's relative threshold
+    min_lr: float = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    epochs: int = 30
+    batch_size: int = 64
+    eval_batch_size: int = 1000
+    early_stopping_patience: int = 7  # epochs without a better validation loss; 0 disables
+    log_every: int = 10  # steps between metrics.jsonl lines
+    progress: bool = True  # tqdm progress bar
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Config":
+        return _build(cls, d, "")
+
+    def replace(self, **sections) -> "Config":
+        return dataclasses.replace(self, **sections)
+
+    def override(self, assignments: typing.Iterable[str]) -> "Config":
+        """Applies 'section.field=value' strings, e.g. 'optim.learning_rate=3e-4'."""
+        cfg = self
+        for item in assignments:
+            key, sep, raw = item.partition("=")
+            if not sep:
+                raise ValueError(f"override {item!r} is not of the form section.field=value.")
+            cfg = cfg.set(key.strip(), raw.strip())
+        return cfg
+
+    def set(self, key: str, raw: Any) -> "Config":
+        """Returns a copy with `key` ('section.field') set; a string value is parsed to the field's type."""
+        section_name, _, field_name = key.partition(".")
+        sections = {f.name: f for f in dataclasses.fields(self)}
+        if section_name not in sections or not field_name:
+            raise ValueError(f"unknown config key {key!r}; keys look like 'train.epochs', sections: "
+                             f"{', '.join(sections)}.")
+        section = getattr(self, section_name)
+        hints = typing.get_type_hints(type(section))
+        if field_name not in hints:
+            raise ValueError(f"unknown config key {key!r}; fields of {section_name!r}: "
+                             f"{', '.join(hints)}.")
+        value = _parse(raw, hints[field_name], key) if isinstance(raw, str) else _coerce(raw, hints[field_name], key)
+        return dataclasses.replace(self, **{section_name: dataclasses.replace(section, **{field_name: value})})
+
+
+def _build(cls, d: dict[str, Any], prefix: str):
+    hints = typing.get_type_hints(cls)
+    unknown = set(d) - set(hints)
+    if unknown:
+        raise ValueError(f"unknown config keys {sorted(prefix + k for k in unknown)}.")
+    kwargs = {}
+    for name, value in d.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, hint, prefix + name)
+    return cls(**kwargs)
+
+
+def _options(hint) -> tuple:
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        return typing.get_args(hint)
+    return (hint,)
+
+
+def _coerce(value: Any, hint, key: str) -> Any:
+    """Checks a JSON-decoded value against the field type, turning lists into tuples."""
+    for option in _options(hint):
+        if option is type(None) and value is None:
+            return None
+        if typing.get_origin(option) is tuple and isinstance(value, (list, tuple)):
+            (item,) = {a for a in typing.get_args(option) if a is not Ellipsis}
+            return tuple(_coerce(v, item, key) for v in value)
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if option in (int, str, bool) and type(value) is option:
+            return value
+    raise ValueError(f"config {key}: {value!r} is not a valid {_type_name(hint)}.")
+
+
+def _parse(raw: str, hint, key: str) -> Any:
+    """Parses a command-line string: JSON first (numbers, true/false, null, lists), else a string."""
+    text = raw.strip()
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = text
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and _accepts_tuple(hint):
+        value = [value]
+    if isinstance(value, str) and "," in value and _accepts_tuple(hint):
+        value = [json.loads(v) for v in value.split(",")]
+    if value is None and type(None) not in _options(hint):
+        value = text
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and str in _options(hint) \
+            and int not in _options(hint) and float not in _options(hint):
+        value = text
+    return _coerce(value, hint, key)
+
+
+def _accepts_tuple(hint) -> bool:
+    return any(typing.get_origin(o) is tuple for o in _options(hint))
+
+
+def _type_name(hint) -> str:
+    return " or ".join(getattr(o, "__name__", str(o)) for o in _options(hint))

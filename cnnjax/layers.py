@@ -1,0 +1,98 @@
+"""Pooling as pure functions, plus thin Flax modules over them.
+
+All functions take NHWC arrays. Non-overlapping windows (stride == window, the CNN default) take a
+pad-reshape-reduce path: XLA lowers the gradient of a generic `reduce_window` max to
+`select_and_scatter`, a single-threaded loop on CPU that dominated the seed CNN's step, while the
+gradient of a plain reduction is a fused elementwise mask. Overlapping windows fall back to
+`lax.reduce_window`. Windows follow torch's floor mode: a trailing remainder is dropped.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+from jax import lax
+
+from cnnjax.geometry import Padding, explicit_padding, output_shape
+
+
+def _pool(x: jax.Array, reduce: str, window: int, stride: int | None, padding: Padding,
+          layer: str) -> jax.Array:
+    if x.ndim != 4:
+        raise ValueError(f"{layer}: expected an NHWC array of rank 4, got shape {x.shape}.")
+    stride = window if stride is None else stride
+    h, w = x.shape[1:3]
+    out_h, out_w = output_shape((h, w), window, stride, padding, layer)
+    pads = [explicit_padding(padding, window, stride, s, layer) for s in (h, w)]
+    fill = -jnp.inf if reduce == "max" else 0.0
+    if stride == window:
+        x = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)), constant_values=fill)
+        x = x[:, :out_h * window, :out_w * window, :]
+        x = x.reshape(x.shape[0], out_h, window, out_w, window, x.shape[-1])
+        return x.max(axis=(2, 4)) if reduce == "max" else x.mean(axis=(2, 4))
+    dims, strides = (1, window, window, 1), (1, stride, stride, 1)
+    full_pads = ((0, 0), pads[0], pads[1], (0, 0))
+    if reduce == "max":
+        return lax.reduce_window(x, fill, lax.max, dims, strides, full_pads)
+    return lax.reduce_window(x, 0.0, lax.add, dims, strides, full_pads) / (window * window)
+
+
+def max_pool(x: jax.Array, window: int = 2, stride: int | None = None, padding: Padding = 0,
+             layer: str = "max_pool") -> jax.Array:
+    """Max over `window`×`window` patches; padding counts as -inf, as in torch's MaxPool2d."""
+    return _pool(x, "max", window, stride, padding, layer)
+
+
+def avg_pool(x: jax.Array, window: int = 2, stride: int | None = None, padding: Padding = 0,
+             layer: str = "avg_pool") -> jax.Array:
+    """Mean over `window`×`window` patches; padded zeros count (torch's count_include_pad=True)."""
+    return _pool(x, "avg", window, stride, padding, layer)
+
+
+def global_max_pool(x: jax.Array) -> jax.Array:
+    """(N, H, W, C) -> (N, C): the strongest response of each channel anywhere in the image."""
+    return x.max(axis=(1, 2))
+
+
+def global_avg_pool(x: jax.Array) -> jax.Array:
+    """(N, H, W, C) -> (N, C): each channel's mean response."""
+    return x.mean(axis=(1, 2))
+
+
+POOLS = {"max": max_pool, "avg": avg_pool}
+
+
+class Pool(nn.Module):
+    """A max or average pooling layer; `kind` is 'max' or 'avg'."""
+
+    kind: str = "max"
+    window: int = 2
+    stride: int | None = None
+    padding: Padding = 0
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.kind not in POOLS:
+            raise ValueError(f"{self.name}: pool kind must be one of {sorted(POOLS)}, got {self.kind!r}.")
+        return POOLS[self.kind](x, self.window, self.stride, self.padding, layer=self.name or "pool")
+
+
+class GlobalPool(nn.Module):
+    """Global max or average pooling, (N, H, W, C) -> (N, C)."""
+
+    kind: str = "avg"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.kind == "max":
+            return global_max_pool(x)
+        if self.kind == "avg":
+            return global_avg_pool(x)
+        raise ValueError(f"{self.name}: global pool kind must be 'max' or 'avg', got {self.kind!r}.")
+
+
+def flatten(x: jax.Array) -> jax.Array:
+    """(N, ...) -> (N, features), in NHWC order (torch flattens NCHW: transpose to compare)."""
+    return x.reshape(x.shape[0], -1)
+

@@ -1,0 +1,99 @@
+"""Models as pure Flax Linen modules.
+
+`SeedCNN` is the classic MNIST network of the seed program: conv 32 -> pool -> conv 64 -> pool ->
+dense 128 -> dense 10, initialized as the seed does (conv kernels N(0, 0.01), dense Xavier-uniform,
+biases 0). Each block's output is sown into the 'intermediates' collection under its name
+(conv1, pool1, ...), so feature maps can be read with `mutable=['intermediates']` without editing
+the model.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from cnnjax.config import ModelConfig
+from cnnjax.geometry import Padding, explicit_padding, output_shape
+from cnnjax.layers import POOLS, Pool, flatten
+
+conv_init = nn.initializers.normal(stddev=0.01)
+dense_init = nn.initializers.xavier_uniform()
+
+
+class SeedCNN(nn.Module):
+    """Conv blocks (Conv + ReLU + pool), flatten, hidden Dense + ReLU layers, then the classifier."""
+
+    num_classes: int = 10
+    features: Sequence[int] = (32, 64)
+    kernel_size: int = 3
+    stride: int = 1
+    padding: Padding = 1
+    pool: str = "max"
+    pool_size: int = 2
+    pool_stride: int | None = None
+    dense: Sequence[int] = (128,)
+
+    def feature_shape(self, image_hw: Sequence[int]) -> tuple[int, int, int]:
+        """(H, W, C) after the last pool, from the output-size arithmetic; raises on bad geometry."""
+        hw = tuple(image_hw)
+        for i, _ in enumerate(self.features, start=1):
+            hw = output_shape(hw, self.kernel_size, self.stride, self.padding, f"conv{i}")
+            hw = output_shape(hw, self.pool_size, self.pool_stride or self.pool_size, 0, f"pool{i}")
+        return (*hw, self.features[-1])
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """(N, H, W, C) float images -> (N, num_classes) logits."""
+        if x.ndim != 4:
+            raise ValueError(f"SeedCNN expects NHWC images of rank 4, got shape {x.shape}.")
+        expected = self.feature_shape(x.shape[1:3])
+        for i, width in enumerate(self.features, start=1):
+            pads = [explicit_padding(self.padding, self.kernel_size, self.stride, s, f"conv{i}")
+                    for s in x.shape[1:3]]
+            x = nn.Conv(width, (self.kernel_size, self.kernel_size), strides=self.stride,
+                        padding=pads, kernel_init=conv_init, bias_init=nn.initializers.zeros,
+                        name=f"conv{i}")(x)
+            x = nn.relu(x)
+            self.sow("intermediates", f"conv{i}", x)
+            x = Pool(self.pool, self.pool_size, self.pool_stride, 0, name=f"pool{i}")(x)
+            self.sow("intermediates", f"pool{i}", x)
+        assert x.shape[1:] == expected, (x.shape, expected)
+        x = flatten(x)
+        for i, width in enumerate(self.dense, start=1):
+            x = nn.relu(nn.Dense(width, kernel_init=dense_init, bias_init=nn.initializers.zeros,
+                                 name=f"fc{i}")(x))
+            self.sow("intermediates", f"fc{i}", x)
+        return nn.Dense(self.num_classes, kernel_init=dense_init, bias_init=nn.initializers.zeros,
+                        name=f"fc{len(self.dense) + 1}")(x)
+
+
+MODELS = {"seed_cnn": SeedCNN}
+
+# A tiny variant for fast tests: same structure, a fraction of the width.
+TinySeedCNN = functools.partial(SeedCNN, features=(4, 8), dense=(16,))
+
+
+def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
+    """The model a config names, with geometry checked against nothing yet (see `check_geometry`)."""
+    if cfg.name not in MODELS:
+        raise ValueError(f"unknown model {cfg.name!r}; known models: {', '.join(sorted(MODELS))}.")
+    if cfg.pool not in POOLS:
+        raise ValueError(f"model.pool must be one of {sorted(POOLS)}, got {cfg.pool!r}.")
+    return MODELS[cfg.name](
+        num_classes=num_classes, features=tuple(cfg.features), kernel_size=cfg.kernel_size,
+        stride=cfg.stride, padding=cfg.padding, pool=cfg.pool, pool_size=cfg.pool_size,
+        pool_stride=cfg.pool_stride, dense=tuple(cfg.dense))
+
+
+def check_geometry(model: nn.Module, image_shape: Sequence[int]) -> None:
+    """Raises ValueError naming the layer if `model` cannot run on (H, W, C) images."""
+    if hasattr(model, "feature_shape"):
+        model.feature_shape(tuple(image_shape)[:2])
+
+
+def count_params(params) -> int:
+    return sum(int(jnp.size(p)) for p in jax.tree_util.tree_leaves(params))

@@ -1,0 +1,70 @@
+"""Loading a finished run from its directory: config, best parameters, and a ready-made predictor."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cnnjax import checkpoint, datasets
+from cnnjax.config import Config
+from cnnjax.input_pipeline import as_nhwc, normalize
+from cnnjax.models import build_model
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """A trained model with its run's normalization; `logits`/`predict` take raw uint8 pixels."""
+
+    run_dir: pathlib.Path
+    config: Config
+    spec: datasets.DatasetSpec
+    model: nn.Module
+    variables: dict[str, Any]
+
+    def __post_init__(self):
+        spec, model = self.spec, self.model
+
+        @jax.jit
+        def _logits(variables, images):
+            return model.apply({"params": variables["params"]}, normalize(images, spec.mean, spec.std))
+
+        object.__setattr__(self, "_logits", _logits)
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return json.loads((self.run_dir / "summary.json").read_text())
+
+    def logits(self, images) -> np.ndarray:
+        """uint8 (N, 28, 28) or (N, 28, 28, 1) -> float32 (N, num_classes)."""
+        return np.asarray(self._logits(self.variables, jnp.asarray(as_nhwc(images, self.spec.image_shape))))
+
+    def predict(self, images) -> np.ndarray:
+        """uint8 images -> int class indices (N,)."""
+        return self.logits(images).argmax(-1)
+
+
+def load_config(run_dir: pathlib.Path | str) -> Config:
+    path = pathlib.Path(run_dir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: {run_dir} is not a cnnjax run directory "
+                                f"(expected config.json written by `cnnjax train`).")
+    return Config.from_dict(json.loads(path.read_text()))
+
+
+def load_run(run_dir: pathlib.Path | str) -> Run:
+    """Rebuilds the run's model from its config.json and restores its best parameters."""
+    run_dir = pathlib.Path(run_dir)
+    cfg = load_config(run_dir)
+    spec = datasets.get_spec(cfg.data.dataset)
+    model = build_model(cfg.model, spec.num_classes)
+    abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *spec.image_shape)))
+    abstract = {"params": abstract["params"], "batch_stats": abstract.get("batch_stats", {})}
+    variables = checkpoint.restore_variables(run_dir / checkpoint.MODEL_DIR, abstract)
+    return Run(run_dir=run_dir, config=cfg, spec=spec, model=model, variables=variables)

@@ -1,0 +1,109 @@
+"""The train state and the pure, compiled train and eval steps.
+
+`train_step(state, batch, rng) -> (state, metrics)` and `eval_step(state, batch) -> metrics` close
+over the model, the optimizer and the normalization constants; `make_steps` jits them with the state
+donated, so XLA updates parameters and moments in place.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from cnnjax.input_pipeline import normalize
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    batch_stats: Any  # an empty dict for models without batch normalization
+    opt_state: optax.OptState
+    plateau_state: Any  # optax.contrib.reduce_on_plateau's state; its `scale` multiplies updates
+
+
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation, plateau,
+                       image_shape: tuple[int, ...], rng: jax.Array) -> TrainState:
+    """Initializes parameters from `rng` on a dummy batch of one image."""
+    variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32))
+    params = variables["params"]
+    return TrainState(step=jnp.zeros([], jnp.int32), params=params,
+                      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
+                      plateau_state=plateau.init(params))
+
+
+def _layer_norms(grads) -> dict[str, jax.Array]:
+    return {f"grad_norm/{name}": optax.tree.norm(g) for name, g in grads.items()}
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, mean: float,
+                    std: float) -> Callable:
+    """The jitted `train_step(state, batch, rng) -> (state, metrics)`, state donated."""
+
+    def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array):
+        images = normalize(batch["image"], mean, std)
+        labels = batch["label"]
+        step_rng = jax.random.fold_in(rng, state.step)
+
+        def loss_fn(params):
+            logits = model.apply({"params": params}, images, rngs={"dropout": step_rng})
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+            return loss, logits
+
+        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        updates = optax.tree_utils.tree_scale(state.plateau_state.scale, updates)
+        params = optax.apply_updates(state.params, updates)
+        # A non-finite step is not applied: the state stays the last good one while the host,
+        # which sees `finite` in the metrics, stops the run and names the step.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        new_state = state.replace(step=state.step + finite.astype(jnp.int32),
+                                  params=keep(params, state.params),
+                                  opt_state=keep(opt_state, state.opt_state))
+        metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
+                   "grad_norm": grad_norm, "finite": finite, **_layer_norms(grads)}
+        return new_state, metrics
+
+    return jax.jit(train_step, donate_argnums=0)
+
+
+def make_eval_step(model: nn.Module, mean: float, std: float, num_classes: int) -> Callable:
+    """The jitted `eval_step(state, batch) -> metrics`: masked sums, a confusion matrix."""
+
+    def eval_step(state: TrainState, batch: dict[str, jax.Array]):
+        logits = model.apply({"params": state.params}, normalize(batch["image"], mean, std))
+        labels, mask = batch["label"], batch["mask"]
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        preds = jnp.argmax(logits, -1)
+        confusion = jnp.zeros((num_classes, num_classes), jnp.int32).at[labels, preds].add(
+            mask.astype(jnp.int32))
+        return {"loss_sum": jnp.sum(losses * mask), "correct": jnp.sum((preds == labels) * mask),
+                "count": jnp.sum(mask), "confusion": confusion}
+
+    return jax.jit(eval_step)
+
+
+def inference_state(variables: dict[str, Any]) -> TrainState:
+    """A state holding only what evaluation reads, for models restored from a run."""
+    return TrainState(step=jnp.zeros([], jnp.int32), params=variables["params"],
+                      batch_stats=variables.get("batch_stats", {}), opt_state=None,
+                      plateau_state=None)
+
+
+def evaluate(eval_step: Callable, state: TrainState, batches) -> dict[str, Any]:
+    """Sums the masked eval metrics over `batches`; one host sync at the end."""
+    totals = None
+    for batch in batches:
+        out = eval_step(state, batch)
+        totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+    totals = jax.device_get(totals)
+    count = float(totals["count"])
+    return {"loss": float(totals["loss_sum"]) / count, "accuracy": float(totals["correct"]) / count,
+            "count": int(count), "confusion": totals["confusion"].tolist()}

@@ -1,0 +1,8 @@
+"""Shared test setup: prepared datasets go to a temporary TFDS dir unless CNNJAX_DATA_DIR is set."""
+
+import os
+import tempfile
+
+
+def pytest_configure(config):
+    os.environ.setdefault("CNNJAX_DATA_DIR", tempfile.mkdtemp(prefix="cnnjax-tfds-"))
