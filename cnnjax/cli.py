@@ -1,7 +1,8 @@
 """The `cnnjax` command: parses a config and calls one library function.
 
     cnnjax train [--dataset mnist5k] [--epochs N] [--batch-size B] [--seed S] [--set key=value ...]
-    cnnjax eval --run DIR [--dataset NAME] [--split test]
+    cnnjax train --resume DIR
+    cnnjax eval --run DIR [--dataset NAME] [--split test] [--step N]
 """
 
 from __future__ import annotations
@@ -27,7 +28,12 @@ def _train_parser(sub) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="any config field, e.g. --set optim.learning_rate=3e-4 --set model.features=16,32")
     p.add_argument("--run-dir", type=pathlib.Path,
-                   help="where to write the run (default checkpoints/<dataset>-<model>-s<seed>-<time>)")
+                   help="where to write the run (default checkpoints/<dataset>-<model>-s<seed>-<time>); "
+                        "a directory with checkpoints is resumed")
+    p.add_argument("--resume", type=pathlib.Path, metavar="DIR",
+                   help="continue the run in DIR from its latest checkpoint, with its own config")
+    p.add_argument("--stop-at-step", type=int, metavar="N",
+                   help="checkpoint and exit at the first log line at or after step N (rerun to continue)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
 
 
@@ -39,13 +45,15 @@ def _eval_parser(sub) -> None:
     p.add_argument("--data-dir")
     p.add_argument("--manual-dir")
     p.add_argument("--batch-size", type=int, default=1000)
+    p.add_argument("--step", type=int, help="a checkpoint step (default: the best one)")
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
+def config_from_args(args: argparse.Namespace, base: Config | None = None) -> Config:
+    """The defaults (or a resumed run's `base` config) with the command line's flags applied."""
     flags = {"data.dataset": args.dataset, "train.epochs": args.epochs,
              "train.batch_size": args.batch_size, "train.seed": args.seed,
              "data.data_dir": args.data_dir, "data.manual_dir": args.manual_dir}
-    cfg = Config()
+    cfg = base or Config()
     for key, value in flags.items():
         if value is not None:
             cfg = cfg.set(key, value)
@@ -56,9 +64,18 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def _run_train(args) -> int:
+    from cnnjax.runs import load_config
     from cnnjax.train import train_and_evaluate
 
-    summary = train_and_evaluate(config_from_args(args), args.run_dir)
+    run_dir = args.resume or args.run_dir
+    if args.resume and args.run_dir and args.resume != args.run_dir:
+        raise ValueError("give either --resume DIR or --run-dir DIR, not two different directories.")
+    base = load_config(args.resume) if args.resume else None
+    summary = train_and_evaluate(config_from_args(args, base), run_dir, stop_at_step=args.stop_at_step)
+    if "stopped_at_step" in summary:
+        print(f"run {summary['run_dir']}: stopped at step {summary['stopped_at_step']}; "
+              f"continue with: cnnjax train --resume {summary['run_dir']}")
+        return 0
     print(f"run {summary['run_dir']}: best epoch {summary['best_epoch']}, "
           f"val accuracy {summary['val']['accuracy']:.4f}, test accuracy "
           f"{summary['test']['accuracy']:.4f}, {summary['train_images_per_s']:.0f} images/s, "
@@ -71,7 +88,7 @@ def _run_eval(args) -> int:
     from cnnjax.runs import load_run
     from cnnjax.steps import evaluate, inference_state, make_eval_step
 
-    run = load_run(args.run)
+    run = load_run(args.run, step=args.step)
     name = args.dataset or run.config.data.dataset
     spec = datasets.get_spec(name)
     if spec.image_shape != run.spec.image_shape or spec.num_classes != run.spec.num_classes:

@@ -32,6 +32,21 @@ class ModelConfig:
     pool_size: int = 2
     pool_stride: int | None = None  # None: equal to pool_size (non-overlapping)
     dense: tuple[int, ...] = (128,)  # hidden Dense + ReLU layers before the classifier
+    dropout: float = 0.0  # before the classifier (the seed uses 0.5); keys per example and step
+    conv_dropout: float = 0.0  # after each conv block's pool
+    batch_norm: bool = False  # conv -> BN -> ReLU, as the seed's section 4.3
+    bn_momentum: float = 0.9  # flax's decay of the running stats; torch's momentum 0.1 = 1 - 0.9
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+    """Random affine augmentation on device; a transform left at 0 / false is off."""
+
+    rotate: float = 0.0  # degrees, uniform in [-rotate, rotate] (the seed: 10)
+    translate: float = 0.0  # pixels, uniform per axis
+    scale: float = 0.0  # zoom uniform in [1 - scale, 1 + scale]
+    flip: bool = False  # horizontal, p = 0.5 (in the seed; hurts digits, so off)
+    order: tuple[str, ...] = ("scale", "rotate", "translate", "flip")  # first acts first
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,12 +72,16 @@ class TrainConfig:
     early_stopping_patience: int = 7  # epochs without a better validation loss; 0 disables
     log_every: int = 10  # steps between metrics.jsonl lines
     progress: bool = True  # tqdm progress bar
+    checkpoint_every_steps: int = 0  # also checkpoint mid-epoch, at the first log line N steps on
+    keep_checkpoints: int = 3  # the last k checkpoints, plus the best by validation loss
+    async_checkpointing: bool = True  # orbax writes in the background while training goes on
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
+    augment: AugmentConfig = AugmentConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
 
@@ -150,14 +169,21 @@ def _parse(raw: str, hint, key: str) -> Any:
         value = text
     if isinstance(value, (int, float)) and not isinstance(value, bool) and _accepts_tuple(hint):
         value = [value]
-    if isinstance(value, str) and "," in value and _accepts_tuple(hint):
-        value = [json.loads(v) for v in value.split(",")]
+    if isinstance(value, str) and _accepts_tuple(hint):
+        value = [_json_or_text(v) for v in value.split(",")]
     if value is None and type(None) not in _options(hint):
         value = text
     if isinstance(value, (int, float)) and not isinstance(value, bool) and str in _options(hint) \
             and int not in _options(hint) and float not in _options(hint):
         value = text
     return _coerce(value, hint, key)
+
+
+def _json_or_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text.strip()
 
 
 def _accepts_tuple(hint) -> bool:

@@ -70,12 +70,17 @@ def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
 
 
 def train_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int,
-                  epoch: int) -> Iterator[dict[str, np.ndarray]]:
-    """Shuffled full batches of one epoch; the last partial batch is dropped."""
+                  epoch: int, start: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """Shuffled full batches of one epoch from batch `start` on; the last partial batch is dropped.
+
+    'index' is each example's position in the training split: the per-example random draws
+    (dropout, augmentation) are keyed by it. `start` resumes an epoch without re-reading the
+    batches before it.
+    """
     n_steps = steps_per_epoch(len(labels), batch_size)
     order = epoch_permutation(len(labels), seed, epoch)[: n_steps * batch_size]
-    for idx in order.reshape(n_steps, batch_size):
-        yield {"image": images[idx], "label": labels[idx]}
+    for idx in order.reshape(n_steps, batch_size)[start:].astype(np.int32):
+        yield {"image": images[idx], "label": labels[idx], "index": idx}
 
 
 def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int

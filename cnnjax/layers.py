@@ -96,3 +96,29 @@ def flatten(x: jax.Array) -> jax.Array:
     """(N, ...) -> (N, features), in NHWC order (torch flattens NCHW: transpose to compare)."""
     return x.reshape(x.shape[0], -1)
 
+
+
+class ExampleDropout(nn.Module):
+    """Dropout whose mask for example i is drawn from fold_in(dropout_key, example_ids[i]).
+
+    Flax's nn.Dropout draws one mask for the whole batch, so an example's mask would change with the
+    batch it sits in and the device it lands on; keying each example by its id makes the mask a
+    function of (run key, step, example) alone. In training mode a missing 'dropout' key raises
+    (flax's InvalidRngError) rather than silently skipping.
+    """
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array, example_ids: jax.Array | None, deterministic: bool) -> jax.Array:
+        if not 0.0 <= self.rate < 1.0:
+            raise ValueError(f"{self.name}: dropout rate must be in [0, 1), got {self.rate}.")
+        if deterministic or self.rate == 0.0:
+            return x
+        if example_ids is None:
+            raise ValueError(f"{self.name}: training-mode dropout needs example_ids (one int per "
+                             f"example) so each example's mask has its own key.")
+        key = self.make_rng("dropout")
+        keys = jax.vmap(jax.random.fold_in, (None, 0))(key, example_ids)
+        keep = jax.vmap(lambda k: jax.random.bernoulli(k, 1.0 - self.rate, x.shape[1:]))(keys)
+        return jnp.where(keep, x / (1.0 - self.rate), 0.0)

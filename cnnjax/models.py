@@ -18,7 +18,7 @@ import flax.linen as nn
 
 from cnnjax.config import ModelConfig
 from cnnjax.geometry import Padding, explicit_padding, output_shape
-from cnnjax.layers import POOLS, Pool, flatten
+from cnnjax.layers import POOLS, ExampleDropout, Pool, flatten
 
 conv_init = nn.initializers.normal(stddev=0.01)
 dense_init = nn.initializers.xavier_uniform()
@@ -36,6 +36,10 @@ class SeedCNN(nn.Module):
     pool_size: int = 2
     pool_stride: int | None = None
     dense: Sequence[int] = (128,)
+    dropout: float = 0.0
+    conv_dropout: float = 0.0
+    batch_norm: bool = False
+    bn_momentum: float = 0.9
 
     def feature_shape(self, image_hw: Sequence[int]) -> tuple[int, int, int]:
         """(H, W, C) after the last pool, from the output-size arithmetic; raises on bad geometry."""
@@ -46,8 +50,13 @@ class SeedCNN(nn.Module):
         return (*hw, self.features[-1])
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """(N, H, W, C) float images -> (N, num_classes) logits."""
+    def __call__(self, x: jax.Array, train: bool = False, example_ids: jax.Array | None = None
+                 ) -> jax.Array:
+        """(N, H, W, C) float images -> (N, num_classes) logits.
+
+        `train` switches dropout on (needs a 'dropout' rng and `example_ids`) and batch norm to batch
+        statistics (with 'batch_stats' mutable).
+        """
         if x.ndim != 4:
             raise ValueError(f"SeedCNN expects NHWC images of rank 4, got shape {x.shape}.")
         expected = self.feature_shape(x.shape[1:3])
@@ -57,16 +66,21 @@ class SeedCNN(nn.Module):
             x = nn.Conv(width, (self.kernel_size, self.kernel_size), strides=self.stride,
                         padding=pads, kernel_init=conv_init, bias_init=nn.initializers.zeros,
                         name=f"conv{i}")(x)
+            if self.batch_norm:
+                x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
+                                 epsilon=1e-5, name=f"bn{i}")(x)
             x = nn.relu(x)
             self.sow("intermediates", f"conv{i}", x)
             x = Pool(self.pool, self.pool_size, self.pool_stride, 0, name=f"pool{i}")(x)
             self.sow("intermediates", f"pool{i}", x)
+            x = ExampleDropout(self.conv_dropout, name=f"conv_dropout{i}")(x, example_ids, not train)
         assert x.shape[1:] == expected, (x.shape, expected)
         x = flatten(x)
         for i, width in enumerate(self.dense, start=1):
             x = nn.relu(nn.Dense(width, kernel_init=dense_init, bias_init=nn.initializers.zeros,
                                  name=f"fc{i}")(x))
             self.sow("intermediates", f"fc{i}", x)
+        x = ExampleDropout(self.dropout, name="dropout")(x, example_ids, not train)
         return nn.Dense(self.num_classes, kernel_init=dense_init, bias_init=nn.initializers.zeros,
                         name=f"fc{len(self.dense) + 1}")(x)
 
@@ -86,7 +100,8 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     return MODELS[cfg.name](
         num_classes=num_classes, features=tuple(cfg.features), kernel_size=cfg.kernel_size,
         stride=cfg.stride, padding=cfg.padding, pool=cfg.pool, pool_size=cfg.pool_size,
-        pool_stride=cfg.pool_stride, dense=tuple(cfg.dense))
+        pool_stride=cfg.pool_stride, dense=tuple(cfg.dense), dropout=cfg.dropout,
+        conv_dropout=cfg.conv_dropout, batch_norm=cfg.batch_norm, bn_momentum=cfg.bn_momentum)
 
 
 def check_geometry(model: nn.Module, image_shape: Sequence[int]) -> None:

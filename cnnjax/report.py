@@ -29,13 +29,23 @@ def _clean(value: Any) -> Any:
 class JsonlWriter:
     """Appends one JSON object per line, flushed at once so a crash loses nothing written."""
 
-    def __init__(self, path: pathlib.Path):
+    def __init__(self, path: pathlib.Path, keep_lines: int = 0):
+        """Opens `path` keeping its first `keep_lines` lines: a resumed run drops whatever was
+        logged after the checkpoint it resumes from, so the log replays exactly."""
         self.path = path
-        self._file = open(path, "a", encoding="utf-8")
+        kept = path.read_text(encoding="utf-8").splitlines(True)[:keep_lines] if path.exists() else []
+        if len(kept) < keep_lines:
+            raise ValueError(f"{path} has {len(kept)} lines, the checkpoint expects {keep_lines}; "
+                             f"the log was altered after the checkpoint was written.")
+        self._file = open(path, "w", encoding="utf-8")
+        self._file.writelines(kept)
+        self._file.flush()
+        self.lines = keep_lines
 
     def write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(_clean(record), sort_keys=True) + "\n")
         self._file.flush()
+        self.lines += 1
 
     def close(self) -> None:
         self._file.close()
@@ -129,3 +139,24 @@ def confusion_figure(plt, confusion: np.ndarray, class_names: list[str] | None):
             ax.text(j, i, int(confusion[i, j]), ha="center", va="center", fontsize=7,
                     color="white" if confusion[i, j] > threshold else "black")
     return fig
+
+
+def augmentation_grid(path: pathlib.Path, augmenter, images: np.ndarray, key, example_ids) -> None:
+    """Originals (top row) over four augmented draws each: what the model sees in training."""
+    import jax
+    plt = _pyplot()
+    n, draws = len(images), 4
+    pixels = np.asarray(images, np.float32)
+    rows = [pixels] + [np.asarray(augmenter(pixels, jax.random.fold_in(key, d), example_ids))
+                       for d in range(draws)]
+    fig, axes = plt.subplots(draws + 1, n, figsize=(n * 0.8, (draws + 1) * 0.85))
+    for r, row in enumerate(rows):
+        for c in range(n):
+            ax = axes[r, c]
+            ax.imshow(row[c, ..., 0], cmap="gray", vmin=0, vmax=255)
+            ax.set_xticks([]), ax.set_yticks([])
+        axes[r, 0].set_ylabel("original" if r == 0 else f"draw {r}", fontsize=7)
+    fig.suptitle("Training augmentation", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

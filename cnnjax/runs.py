@@ -16,6 +16,8 @@ from cnnjax import checkpoint, datasets
 from cnnjax.config import Config
 from cnnjax.input_pipeline import as_nhwc, normalize
 from cnnjax.models import build_model
+from cnnjax.optim import make_optimizer, make_plateau
+from cnnjax.steps import create_train_state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +35,7 @@ class Run:
 
         @jax.jit
         def _logits(variables, images):
-            return model.apply({"params": variables["params"]}, normalize(images, spec.mean, spec.std))
+            return model.apply(variables, normalize(images, spec.mean, spec.std))
 
         object.__setattr__(self, "_logits", _logits)
 
@@ -58,13 +60,23 @@ def load_config(run_dir: pathlib.Path | str) -> Config:
     return Config.from_dict(json.loads(path.read_text()))
 
 
-def load_run(run_dir: pathlib.Path | str) -> Run:
-    """Rebuilds the run's model from its config.json and restores its best parameters."""
+def load_run(run_dir: pathlib.Path | str, step: int | None = None) -> Run:
+    """Rebuilds the run's model from its config.json and restores its best checkpoint (or `step`)."""
     run_dir = pathlib.Path(run_dir)
     cfg = load_config(run_dir)
     spec = datasets.get_spec(cfg.data.dataset)
     model = build_model(cfg.model, spec.num_classes)
-    abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *spec.image_shape)))
-    abstract = {"params": abstract["params"], "batch_stats": abstract.get("batch_stats", {})}
-    variables = checkpoint.restore_variables(run_dir / checkpoint.MODEL_DIR, abstract)
+    tx, plateau = make_optimizer(cfg.optim), make_plateau(cfg.optim)
+    abstract = jax.eval_shape(lambda: create_train_state(model, tx, plateau, spec.image_shape,
+                                                         jax.random.key(0)))
+    ckpt = checkpoint.Checkpointer(run_dir, read_only=True)
+    if step is None:
+        summary = run_dir / "summary.json"
+        if summary.exists():
+            step = json.loads(summary.read_text())["best_step"]
+        else:  # an unfinished run: its latest readable checkpoint knows the best step so far
+            _, loop, _ = ckpt.restore(abstract)
+            step = loop["best_step"] or None
+    state, _, _ = ckpt.restore(abstract, step=step)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
     return Run(run_dir=run_dir, config=cfg, spec=spec, model=model, variables=variables)

@@ -15,7 +15,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from cnnjax.augment import Compose
 from cnnjax.input_pipeline import normalize
+
+# Streams folded into each step's key, so dropout and augmentation never share a draw.
+DROPOUT_STREAM, AUGMENT_STREAM = 1, 2
 
 
 @flax.struct.dataclass
@@ -42,20 +46,29 @@ def _layer_norms(grads) -> dict[str, jax.Array]:
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, mean: float,
-                    std: float) -> Callable:
-    """The jitted `train_step(state, batch, rng) -> (state, metrics)`, state donated."""
+                    std: float, augment: Compose = Compose(())) -> Callable:
+    """The jitted `train_step(state, batch, rng) -> (state, metrics)`, state donated.
+
+    `rng` is the run's training key; the step folds in its own step number, then a stream per use,
+    then (inside dropout and augmentation) each example's 'index'.
+    """
 
     def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array):
-        images = normalize(batch["image"], mean, std)
-        labels = batch["label"]
+        labels, ids = batch["label"], batch["index"]
         step_rng = jax.random.fold_in(rng, state.step)
+        pixels = augment(batch["image"].astype(jnp.float32),
+                         jax.random.fold_in(step_rng, AUGMENT_STREAM), ids)
+        images = normalize(pixels, mean, std)
+        dropout_rng = jax.random.fold_in(step_rng, DROPOUT_STREAM)
 
         def loss_fn(params):
-            logits = model.apply({"params": params}, images, rngs={"dropout": step_rng})
+            logits, updated = model.apply(
+                {"params": params, "batch_stats": state.batch_stats}, images, train=True,
+                example_ids=ids, rngs={"dropout": dropout_rng}, mutable=["batch_stats"])
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-            return loss, logits
+            return loss, (logits, updated.get("batch_stats", {}))
 
-        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         updates = optax.tree_utils.tree_scale(state.plateau_state.scale, updates)
@@ -66,6 +79,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, mean: fl
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
         new_state = state.replace(step=state.step + finite.astype(jnp.int32),
                                   params=keep(params, state.params),
+                                  batch_stats=keep(batch_stats, state.batch_stats),
                                   opt_state=keep(opt_state, state.opt_state))
         metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
                    "grad_norm": grad_norm, "finite": finite, **_layer_norms(grads)}
@@ -78,7 +92,8 @@ def make_eval_step(model: nn.Module, mean: float, std: float, num_classes: int) 
     """The jitted `eval_step(state, batch) -> metrics`: masked sums, a confusion matrix."""
 
     def eval_step(state: TrainState, batch: dict[str, jax.Array]):
-        logits = model.apply({"params": state.params}, normalize(batch["image"], mean, std))
+        logits = model.apply({"params": state.params, "batch_stats": state.batch_stats},
+                             normalize(batch["image"], mean, std))
         labels, mask = batch["label"], batch["mask"]
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
         preds = jnp.argmax(logits, -1)

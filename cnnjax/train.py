@@ -1,13 +1,21 @@
-"""The training loop: data -> model -> compiled steps -> plateau rule and early stopping -> run dir.
+"""The training loop: data -> model -> compiled steps -> plateau rule and early stopping ->
+checkpoints -> run directory.
 
 `train_and_evaluate(config, run_dir)` is the whole job; the CLI and experiment scripts call it.
-Every check that can fail on the user's input (dataset, geometry, batch size, run directory) runs
-before anything is compiled.
+Every check that can fail on the user's input (dataset, geometry, batch size, run directory, a
+resumed run's config) runs before anything is compiled.
+
+Resume is exact: a checkpoint holds the train state and the loop's `Progress` (epoch, batch within
+it, early-stopping state, log line counts); batch order is a function of (seed, epoch) and every
+random draw of (key, step, example), so a resumed run writes the same metrics.jsonl, byte for
+byte, as one that never stopped.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import json
 import pathlib
 import statistics
 import time
@@ -18,11 +26,11 @@ import numpy as np
 from flax.training.early_stopping import EarlyStopping
 from tqdm.auto import tqdm
 
-from cnnjax import checkpoint, input_pipeline, report
+from cnnjax import augment, checkpoint, input_pipeline, report
 from cnnjax.config import Config
 from cnnjax.models import build_model, check_geometry, count_params
 from cnnjax.optim import make_optimizer, make_plateau, plateau_step
-from cnnjax.steps import create_train_state, evaluate, make_eval_step, make_train_step
+from cnnjax.steps import AUGMENT_STREAM, create_train_state, evaluate, make_eval_step, make_train_step
 
 DEFAULT_ROOT = pathlib.Path("checkpoints")
 
@@ -32,13 +40,65 @@ def default_run_dir(cfg: Config, root: pathlib.Path = DEFAULT_ROOT) -> pathlib.P
     return root / f"{cfg.data.dataset}-{cfg.model.name}-s{cfg.train.seed}-{stamp}"
 
 
-def _prepare_run_dir(run_dir: pathlib.Path) -> pathlib.Path:
-    run_dir = pathlib.Path(run_dir)
-    if (run_dir / "metrics.jsonl").exists():
-        raise FileExistsError(f"run directory {run_dir} already holds a run; choose another "
+# Fields that change how a run is displayed, not what it computes: a resumed run may differ in them.
+DISPLAY_ONLY = {"train.progress"}
+
+
+def config_differences(saved: Config, wanted: Config) -> list[str]:
+    """'section.field: saved -> wanted' for every field that differs, display-only ones aside."""
+    diffs = []
+    for section, fields in wanted.to_dict().items():
+        for name, value in fields.items():
+            key, old = f"{section}.{name}", saved.to_dict()[section][name]
+            if old != value and key not in DISPLAY_ONLY:
+                diffs.append(f"{key}: {old!r} -> {value!r}")
+    return diffs
+
+
+def _open_run_dir(run_dir: pathlib.Path, cfg: Config) -> bool:
+    """Creates the run directory or checks it can be resumed with `cfg`; True when resuming."""
+    if (run_dir / "summary.json").exists():
+        raise FileExistsError(f"run directory {run_dir} already holds a finished run; choose another "
                               f"--run-dir or delete it.")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+    saved_path = run_dir / "config.json"
+    has_checkpoint = (run_dir / checkpoint.CKPT_DIR).is_dir() and any(
+        p.name.isdigit() for p in (run_dir / checkpoint.CKPT_DIR).iterdir())
+    if not has_checkpoint:
+        if (run_dir / "metrics.jsonl").exists():
+            raise FileExistsError(f"run directory {run_dir} holds a run with no checkpoint to resume "
+                                  f"from; choose another --run-dir or delete it.")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        saved_path.write_text(cfg.to_json() + "\n", encoding="utf-8")
+        return False
+    diffs = config_differences(Config.from_dict(json.loads(saved_path.read_text())), cfg)
+    if diffs:
+        raise ValueError(f"refusing to resume {run_dir} with a different config:\n  "
+                         + "\n  ".join(diffs) + "\nResume with the run's own config "
+                         f"(cnnjax train --resume {run_dir}) or train into a new --run-dir.")
+    return True
+
+
+@dataclasses.dataclass
+class Progress:
+    """Where the loop stands, saved as JSON with every checkpoint."""
+
+    epoch: int = 1  # the epoch in progress
+    batch: int = 0  # batches of that epoch already trained
+    best_epoch: int = 0
+    best_step: int = 0
+    best_val_loss: float | None = None  # None until the first evaluation
+    patience_count: int = 0
+    epoch_steps: list = dataclasses.field(default_factory=list)  # [loss, accuracy] so far this epoch
+    metrics_lines: int = 0
+    timing_lines: int = 0
+    epoch_rates: list = dataclasses.field(default_factory=list)
+    first_step_s: float | None = None
+    stopped_early: bool = False
+    root_key: list = dataclasses.field(default_factory=list)  # jax.random.key_data of the run key
+
+    def early_stopping(self, patience: int) -> EarlyStopping:
+        best = float("inf") if self.best_val_loss is None else self.best_val_loss
+        return EarlyStopping(patience=patience, best_metric=best, patience_count=self.patience_count)
 
 
 class _StepLog:
@@ -49,7 +109,7 @@ class _StepLog:
             raise ValueError(f"train.log_every must be positive, got {every}.")
         self.every = every
         self.pending: list[dict] = []
-        self._epoch: list[tuple[float, float]] = []
+        self.epoch_steps: list[list[float]] = []  # [loss, accuracy] of each pulled step this epoch
 
     def add(self, metrics: dict) -> bool:
         self.pending.append(metrics)
@@ -67,23 +127,25 @@ class _StepLog:
                     f"non-finite loss ({float(m['loss'])}) or gradient norm ({float(m['grad_norm'])}) "
                     f"at step {first_step + i} (epoch {epoch}); the update was not applied. Lower "
                     f"optim.learning_rate or check the data.")
-        self._epoch += [(float(m["loss"]), float(m["accuracy"])) for m in window]
+        self.epoch_steps += [[float(m["loss"]), float(m["accuracy"])] for m in window]
         keys = [k for k in window[0] if k != "finite"]
         record = {k: float(np.mean([m[k] for m in window])) for k in keys}
         return {"kind": "step", "epoch": epoch, "step": first_step + len(window) - 1, **record}
 
-
     def epoch_means(self) -> tuple[float, float]:
         """Mean train loss and accuracy over every step pulled since the last call."""
-        loss, acc = np.mean(self._epoch, axis=0)
-        self._epoch = []
+        loss, acc = np.mean(self.epoch_steps, axis=0)
+        self.epoch_steps = []
         return float(loss), float(acc)
 
 
-def train_and_evaluate(cfg: Config, run_dir: pathlib.Path | str | None = None) -> dict[str, Any]:
-    """Trains `cfg`'s model, keeps the best-validation parameters, writes the run directory.
+def train_and_evaluate(cfg: Config, run_dir: pathlib.Path | str | None = None, *,
+                       stop_at_step: int | None = None) -> dict[str, Any]:
+    """Trains `cfg`'s model into `run_dir`, resuming from its latest checkpoint if it has one.
 
-    Returns the run summary (also saved as summary.json).
+    Ends with the best-validation parameters evaluated on validation and test, and returns the run
+    summary (also saved as summary.json). With `stop_at_step`, training stops at the first log line
+    at or after that step, checkpoints and returns {'stopped_at_step': ...}: a later call continues.
     """
     t_start = time.perf_counter()
     tc = cfg.train
@@ -92,86 +154,141 @@ def train_and_evaluate(cfg: Config, run_dir: pathlib.Path | str | None = None) -
     check_geometry(model, data.spec.image_shape)
     train_images, train_labels = data.train
     n_steps = input_pipeline.steps_per_epoch(len(train_labels), tc.batch_size)
-    if tc.epochs <= 0:
-        raise ValueError(f"train.epochs must be positive, got {tc.epochs}.")
+    for key in ("epochs", "log_every"):
+        if getattr(tc, key) <= 0:
+            raise ValueError(f"train.{key} must be positive, got {getattr(tc, key)}.")
+    if tc.checkpoint_every_steps < 0:
+        raise ValueError(f"train.checkpoint_every_steps must be >= 0, got {tc.checkpoint_every_steps}.")
     tx, plateau = make_optimizer(cfg.optim), make_plateau(cfg.optim)
-    run_dir = _prepare_run_dir(run_dir if run_dir is not None else default_run_dir(cfg))
-    (run_dir / "config.json").write_text(cfg.to_json() + "\n", encoding="utf-8")
+    augmenter = augment.from_config(cfg.augment)
+    run_dir = pathlib.Path(run_dir if run_dir is not None else default_run_dir(cfg))
+    resuming = _open_run_dir(run_dir, cfg)
+    ckpt = checkpoint.Checkpointer(run_dir, tc.keep_checkpoints, tc.async_checkpointing)
 
     init_rng, train_rng = jax.random.split(jax.random.key(tc.seed))
     state = create_train_state(model, tx, plateau, data.spec.image_shape, init_rng)
     del init_rng
-    train_step = make_train_step(model, tx, data.spec.mean, data.spec.std)
+    progress = Progress(root_key=jax.random.key_data(train_rng).tolist())
+    if resuming:
+        state, loop, step = ckpt.restore(jax.eval_shape(lambda: state))
+        progress = Progress(**loop)
+        train_rng = jax.random.wrap_key_data(np.asarray(progress.root_key, np.uint32))
+        print(f"resuming {run_dir} from step {step} (epoch {progress.epoch}, batch {progress.batch})")
+    train_step = make_train_step(model, tx, data.spec.mean, data.spec.std, augmenter)
     eval_step = make_eval_step(model, data.spec.mean, data.spec.std, data.spec.num_classes)
-    metrics_log = report.JsonlWriter(run_dir / "metrics.jsonl")
-    timing_log = report.JsonlWriter(run_dir / "timing.jsonl")
-    early = EarlyStopping(patience=tc.early_stopping_patience or tc.epochs + 1)
-    best = {"epoch": 0, "params": None, "batch_stats": None}
+    if augmenter.transforms and not resuming:
+        sample = np.linspace(0, len(train_labels) - 1, 16).astype(np.int32)
+        report.augmentation_grid(run_dir / "augmentations.png", augmenter, train_images[sample],
+                                 jax.random.fold_in(jax.random.fold_in(train_rng, 0), AUGMENT_STREAM),
+                                 sample)
+    metrics_log = report.JsonlWriter(run_dir / "metrics.jsonl", progress.metrics_lines)
+    timing_log = report.JsonlWriter(run_dir / "timing.jsonl", progress.timing_lines)
+    patience = tc.early_stopping_patience or tc.epochs + 1
+    early = progress.early_stopping(patience)
     step_log = _StepLog(tc.log_every)
-    epoch_rates, first_step_s, epoch = [], None, 0
-    bar = tqdm(total=tc.epochs * n_steps, disable=not tc.progress, unit="step", dynamic_ncols=True)
+    step_log.epoch_steps = list(progress.epoch_steps)
+    last_save, logged_blocked = int(state.step), 0.0
+
+    def save(val_loss: float | None = None) -> None:
+        progress.epoch_steps = list(step_log.epoch_steps)
+        progress.metrics_lines, progress.timing_lines = metrics_log.lines, timing_log.lines
+        ckpt.save(int(state.step), state, dataclasses.asdict(progress), val_loss)
+
+    bar = tqdm(total=tc.epochs * n_steps, initial=(progress.epoch - 1) * n_steps + progress.batch,
+               disable=not tc.progress, unit="step", dynamic_ncols=True)
     try:
-        for epoch in range(1, tc.epochs + 1):
-            t_epoch = time.perf_counter()
+        for epoch in range(progress.epoch, 0 if progress.stopped_early else tc.epochs + 1):
+            t_epoch, first_batch = time.perf_counter(), progress.batch
             lr = cfg.optim.learning_rate * float(state.plateau_state.scale)
             window_start = int(state.step) + 1
             for batch in input_pipeline.train_batches(train_images, train_labels, tc.batch_size,
-                                                      tc.seed, epoch):
+                                                      tc.seed, epoch, start=first_batch):
                 t_step = time.perf_counter()
                 state, metrics = train_step(state, batch, train_rng)
-                if first_step_s is None:
+                if progress.first_step_s is None:
                     jax.block_until_ready(state)
-                    first_step_s = time.perf_counter() - t_step
+                    progress.first_step_s = time.perf_counter() - t_step
+                progress.batch += 1
                 bar.update(1)
-                if step_log.add(metrics):
-                    record = step_log.pull(window_start, epoch)
-                    metrics_log.write(record)
-                    window_start = record["step"] + 1
-                    bar.set_postfix(epoch=epoch, loss=f"{record['loss']:.4f}",
-                                    acc=f"{record['accuracy']:.3f}")
+                if not step_log.add(metrics):
+                    continue
+                record = step_log.pull(window_start, epoch)
+                metrics_log.write(record)
+                window_start = record["step"] + 1
+                bar.set_postfix(epoch=epoch, loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.3f}")
+                if progress.batch < n_steps:
+                    step = int(state.step)
+                    every = tc.checkpoint_every_steps
+                    stopping = stop_at_step is not None and step >= stop_at_step
+                    if stopping or (every and step - last_save >= every):
+                        save()
+                        last_save = step
+                    if stopping:
+                        return {"stopped_at_step": step, "run_dir": str(run_dir)}
             record = step_log.pull(window_start, epoch)  # syncs: the epoch's steps are done
             if record is not None:
                 metrics_log.write(record)
             train_seconds = time.perf_counter() - t_epoch
-            epoch_rates.append(n_steps * tc.batch_size / train_seconds)
+            progress.epoch_rates.append((n_steps - first_batch) * tc.batch_size / train_seconds)
             val = evaluate(eval_step, state, input_pipeline.eval_batches(*data.val, tc.eval_batch_size))
-            seconds = time.perf_counter() - t_epoch
             train_loss, train_acc = step_log.epoch_means()
             early = early.update(val["loss"])
             if early.has_improved:
-                best = {"epoch": epoch, "params": jax.device_get(state.params),
-                        "batch_stats": jax.device_get(state.batch_stats)}
+                progress.best_epoch, progress.best_step = epoch, int(state.step)
+            progress.best_val_loss, progress.patience_count = float(early.best_metric), early.patience_count
             state = state.replace(plateau_state=plateau_step(plateau, state.plateau_state, val["loss"]))
             metrics_log.write({"kind": "epoch", "epoch": epoch, "step": int(state.step),
                                "train_loss": train_loss, "train_accuracy": train_acc,
                                "val_loss": val["loss"], "val_accuracy": val["accuracy"],
                                "learning_rate": lr, "improved": bool(early.has_improved)})
+            seconds = time.perf_counter() - t_epoch
             timing_log.write({"epoch": epoch, "seconds": seconds, "train_seconds": train_seconds,
-                              "train_images_per_s": epoch_rates[-1]})
+                              "train_images_per_s": progress.epoch_rates[-1],
+                              "checkpoint_seconds": ckpt.seconds_blocked - logged_blocked})
+            logged_blocked = ckpt.seconds_blocked
             if tc.progress:
                 bar.write(f"epoch {epoch:3d}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
                           f"val loss {val['loss']:.4f} acc {val['accuracy']:.4f}  lr {lr:.2e}  "
                           f"{seconds:.1f}s")
-            if early.should_stop:
+            progress.epoch, progress.batch = epoch + 1, 0
+            progress.stopped_early = bool(early.should_stop)
+            save(val["loss"] if early.has_improved else None)
+            last_save = int(state.step)
+            if progress.stopped_early:
                 break
+            if stop_at_step is not None and int(state.step) >= stop_at_step:
+                return {"stopped_at_step": int(state.step), "run_dir": str(run_dir)}
+    except FloatingPointError as err:
+        ckpt.wait()
+        steps = ckpt.steps()
+        raise FloatingPointError(f"{err} Last good checkpoint: "
+                                 f"{f'step {steps[-1]} in {ckpt.directory}' if steps else 'none yet'}.") from err
     finally:
         bar.close()
         metrics_log.close()
         timing_log.close()
+        ckpt.close()
+        ckpt_blocked_after_log = ckpt.seconds_blocked - logged_blocked
 
-    state = state.replace(params=best["params"], batch_stats=best["batch_stats"])
-    variables = {"params": best["params"], "batch_stats": best["batch_stats"]}
-    checkpoint.save_variables(run_dir / checkpoint.MODEL_DIR, variables)
-    val = evaluate(eval_step, state, input_pipeline.eval_batches(*data.val, tc.eval_batch_size))
-    test = evaluate(eval_step, state, input_pipeline.eval_batches(*data.test, tc.eval_batch_size))
+    ckpt = checkpoint.Checkpointer(run_dir, tc.keep_checkpoints, read_only=True)
+    best_state, _, _ = ckpt.restore(jax.eval_shape(lambda: state), step=progress.best_step)
+    val = evaluate(eval_step, best_state, input_pipeline.eval_batches(*data.val, tc.eval_batch_size))
+    test = evaluate(eval_step, best_state, input_pipeline.eval_batches(*data.test, tc.eval_batch_size))
+    timing = report.read_jsonl(run_dir / "timing.jsonl")
+    epoch_seconds = sum(t["seconds"] for t in timing)
+    checkpoint_seconds = sum(t["checkpoint_seconds"] for t in timing) + ckpt_blocked_after_log
     summary = {
-        "dataset": cfg.data.dataset, "seed": tc.seed, "num_params": count_params(best["params"]),
-        "best_epoch": best["epoch"], "epochs_run": epoch, "stopped_early": bool(early.should_stop),
+        "dataset": cfg.data.dataset, "seed": tc.seed, "num_params": count_params(best_state.params),
+        "best_epoch": progress.best_epoch, "best_step": progress.best_step,
+        "epochs_run": progress.epoch - 1, "stopped_early": progress.stopped_early,
         "steps": int(state.step),
         "val": {"loss": val["loss"], "accuracy": val["accuracy"], "count": val["count"]},
         "test": test,
-        "train_images_per_s": statistics.median(epoch_rates[1:] or epoch_rates),
-        "first_step_s": first_step_s, "wall_time_s": time.perf_counter() - t_start,
+        "train_images_per_s": statistics.median(progress.epoch_rates[1:] or progress.epoch_rates),
+        "first_step_s": progress.first_step_s, "wall_time_s": time.perf_counter() - t_start,
+        "resumed": resuming,
+        "checkpoint_seconds": checkpoint_seconds,
+        "checkpoint_fraction_of_epoch_time": checkpoint_seconds / epoch_seconds if epoch_seconds else 0.0,
     }
     report.write_json(run_dir / "summary.json", summary)
     report.plot_run(run_dir)

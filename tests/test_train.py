@@ -28,7 +28,7 @@ def run_dir(tmp_path_factory):
 
 def test_run_directory_holds_everything(run_dir):
     for name in ("config.json", "metrics.jsonl", "timing.jsonl", "summary.json", "loss.png",
-                 "accuracy.png", "learning_rate.png", "grad_norm.png", "confusion_matrix.png", "model"):
+                 "accuracy.png", "learning_rate.png", "grad_norm.png", "confusion_matrix.png", "ckpt"):
         assert (run_dir / name).exists(), name
     assert Config.from_dict(json.loads((run_dir / "config.json").read_text())) == small_config()
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -111,7 +111,7 @@ def test_bad_config_fails_before_training(tmp_path, overrides, needle):
 
 
 def test_refuses_to_overwrite_a_run(run_dir):
-    with pytest.raises(FileExistsError, match="already holds a run"):
+    with pytest.raises(FileExistsError, match="already holds a finished run"):
         train_and_evaluate(small_config(), run_dir)
 
 

@@ -1,0 +1,144 @@
+"""Reading any layer's output, and nudging it, without editing the model.
+
+Every named submodule's `__call__` output is recorded through `flax.linen.intercept_methods`, the
+hook Flax's own `capture_intermediates` is built on, but kept in a Python dict rather than the
+'intermediates' collection: a model that sows maps under its submodules' names would clash with
+it there (Flax reserves one name per scope). Layers are named by module path ('conv2',
+'stage4/block1/conv2'), so the same code serves SeedCNN and a ResNet. The hook can also add a
+tensor to one layer's output, which is how a gradient with respect to a feature map (Grad-CAM) is
+taken without splitting the model.
+
+A module that hands back its input object unchanged (dropout at inference) is a pass-through and
+is not listed: its map would repeat the one before it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+LOGITS = "logits"  # the model's own output, listed after its layers
+NORMS = ("BatchNorm", "LayerNorm", "GroupNorm", "RMSNorm", "InstanceNorm")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """One module call: its path, its class, its output shape per example, what it read."""
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    source: str | None  # the layer whose output object it consumed; None: the input or other ops
+
+    @property
+    def is_map(self) -> bool:
+        """A spatial feature map (H, W, C), as opposed to a vector of units."""
+        return len(self.shape) == 3
+
+
+def inference_variables(variables: Mapping[str, Any]) -> dict[str, Any]:
+    """The collections `apply` needs at inference: empty ones (no batch norm) are dropped."""
+    return {k: v for k, v in variables.items() if jax.tree_util.tree_leaves(v)}
+
+
+def _interceptor(outputs: dict, kinds: dict, sources: dict, add: Mapping[str, jax.Array]):
+    produced: dict[int, str] = {}  # id(output object) -> layer name, to follow who reads whom
+
+    def intercept(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name != "__call__" or not module.path:
+            return next_fun(*args, **kwargs)
+        out = next_fun(*args, **kwargs)
+        if args and out is args[0]:
+            return out
+        name = "/".join(module.path)
+        base, n = name, 1
+        while name in outputs:
+            n += 1
+            name = f"{base}#{n}"
+        if name in add:
+            out = out + add[name]
+        outputs[name] = out
+        kinds[name] = type(module).__name__
+        sources[name] = produced.get(id(args[0])) if args else None
+        produced[id(out)] = name
+        return out
+
+    return intercept
+
+
+def run_layers(model: nn.Module, variables: Mapping[str, Any], images: jax.Array,
+               add: Mapping[str, jax.Array] | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(logits, {layer: output}) for float model-space images (N, H, W, C).
+
+    `add` maps layer names to tensors added to those layers' outputs before the rest of the model
+    reads them; a gradient with respect to an added zero tensor is the gradient with respect to
+    that layer's output. Pure: jit and grad go through it.
+    """
+    add = dict(add or {})
+    outputs, kinds, sources = {}, {}, {}
+    with nn.intercept_methods(_interceptor(outputs, kinds, sources, add)):
+        logits = model.apply(inference_variables(variables), images)
+    missing = sorted(set(add) - set(outputs))
+    if missing:
+        raise ValueError(_unknown(missing, model, outputs))
+    return logits, outputs
+
+
+def list_layers(model: nn.Module, variables: Mapping[str, Any], image_shape: Sequence[int]
+                ) -> list[Layer]:
+    """The model's layers in call order, from shapes alone (no arithmetic is run), then 'logits'."""
+    outputs, kinds, sources = {}, {}, {}
+
+    def trace(v, x):
+        with nn.intercept_methods(_interceptor(outputs, kinds, sources, {})):
+            return model.apply(inference_variables(v), x)
+
+    logits = jax.eval_shape(trace, variables, jax.ShapeDtypeStruct((1, *image_shape), jnp.float32))
+    layers = [Layer(name, kinds[name], tuple(out.shape[1:]), sources[name])
+              for name, out in outputs.items()]
+    return layers + [Layer(LOGITS, "output", tuple(logits.shape[1:]), layers[-1].name if layers else None)]
+
+
+def capture(model: nn.Module, variables: Mapping[str, Any], images: jax.Array,
+            names: Sequence[str] | None = None) -> dict[str, jax.Array]:
+    """{layer: output} for float model-space images; all layers and 'logits' when `names` is None."""
+    logits, outputs = run_layers(model, variables, images)
+    outputs[LOGITS] = logits
+    if names is None:
+        return outputs
+    missing = [n for n in names if n not in outputs]
+    if missing:
+        raise ValueError(_unknown(missing, model, outputs))
+    return {n: outputs[n] for n in names}
+
+
+def _unknown(missing: Sequence[str], model: nn.Module, outputs: Mapping[str, Any]) -> str:
+    return (f"no layer named {', '.join(map(repr, missing))} in {type(model).__name__}; its layers "
+            f"are {', '.join(outputs)} (module paths joined by '/'; pass-through modules such as "
+            f"dropout at inference are not listed).")
+
+
+def conv_layers(layers: Sequence[Layer]) -> list[Layer]:
+    """Convolutions (any module class whose name contains 'Conv') with a spatial output."""
+    return [l for l in layers if "Conv" in l.kind and l.is_map]
+
+
+def preactivation(layers: Sequence[Layer], conv: str) -> Layer:
+    """The map a conv's nonlinearity reads: the conv's output, or a norm layer's applied directly to it.
+
+    conv -> BatchNorm -> ReLU is the usual block; a filter is dead when this map is <= 0 everywhere.
+    """
+    by_name = {l.name: l for l in layers}
+    if conv not in by_name:
+        raise ValueError(f"no layer named {conv!r}; layers: {', '.join(by_name)}.")
+    current = by_name[conv]
+    while True:
+        nxt = next((l for l in layers if l.source == current.name and l.kind in NORMS), None)
+        if nxt is None:
+            return current
+        current = nxt
