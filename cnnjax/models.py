@@ -2,9 +2,9 @@
 
 `SeedCNN` is the classic MNIST network of the seed program: conv 32 -> pool -> conv 64 -> pool ->
 dense 128 -> dense 10, initialized as the seed does (conv kernels N(0, 0.01), dense Xavier-uniform,
-biases 0). Each block's output is sown into the 'intermediates' collection under its name
-(conv1, pool1, ...), so feature maps can be read with `mutable=['intermediates']` without editing
-the model.
+biases 0). Each block's output is sown into the 'intermediates' collection as conv1_out (after
+ReLU), pool1_out, ..., fc1_out, so feature maps can be read with `mutable=['intermediates']` without
+editing the model (a sown name may not repeat a submodule's, hence the suffix).
 """
 
 from __future__ import annotations
@@ -70,16 +70,16 @@ class SeedCNN(nn.Module):
                 x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
                                  epsilon=1e-5, name=f"bn{i}")(x)
             x = nn.relu(x)
-            self.sow("intermediates", f"conv{i}", x)
+            self.sow("intermediates", f"conv{i}_out", x)
             x = Pool(self.pool, self.pool_size, self.pool_stride, 0, name=f"pool{i}")(x)
-            self.sow("intermediates", f"pool{i}", x)
+            self.sow("intermediates", f"pool{i}_out", x)
             x = ExampleDropout(self.conv_dropout, name=f"conv_dropout{i}")(x, example_ids, not train)
         assert x.shape[1:] == expected, (x.shape, expected)
         x = flatten(x)
         for i, width in enumerate(self.dense, start=1):
             x = nn.relu(nn.Dense(width, kernel_init=dense_init, bias_init=nn.initializers.zeros,
                                  name=f"fc{i}")(x))
-            self.sow("intermediates", f"fc{i}", x)
+            self.sow("intermediates", f"fc{i}_out", x)
         x = ExampleDropout(self.dropout, name="dropout")(x, example_ids, not train)
         return nn.Dense(self.num_classes, kernel_init=dense_init, bias_init=nn.initializers.zeros,
                         name=f"fc{len(self.dense) + 1}")(x)
