@@ -43,15 +43,43 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, n
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
-def load_data(cfg: DataConfig, seed: int) -> Data:
-    """Loads the dataset's train and test splits and carves the validation set out of train."""
+def data_spec(cfg: DataConfig) -> datasets.DatasetSpec:
+    """The dataset's spec; with `data.classes` its num_classes is the number of classes kept."""
     spec = datasets.get_spec(cfg.dataset)
+    classes = tuple(cfg.classes)
+    if not classes:
+        return spec
+    if len(set(classes)) != len(classes) or not all(0 <= c < spec.num_classes for c in classes):
+        raise ValueError(f"data.classes must be distinct labels of {cfg.dataset} (0..."
+                         f"{spec.num_classes - 1}), got {classes}.")
+    return dataclasses.replace(spec, num_classes=len(classes))
+
+
+def select_classes(images: np.ndarray, labels: np.ndarray, classes: tuple[int, ...]
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """The examples whose label is in `classes`, relabelled by position: classes[i] -> i."""
+    if not classes:
+        return images, labels
+    lookup = np.full(max(int(labels.max()), *classes) + 1, -1, np.int64)
+    lookup[list(classes)] = np.arange(len(classes))
+    keep = lookup[labels] >= 0
+    return images[keep], lookup[labels[keep]].astype(labels.dtype)
+
+
+def load_data(cfg: DataConfig, seed: int) -> Data:
+    """Loads the dataset's train and test splits and carves the validation set out of train.
+
+    `data.classes` is applied after the split, so an example is in validation for every class
+    subset exactly when it is for the whole dataset (with the same seed).
+    """
+    spec = data_spec(cfg)
     images, labels = datasets.load(cfg.dataset, "train", data_dir=cfg.data_dir,
                                    manual_dir=cfg.manual_dir)
     test = datasets.load(cfg.dataset, "test", data_dir=cfg.data_dir, manual_dir=cfg.manual_dir)
     train_idx, val_idx = split_indices(len(labels), cfg.val_fraction, seed)
-    return Data(spec=spec, train=(images[train_idx], labels[train_idx]),
-                val=(images[val_idx], labels[val_idx]), test=test)
+    pick = lambda x, y: select_classes(x, y, tuple(cfg.classes))
+    return Data(spec=spec, train=pick(images[train_idx], labels[train_idx]),
+                val=pick(images[val_idx], labels[val_idx]), test=pick(*test))
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
@@ -69,26 +97,39 @@ def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_examples)
 
 
+def _rows(n: int, part: tuple[int, int]) -> slice:
+    """The rows of an n-row global batch that process `part[0]` of `part[1]` loads."""
+    index, count = part
+    if n % count:
+        raise ValueError(f"a batch of {n} does not split across {count} processes; choose a "
+                         f"multiple of {count}.")
+    return slice(index * n // count, (index + 1) * n // count)
+
+
 def train_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int,
-                  epoch: int, start: int = 0) -> Iterator[dict[str, np.ndarray]]:
+                  epoch: int, start: int = 0, part: tuple[int, int] = (0, 1)
+                  ) -> Iterator[dict[str, np.ndarray]]:
     """Shuffled full batches of one epoch from batch `start` on; the last partial batch is dropped.
 
     'index' is each example's position in the training split: the per-example random draws
     (dropout, augmentation) are keyed by it. `start` resumes an epoch without re-reading the
-    batches before it.
+    batches before it. With `part=(process, count)` only that process's rows of each global batch
+    are read, every process agreeing on the global order.
     """
     n_steps = steps_per_epoch(len(labels), batch_size)
     order = epoch_permutation(len(labels), seed, epoch)[: n_steps * batch_size]
-    for idx in order.reshape(n_steps, batch_size)[start:].astype(np.int32):
+    rows = _rows(batch_size, part)
+    for idx in order.reshape(n_steps, batch_size)[start:, rows].astype(np.int32):
         yield {"image": images[idx], "label": labels[idx], "index": idx}
 
 
-def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int
-                 ) -> Iterator[dict[str, np.ndarray]]:
-    """Batches in order, all of the same shape (one compile); the last is zero-padded with mask 0."""
+def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int,
+                 part: tuple[int, int] = (0, 1)) -> Iterator[dict[str, np.ndarray]]:
+    """Batches in order, all of the same shape (one compile); the last is zero-padded with mask 0,
+    so every example counts exactly once. `part` as in `train_batches`."""
     if batch_size <= 0:
         raise ValueError(f"train.eval_batch_size must be positive, got {batch_size}.")
-    batch_size = min(batch_size, len(labels))
+    rows = _rows(batch_size, part)
     for start in range(0, len(labels), batch_size):
         x, y = images[start:start + batch_size], labels[start:start + batch_size]
         pad = batch_size - len(y)
@@ -97,7 +138,7 @@ def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int
             x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
             y = np.concatenate([y, np.zeros(pad, y.dtype)])
             mask[batch_size - pad:] = 0.0
-        yield {"image": x, "label": y, "mask": mask}
+        yield {"image": x[rows], "label": y[rows], "mask": mask[rows]}
 
 
 def normalize(images: jax.Array, mean: float, std: float) -> jax.Array:

@@ -19,6 +19,7 @@ import flax.linen as nn
 from cnnjax.config import ModelConfig
 from cnnjax.geometry import Padding, explicit_padding, output_shape
 from cnnjax.layers import POOLS, ExampleDropout, Pool, flatten
+from cnnjax.resnet import RESNETS
 
 conv_init = nn.initializers.normal(stddev=0.01)
 dense_init = nn.initializers.xavier_uniform()
@@ -65,8 +66,10 @@ class SeedCNN(nn.Module):
                     for s in x.shape[1:3]]
             x = nn.Conv(width, (self.kernel_size, self.kernel_size), strides=self.stride,
                         padding=pads, kernel_init=conv_init, bias_init=nn.initializers.zeros,
-                        name=f"conv{i}")(x)
+                        use_bias=not self.batch_norm, name=f"conv{i}")(x)
             if self.batch_norm:
+                # No conv bias before BN: BN cancels it, so its gradient is rounding noise that
+                # Adam's normalization would amplify into a random walk.
                 x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
                                  epsilon=1e-5, name=f"bn{i}")(x)
             x = nn.relu(x)
@@ -85,7 +88,7 @@ class SeedCNN(nn.Module):
                         name=f"fc{len(self.dense) + 1}")(x)
 
 
-MODELS = {"seed_cnn": SeedCNN}
+MODELS = {"seed_cnn": SeedCNN, **{name: preset for name, (preset, _) in RESNETS.items()}}
 
 # A tiny variant for fast tests: same structure, a fraction of the width.
 TinySeedCNN = functools.partial(SeedCNN, features=(4, 8), dense=(16,))
@@ -95,6 +98,12 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     """The model a config names, with geometry checked against nothing yet (see `check_geometry`)."""
     if cfg.name not in MODELS:
         raise ValueError(f"unknown model {cfg.name!r}; known models: {', '.join(sorted(MODELS))}.")
+    if cfg.name in RESNETS:
+        preset, width = RESNETS[cfg.name]
+        model = preset(num_classes=num_classes, width=width if cfg.width is None else cfg.width,
+                       stem=cfg.stem, grayscale=cfg.grayscale, bn_momentum=cfg.bn_momentum)
+        model.check()  # a bad stem or grayscale option fails here, before any compile
+        return model
     if cfg.pool not in POOLS:
         raise ValueError(f"model.pool must be one of {sorted(POOLS)}, got {cfg.pool!r}.")
     return MODELS[cfg.name](

@@ -29,10 +29,13 @@ def _clean(value: Any) -> Any:
 class JsonlWriter:
     """Appends one JSON object per line, flushed at once so a crash loses nothing written."""
 
-    def __init__(self, path: pathlib.Path, keep_lines: int = 0):
+    def __init__(self, path: pathlib.Path, keep_lines: int = 0, enabled: bool = True):
         """Opens `path` keeping its first `keep_lines` lines: a resumed run drops whatever was
-        logged after the checkpoint it resumes from, so the log replays exactly."""
-        self.path = path
+        logged after the checkpoint it resumes from, so the log replays exactly. A disabled writer
+        (processes other than the first) only counts lines."""
+        self.path, self.lines, self._file = path, keep_lines, None
+        if not enabled:
+            return
         kept = path.read_text(encoding="utf-8").splitlines(True)[:keep_lines] if path.exists() else []
         if len(kept) < keep_lines:
             raise ValueError(f"{path} has {len(kept)} lines, the checkpoint expects {keep_lines}; "
@@ -40,15 +43,16 @@ class JsonlWriter:
         self._file = open(path, "w", encoding="utf-8")
         self._file.writelines(kept)
         self._file.flush()
-        self.lines = keep_lines
 
     def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(_clean(record), sort_keys=True) + "\n")
-        self._file.flush()
+        if self._file is not None:
+            self._file.write(json.dumps(_clean(record), sort_keys=True) + "\n")
+            self._file.flush()
         self.lines += 1
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
 
 def read_jsonl(path: pathlib.Path) -> list[dict[str, Any]]:

@@ -17,6 +17,7 @@ from cnnjax.config import Config
 from cnnjax.input_pipeline import as_nhwc, normalize
 from cnnjax.models import build_model
 from cnnjax.optim import make_optimizer, make_plateau
+from cnnjax.parallel import DataParallel
 from cnnjax.steps import create_train_state
 
 
@@ -67,8 +68,8 @@ def load_run(run_dir: pathlib.Path | str, step: int | None = None) -> Run:
     spec = datasets.get_spec(cfg.data.dataset)
     model = build_model(cfg.model, spec.num_classes)
     tx, plateau = make_optimizer(cfg.optim), make_plateau(cfg.optim)
-    abstract = jax.eval_shape(lambda: create_train_state(model, tx, plateau, spec.image_shape,
-                                                         jax.random.key(0)))
+    abstract = DataParallel.create().abstract(jax.eval_shape(
+        lambda: create_train_state(model, tx, plateau, spec.image_shape, jax.random.key(0))))
     ckpt = checkpoint.Checkpointer(run_dir, read_only=True)
     if step is None:
         summary = run_dir / "summary.json"

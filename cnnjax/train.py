@@ -26,7 +26,7 @@ import numpy as np
 from flax.training.early_stopping import EarlyStopping
 from tqdm.auto import tqdm
 
-from cnnjax import augment, checkpoint, input_pipeline, report
+from cnnjax import augment, checkpoint, input_pipeline, parallel, report
 from cnnjax.config import Config
 from cnnjax.models import build_model, check_geometry, count_params
 from cnnjax.optim import make_optimizer, make_plateau, plateau_step
@@ -55,8 +55,11 @@ def config_differences(saved: Config, wanted: Config) -> list[str]:
     return diffs
 
 
-def _open_run_dir(run_dir: pathlib.Path, cfg: Config) -> bool:
-    """Creates the run directory or checks it can be resumed with `cfg`; True when resuming."""
+def _open_run_dir(run_dir: pathlib.Path, cfg: Config, primary: bool = True) -> bool:
+    """Creates the run directory or checks it can be resumed with `cfg`; True when resuming.
+
+    Only the primary process creates files; the others only read what is already there.
+    """
     if (run_dir / "summary.json").exists():
         raise FileExistsError(f"run directory {run_dir} already holds a finished run; choose another "
                               f"--run-dir or delete it.")
@@ -64,6 +67,8 @@ def _open_run_dir(run_dir: pathlib.Path, cfg: Config) -> bool:
     has_checkpoint = (run_dir / checkpoint.CKPT_DIR).is_dir() and any(
         p.name.isdigit() for p in (run_dir / checkpoint.CKPT_DIR).iterdir())
     if not has_checkpoint:
+        if not primary:
+            return False
         if (run_dir / "metrics.jsonl").exists():
             raise FileExistsError(f"run directory {run_dir} holds a run with no checkpoint to resume "
                                   f"from; choose another --run-dir or delete it.")
@@ -161,28 +166,42 @@ def train_and_evaluate(cfg: Config, run_dir: pathlib.Path | str | None = None, *
         raise ValueError(f"train.checkpoint_every_steps must be >= 0, got {tc.checkpoint_every_steps}.")
     tx, plateau = make_optimizer(cfg.optim), make_plateau(cfg.optim)
     augmenter = augment.from_config(cfg.augment)
+    par = parallel.DataParallel.create()
+    par.check_batch_size(tc.batch_size)
+    primary = par.is_primary
+    if run_dir is None and jax.process_count() > 1:
+        raise ValueError("a multi-process run needs an explicit --run-dir shared by every process.")
     run_dir = pathlib.Path(run_dir if run_dir is not None else default_run_dir(cfg))
-    resuming = _open_run_dir(run_dir, cfg)
+    resuming = _open_run_dir(run_dir, cfg, primary)
     ckpt = checkpoint.Checkpointer(run_dir, tc.keep_checkpoints, tc.async_checkpointing)
 
     init_rng, train_rng = jax.random.split(jax.random.key(tc.seed))
-    state = create_train_state(model, tx, plateau, data.spec.image_shape, init_rng)
+    state = jax.jit(lambda rng: create_train_state(model, tx, plateau, data.spec.image_shape, rng),
+                    out_shardings=par.replicated)(init_rng)
     del init_rng
     progress = Progress(root_key=jax.random.key_data(train_rng).tolist())
     if resuming:
-        state, loop, step = ckpt.restore(jax.eval_shape(lambda: state))
+        state, loop, step = ckpt.restore(par.abstract(state))
         progress = Progress(**loop)
         train_rng = jax.random.wrap_key_data(np.asarray(progress.root_key, np.uint32))
-        print(f"resuming {run_dir} from step {step} (epoch {progress.epoch}, batch {progress.batch})")
+        if primary:
+            print(f"resuming {run_dir} from step {step} (epoch {progress.epoch}, batch {progress.batch})")
     train_step = make_train_step(model, tx, data.spec.mean, data.spec.std, augmenter)
     eval_step = make_eval_step(model, data.spec.mean, data.spec.std, data.spec.num_classes)
-    if augmenter.transforms and not resuming:
+    if augmenter.transforms and not resuming and primary:
         sample = np.linspace(0, len(train_labels) - 1, 16).astype(np.int32)
         report.augmentation_grid(run_dir / "augmentations.png", augmenter, train_images[sample],
                                  jax.random.fold_in(jax.random.fold_in(train_rng, 0), AUGMENT_STREAM),
                                  sample)
-    metrics_log = report.JsonlWriter(run_dir / "metrics.jsonl", progress.metrics_lines)
-    timing_log = report.JsonlWriter(run_dir / "timing.jsonl", progress.timing_lines)
+    metrics_log = report.JsonlWriter(run_dir / "metrics.jsonl", progress.metrics_lines, primary)
+    timing_log = report.JsonlWriter(run_dir / "timing.jsonl", progress.timing_lines, primary)
+    eval_size = {split: par.eval_batch_size(tc.eval_batch_size, len(getattr(data, split)[1]))
+                 for split in ("val", "test")}
+
+    def eval_split(state, split: str) -> dict[str, Any]:
+        batches = input_pipeline.eval_batches(*getattr(data, split), eval_size[split], par.part)
+        return evaluate(eval_step, state, map(par.shard_batch, batches))
+
     patience = tc.early_stopping_patience or tc.epochs + 1
     early = progress.early_stopping(patience)
     step_log = _StepLog(tc.log_every)
@@ -195,16 +214,16 @@ def train_and_evaluate(cfg: Config, run_dir: pathlib.Path | str | None = None, *
         ckpt.save(int(state.step), state, dataclasses.asdict(progress), val_loss)
 
     bar = tqdm(total=tc.epochs * n_steps, initial=(progress.epoch - 1) * n_steps + progress.batch,
-               disable=not tc.progress, unit="step", dynamic_ncols=True)
+               disable=not (tc.progress and primary), unit="step", dynamic_ncols=True)
     try:
         for epoch in range(progress.epoch, 0 if progress.stopped_early else tc.epochs + 1):
             t_epoch, first_batch = time.perf_counter(), progress.batch
             lr = cfg.optim.learning_rate * float(state.plateau_state.scale)
             window_start = int(state.step) + 1
             for batch in input_pipeline.train_batches(train_images, train_labels, tc.batch_size,
-                                                      tc.seed, epoch, start=first_batch):
+                                                      tc.seed, epoch, first_batch, par.part):
                 t_step = time.perf_counter()
-                state, metrics = train_step(state, batch, train_rng)
+                state, metrics = train_step(state, par.shard_batch(batch), train_rng)
                 if progress.first_step_s is None:
                     jax.block_until_ready(state)
                     progress.first_step_s = time.perf_counter() - t_step
@@ -230,7 +249,7 @@ def train_and_evaluate(cfg: Config, run_dir: pathlib.Path | str | None = None, *
                 metrics_log.write(record)
             train_seconds = time.perf_counter() - t_epoch
             progress.epoch_rates.append((n_steps - first_batch) * tc.batch_size / train_seconds)
-            val = evaluate(eval_step, state, input_pipeline.eval_batches(*data.val, tc.eval_batch_size))
+            val = eval_split(state, "val")
             train_loss, train_acc = step_log.epoch_means()
             early = early.update(val["loss"])
             if early.has_improved:
@@ -246,7 +265,7 @@ def train_and_evaluate(cfg: Config, run_dir: pathlib.Path | str | None = None, *
                               "train_images_per_s": progress.epoch_rates[-1],
                               "checkpoint_seconds": ckpt.seconds_blocked - logged_blocked})
             logged_blocked = ckpt.seconds_blocked
-            if tc.progress:
+            if tc.progress and primary:
                 bar.write(f"epoch {epoch:3d}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
                           f"val loss {val['loss']:.4f} acc {val['accuracy']:.4f}  lr {lr:.2e}  "
                           f"{seconds:.1f}s")
@@ -271,9 +290,11 @@ def train_and_evaluate(cfg: Config, run_dir: pathlib.Path | str | None = None, *
         ckpt_blocked_after_log = ckpt.seconds_blocked - logged_blocked
 
     ckpt = checkpoint.Checkpointer(run_dir, tc.keep_checkpoints, read_only=True)
-    best_state, _, _ = ckpt.restore(jax.eval_shape(lambda: state), step=progress.best_step)
-    val = evaluate(eval_step, best_state, input_pipeline.eval_batches(*data.val, tc.eval_batch_size))
-    test = evaluate(eval_step, best_state, input_pipeline.eval_batches(*data.test, tc.eval_batch_size))
+    best_state, _, _ = ckpt.restore(par.abstract(state), step=progress.best_step)
+    val, test = eval_split(best_state, "val"), eval_split(best_state, "test")
+    summary_extra = {"devices": par.num_devices, "processes": jax.process_count()}
+    if not primary:
+        return {"run_dir": str(run_dir), **summary_extra}
     timing = report.read_jsonl(run_dir / "timing.jsonl")
     epoch_seconds = sum(t["seconds"] for t in timing)
     checkpoint_seconds = sum(t["checkpoint_seconds"] for t in timing) + ckpt_blocked_after_log
@@ -286,7 +307,7 @@ def train_and_evaluate(cfg: Config, run_dir: pathlib.Path | str | None = None, *
         "test": test,
         "train_images_per_s": statistics.median(progress.epoch_rates[1:] or progress.epoch_rates),
         "first_step_s": progress.first_step_s, "wall_time_s": time.perf_counter() - t_start,
-        "resumed": resuming,
+        "resumed": resuming, **summary_extra,
         "checkpoint_seconds": checkpoint_seconds,
         "checkpoint_fraction_of_epoch_time": checkpoint_seconds / epoch_seconds if epoch_seconds else 0.0,
     }

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import math
 
-import jax
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -126,21 +126,27 @@ def test_output_size_is_torch_max_pool2d(torch, geometry):
     _assert_same_rule(expected, size, window, stride, padding, "pool_x")
 
 
-@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 @PROPERTY
 @given(size=st.integers(1, 32), window=st.integers(1, 12), stride=st.integers(1, 6))
-def test_same_and_valid_padding(torch, size, window, stride):
-    """'same' gives ceil(W / S) for any window (TensorFlow's and XLA's rule; torch's at stride 1);
-    'valid' is padding 0."""
+def test_same_padding_is_xlas(size, window, stride):
+    """'same' gives ceil(W / S) for any window: TensorFlow's and XLA's rule."""
     same = output_size(size, window, stride, "same")
     assert same == math.ceil(size / stride)
     xla = jax.eval_shape(lambda x, w: lax.conv_general_dilated(x, w, (stride,), "SAME"),
                          jax.ShapeDtypeStruct((1, 1, size), jnp.float32),
                          jax.ShapeDtypeStruct((1, 1, window), jnp.float32))
     assert same == xla.shape[-1]
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@PROPERTY
+@given(size=st.integers(1, 32), window=st.integers(1, 12), stride=st.integers(1, 6))
+def test_same_and_valid_padding_are_torchs(torch, size, window, stride):
+    """torch has 'same' at stride 1 only; 'valid' is padding 0 at any stride."""
     x, w = torch.zeros(1, 1, size, size), torch.zeros(1, 1, window, window)
     if stride == 1:
-        assert same == torch.nn.functional.conv2d(x, w, padding="same").shape[-1]
+        same = torch.nn.functional.conv2d(x, w, padding="same").shape[-1]
+        assert output_size(size, window, stride, "same") == same
     expected = _torch_size(lambda: torch.nn.functional.conv2d(x, w, stride=stride, padding="valid"))
     _assert_same_rule(expected, size, window, stride, "valid", "conv_v")
 

@@ -10,13 +10,14 @@ wherever a gradient element is near zero: its step lr * g / (|g| + eps) has slop
 there, and a ReLU that switches on one side only changes a whole row. Measured with the seed's init:
 ~3e-6 apart after one step, ~2e-3 after 20, with no bug on either side. So each step's gradient is
 computed once, by torch, and given to both optimizers; the gradients themselves are compared in
-their own test, and the end-to-end train-step test below excludes only the elements where this
-amplification is possible (and bounds how many there are).
+their own test, and the end-to-end train-step test widens its 1e-5 tolerance only by this
+amplification, element by element (and requires all but a few in 1e3 within 1e-5 anyway).
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 
 import numpy as np
 import pytest
@@ -48,17 +49,18 @@ def torch_threads():
     torch.set_num_threads(threads)
 
 
-# --- the seed's model in plain torch, and the weight layouts ---------------------------------------
+# --- the seed's model in plain torch, and the weight layouts --------------------------------------
 
 def torch_seed_cnn(init: str = "seed", seed: int = 0, weight_scale: float = 1.0) -> nn.Sequential:
     """The seed program's network. init='seed': conv N(0, 0.01), linear Xavier-uniform, biases 0
     (as the seed program and cnnjax's SeedCNN); init='torch': torch's default init, whose logits
-    are O(0.1) rather than O(1e-3), times `weight_scale` to reach large logits."""
+    are O(0.1) rather than O(0.01), times `weight_scale` to reach large logits."""
     torch.manual_seed(seed)
     h, w, c = FEATURE_HWC
     model = nn.Sequential(collections.OrderedDict([
         ("conv1", nn.Conv2d(1, 32, 3, padding=1)), ("relu1", nn.ReLU()), ("pool1", nn.MaxPool2d(2)),
-        ("conv2", nn.Conv2d(32, 64, 3, padding=1)), ("relu2", nn.ReLU()), ("pool2", nn.MaxPool2d(2)),
+        ("conv2", nn.Conv2d(32, 64, 3, padding=1)), ("relu2", nn.ReLU()),
+        ("pool2", nn.MaxPool2d(2)),
         ("flatten", nn.Flatten()),
         ("fc1", nn.Linear(c * h * w, 128)), ("relu3", nn.ReLU()),
         ("fc2", nn.Linear(128, 10)),
@@ -81,8 +83,10 @@ def torch_to_flax(tensors: dict[str, np.ndarray]) -> dict:
     h, w, c = FEATURE_HWC
     fc1 = tensors["fc1.weight"]  # (out, C*H*W), C slowest
     return {
-        "conv1": {"kernel": tensors["conv1.weight"].transpose(2, 3, 1, 0), "bias": tensors["conv1.bias"]},
-        "conv2": {"kernel": tensors["conv2.weight"].transpose(2, 3, 1, 0), "bias": tensors["conv2.bias"]},
+        "conv1": {"kernel": tensors["conv1.weight"].transpose(2, 3, 1, 0),
+                  "bias": tensors["conv1.bias"]},
+        "conv2": {"kernel": tensors["conv2.weight"].transpose(2, 3, 1, 0),
+                  "bias": tensors["conv2.bias"]},
         "fc1": {"kernel": fc1.reshape(-1, c, h, w).transpose(2, 3, 1, 0).reshape(h * w * c, -1),
                 "bias": tensors["fc1.bias"]},
         "fc2": {"kernel": tensors["fc2.weight"].T, "bias": tensors["fc2.bias"]},
@@ -95,8 +99,10 @@ def flax_to_torch(params) -> dict[str, np.ndarray]:
     p = jax.tree.map(np.asarray, params)
     fc1 = p["fc1"]["kernel"]  # (H*W*C, out), C fastest
     out = {
-        "conv1.weight": p["conv1"]["kernel"].transpose(3, 2, 0, 1), "conv1.bias": p["conv1"]["bias"],
-        "conv2.weight": p["conv2"]["kernel"].transpose(3, 2, 0, 1), "conv2.bias": p["conv2"]["bias"],
+        "conv1.weight": p["conv1"]["kernel"].transpose(3, 2, 0, 1),
+        "conv1.bias": p["conv1"]["bias"],
+        "conv2.weight": p["conv2"]["kernel"].transpose(3, 2, 0, 1),
+        "conv2.bias": p["conv2"]["bias"],
         "fc1.weight": fc1.reshape(h, w, c, -1).transpose(3, 2, 0, 1).reshape(fc1.shape[1], -1),
         "fc1.bias": p["fc1"]["bias"],
         "fc2.weight": p["fc2"]["kernel"].T, "fc2.bias": p["fc2"]["bias"],
@@ -143,8 +149,15 @@ def max_abs_diff(params, tensors: dict[str, np.ndarray]) -> dict[str, float]:
 
 # --- conversion -----------------------------------------------------------------------------------
 
+@functools.cache
+def seed_params():
+    """cnnjax's own SeedCNN init (the seed program's), computed once for the module."""
+    init = jax.jit(SeedCNN().init)
+    return init(jax.random.key(1), jnp.zeros((1, *IMAGE_HW, 1), jnp.float32))["params"]
+
+
 def test_conversion_round_trips_exactly():
-    params = SeedCNN().init(jax.random.key(0), jnp.zeros((1, *IMAGE_HW, 1)))["params"]
+    params = seed_params()
     back = torch_to_flax(flax_to_torch(params))
     jax.tree.map(np.testing.assert_array_equal, back, jax.tree.map(np.asarray, params))
     state = torch_state(torch_seed_cnn("torch"))
@@ -155,7 +168,7 @@ def test_conversion_round_trips_exactly():
 
 # --- forward and backward -------------------------------------------------------------------------
 
-# 'flax_seed': cnnjax's own init converted flax -> torch (the seed's init; logits ~1e-3);
+# 'flax_seed': cnnjax's own init converted flax -> torch (the seed's init; logits ~0.02);
 # 'torch' and 'torch_x4': torch's default init converted torch -> flax (logits ~0.2 and ~50).
 INITS = ["flax_seed", "torch", "torch_x4"]
 
@@ -163,7 +176,7 @@ INITS = ["flax_seed", "torch", "torch_x4"]
 def paired_models(init: str):
     model = SeedCNN()
     if init == "flax_seed":
-        params = model.init(jax.random.key(1), jnp.zeros((1, *IMAGE_HW, 1)))["params"]
+        params = seed_params()
         reference = torch_seed_cnn("torch")
         load_into_torch(reference, params)
     else:
@@ -179,14 +192,16 @@ def test_logits_match_torch(init):
     ours = np.asarray(model.apply({"params": params}, images))
     with torch.no_grad():
         theirs = reference(nchw(images)).numpy()
-    scale = max(1.0, float(np.abs(theirs).max()))  # absolute below 1, relative to the largest above
-    assert np.abs(ours - theirs).max() <= 1e-5 * scale
+    largest = float(np.abs(theirs).max())
+    # 1e-5 relative to the largest logit: stricter than 1e-5 absolute where logits are small (the
+    # seed's init gives ~0.02), and the meaningful bound where they are large. Measured: ~6e-7.
+    assert np.abs(ours - theirs).max() <= 1e-5 * largest
     if init == "torch_x4":
         assert np.abs(theirs).max() > 10  # the relative regime is exercised
 
 
 def test_fc1_needs_its_rows_permuted():
-    """Without the (C, H, W) -> (H, W, C) row permutation the converted network computes nonsense."""
+    """Without the (C, H, W) -> (H, W, C) row permutation the converted network is another one."""
     model, params, reference = paired_models("torch")
     naive = dict(params, fc1={"kernel": jnp.asarray(torch_state(reference)["fc1.weight"].T),
                               "bias": params["fc1"]["bias"]})
@@ -201,7 +216,8 @@ def test_cross_entropy_gradients_match_torch(init):
     model, params, reference = paired_models(init)
     images, labels = normalized_batch(np.random.default_rng(1))
     loss, grads = jax.value_and_grad(mean_xent, argnums=1)(model, params, images, labels)
-    torch_loss = nn.functional.cross_entropy(reference(nchw(images)), torch.from_numpy(labels).long())
+    torch_loss = nn.functional.cross_entropy(reference(nchw(images)),
+                                             torch.from_numpy(labels).long())
     torch_loss.backward()
     assert float(loss) == pytest.approx(torch_loss.item(), rel=1e-5)
     expected = torch_to_flax(torch_grads(reference))
@@ -222,7 +238,8 @@ def train_side_by_side(tx: optax.GradientTransformation, amsgrad: bool, steps: i
     reference = torch_seed_cnn("seed", seed=1)
     params = to_jax(torch_to_flax(torch_state(reference)))
     opt_state = tx.init(params)
-    opt = torch.optim.Adam(reference.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, amsgrad=amsgrad)
+    opt = torch.optim.Adam(reference.parameters(), lr=LR, weight_decay=WEIGHT_DECAY,
+                           amsgrad=amsgrad)
     reference.train()
 
     @jax.jit
@@ -235,7 +252,8 @@ def train_side_by_side(tx: optax.GradientTransformation, amsgrad: bool, steps: i
     for _ in range(steps):
         images, labels = normalized_batch(rng, 16)
         opt.zero_grad()
-        nn.functional.cross_entropy(reference(nchw(images)), torch.from_numpy(labels).long()).backward()
+        loss = nn.functional.cross_entropy(reference(nchw(images)), torch.from_numpy(labels).long())
+        loss.backward()
         grads = to_jax(torch_to_flax(torch_grads(reference)))
         opt.step()
         params, opt_state = update(grads, opt_state, params)
@@ -268,7 +286,7 @@ def test_stock_optax_amsgrad_does_not_match_torch():
 PLATEAU_LOSSES = [
     1.0, 0.9, 0.8,                     # improving
     0.8, 0.8, 0.8, 0.8,                # flat: the 4th bad epoch cuts (patience 3)
-    0.79996, 0.79992 + 1e-6,           # drops below the threshold: still bad epochs
+    0.79996, 0.79992 + 1e-6,           # dips smaller than the threshold: still bad epochs
     0.7998,                            # 2.5e-4 relative: an improvement, counter reset
     0.81, 0.85, 0.7999,                # worse, worse, then a sub-threshold dip
     0.79964,                           # 2e-4 below 0.7998: improvement
@@ -311,15 +329,23 @@ def test_plateau_rule_matches_reduce_lr_on_plateau(patience):
 
 # --- one train step end to end --------------------------------------------------------------------
 
-@pytest.mark.parametrize("plateau_scale", [1.0, 0.25])
-def test_train_step_matches_one_torch_step(plateau_scale):
-    """`make_train_step` (uint8 in, normalized inside, loss, grads, coupled decay, AMSGrad, plateau
-    scale) against the seed's torch step with lr = 1e-3 * scale. Parameter elements whose effective
-    gradient is within 10 * eps of zero are left out (see the module docstring); they must be few."""
-    from cnnjax.steps import create_train_state, make_train_step  # imports the data modules
+@functools.cache
+def cnnjax_training():
+    """The model, optimizer, plateau rule and compiled train step, built once for the module."""
+    from cnnjax.steps import make_train_step  # imports the data modules
 
     cfg = OptimConfig()
     model, tx, plateau = SeedCNN(), make_optimizer(cfg), make_plateau(cfg)
+    return model, tx, plateau, make_train_step(model, tx, MEAN, STD)
+
+
+@pytest.mark.parametrize("plateau_scale", [1.0, 0.25])
+def test_train_step_matches_one_torch_step(plateau_scale):
+    """`make_train_step` (uint8 in, normalized inside, loss, grads, coupled decay, AMSGrad, plateau
+    scale) against the seed's torch step with lr = 1e-3 * scale."""
+    from cnnjax.steps import create_train_state
+
+    model, tx, plateau, train_step = cnnjax_training()
     reference = torch_seed_cnn("seed", seed=3)
     start = to_jax(torch_to_flax(torch_state(reference)))
     state = create_train_state(model, tx, plateau, (*IMAGE_HW, 1), jax.random.key(0))
@@ -328,8 +354,9 @@ def test_train_step_matches_one_torch_step(plateau_scale):
                               scale=jnp.asarray(plateau_scale, jnp.float32)))
     rng = np.random.default_rng(3)
     batch = {"image": rng.integers(0, 256, (64, *IMAGE_HW, 1), dtype=np.uint8),
-             "label": rng.integers(0, 10, 64).astype(np.int32)}
-    state, metrics = make_train_step(model, tx, MEAN, STD)(state, batch, jax.random.key(1))
+             "label": rng.integers(0, 10, 64).astype(np.int32),
+             "index": np.arange(64, dtype=np.int32)}  # keys per-example draws; none at defaults
+    state, metrics = train_step(state, batch, jax.random.key(1))
 
     reference.train()
     opt = torch.optim.Adam(reference.parameters(), lr=LR * plateau_scale, weight_decay=WEIGHT_DECAY,
