@@ -3,6 +3,7 @@
     cnnjax train [--dataset mnist5k] [--epochs N] [--batch-size B] [--seed S] [--set key=value ...]
     cnnjax train --resume DIR
     cnnjax eval --run DIR [--dataset NAME] [--split test] [--step N]
+    cnnjax visualize --run DIR [--images INDEX|FILE ...] [--layer NAME ...]
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ def _train_parser(sub) -> None:
     p.add_argument("--stop-at-step", type=int, metavar="N",
                    help="checkpoint and exit at the first log line at or after step N (rerun to continue)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    dist = p.add_argument_group("multi-host (jax.distributed); also read from JAX_COORDINATOR_ADDRESS, "
+                                "JAX_NUM_PROCESSES, JAX_PROCESS_ID")
+    dist.add_argument("--coordinator-address", metavar="HOST:PORT", help="process 0's address")
+    dist.add_argument("--num-processes", type=int)
+    dist.add_argument("--process-id", type=int)
 
 
 def _eval_parser(sub) -> None:
@@ -46,6 +52,22 @@ def _eval_parser(sub) -> None:
     p.add_argument("--manual-dir")
     p.add_argument("--batch-size", type=int, default=1000)
     p.add_argument("--step", type=int, help="a checkpoint step (default: the best one)")
+
+
+def _visualize_parser(sub) -> None:
+    p = sub.add_parser("visualize", help="feature maps, act-max, saliency, filter health and "
+                                         "report.html for a run")
+    p.add_argument("--run", required=True, type=pathlib.Path, help="a run directory")
+    p.add_argument("--images", nargs="+", metavar="INDEX|FILE",
+                   help="test-set indices and/or .npy/.png files (default: one test image of each "
+                        "of the first four classes)")
+    p.add_argument("--layer", nargs="+", help="layers for channel grids and act-max (default: "
+                                              "grids of every map, act-max of every conv)")
+    p.add_argument("--cam-layer", help="Grad-CAM's layer (default: the last conv)")
+    p.add_argument("--scale", choices=("channel", "shared"), default="channel",
+                   help="feature-map colour scale: per channel or shared by a layer's channels")
+    p.add_argument("--seed", type=int, help="act-max, SmoothGrad and re-init key (default: the run's)")
+    p.add_argument("--actmax-steps", type=int, default=256)
 
 
 def config_from_args(args: argparse.Namespace, base: Config | None = None) -> Config:
@@ -64,6 +86,9 @@ def config_from_args(args: argparse.Namespace, base: Config | None = None) -> Co
 
 
 def _run_train(args) -> int:
+    from cnnjax import parallel
+
+    parallel.initialize(args.coordinator_address, args.num_processes, args.process_id)
     from cnnjax.runs import load_config
     from cnnjax.train import train_and_evaluate
 
@@ -75,6 +100,8 @@ def _run_train(args) -> int:
     if "stopped_at_step" in summary:
         print(f"run {summary['run_dir']}: stopped at step {summary['stopped_at_step']}; "
               f"continue with: cnnjax train --resume {summary['run_dir']}")
+        return 0
+    if "best_epoch" not in summary:  # processes other than the first report nothing
         return 0
     print(f"run {summary['run_dir']}: best epoch {summary['best_epoch']}, "
           f"val accuracy {summary['val']['accuracy']:.4f}, test accuracy "
@@ -103,14 +130,24 @@ def _run_eval(args) -> int:
     return 0
 
 
+def _run_visualize(args) -> int:
+    from cnnjax.visualize import ActMaxConfig, visualize_run
+
+    path = visualize_run(args.run, images=args.images, layers=args.layer, cam_layer=args.cam_layer,
+                         scale=args.scale, seed=args.seed, actmax=ActMaxConfig(steps=args.actmax_steps))
+    print(f"wrote {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cnnjax", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _eval_parser(sub)
+    _visualize_parser(sub)
     args = parser.parse_args(argv)
     try:
-        return {"train": _run_train, "eval": _run_eval}[args.command](args)
+        return {"train": _run_train, "eval": _run_eval, "visualize": _run_visualize}[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as err:
         print(f"cnnjax {args.command}: error: {err}", file=sys.stderr)
         return 2
