@@ -45,7 +45,8 @@ ConvPadding = Union[Padding, Sequence[Sequence[int]]]
 def _pair(value: int | Sequence[int], what: str, layer: str) -> Pair:
     pair = (value, value) if isinstance(value, int) else tuple(value)
     if len(pair) != 2 or any(not isinstance(v, int) or v <= 0 for v in pair):
-        raise ValueError(f"{layer}: {what} must be a positive int or a pair of them, got {value!r}.")
+        raise ValueError(f"{layer}: {what} must be a positive int or a pair of them, "
+                         f"got {value!r}.")
     return pair
 
 
@@ -64,7 +65,7 @@ def resolve_padding(padding: ConvPadding, window: Pair, stride: Pair, hw: Pair, 
 
 
 def _geometry(x: jax.Array, window, stride, padding, layer: str):
-    """Resolved window, stride, padding and output size; raises naming `layer` before any tracing."""
+    """Resolved window, stride, padding and output size; raises naming `layer`, before tracing."""
     if x.ndim != 4:
         raise ValueError(f"{layer}: expected an NHWC array of rank 4, got shape {x.shape}.")
     window, stride = _pair(window, "window", layer), _pair(stride, "stride", layer)
@@ -79,7 +80,7 @@ def _pad(x: jax.Array, pads: tuple[Pair, Pair], fill: float) -> jax.Array:
 
 
 def _patches(xp: jax.Array, window: Pair, stride: Pair, out: Pair) -> jax.Array:
-    """im2col: (N, Hp, Wp, C) padded input -> (N, OH, OW, KH, KW, C), every window the layer reads."""
+    """im2col: padded (N, Hp, Wp, C) -> (N, OH, OW, KH, KW, C), every window the layer reads."""
     (kh, kw), (sh, sw), (oh, ow) = window, stride, out
     rows = [jnp.stack([xp[:, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw, :]
                        for j in range(kw)], axis=3) for i in range(kh)]
@@ -99,7 +100,8 @@ def _fold(dpatches: jax.Array, padded_hw: Pair, stride: Pair) -> jax.Array:
         for j in range(kw):
             config = ((0, 0, 0), (i, hp - i - sh * (oh - 1) - 1, sh - 1),
                       (j, wp - j - sw * (ow - 1) - 1, sw - 1), (0, 0, 0))
-            total = total + lax.pad(dpatches[:, :, :, i, j, :], jnp.zeros((), dpatches.dtype), config)
+            total = total + lax.pad(dpatches[:, :, :, i, j, :], jnp.zeros((), dpatches.dtype),
+                                    config)
     return total
 
 
@@ -156,7 +158,7 @@ def conv2d_backward(x: jax.Array, kernel: jax.Array, delta: jax.Array, stride: i
 
 def max_pool_forward(x: jax.Array, window: int | Pair = 2, stride: int | Pair | None = None,
                      padding: ConvPadding = 0, layer: str = "max_pool") -> jax.Array:
-    """Max of each window; padding counts as -inf and a trailing remainder is dropped (floor mode)."""
+    """Max of each window; padding counts as -inf, a trailing remainder is dropped (floor mode)."""
     stride = window if stride is None else stride
     window, stride, pads, out = _geometry(x, window, stride, padding, layer)
     return _patches(_pad(x, pads, -jnp.inf), window, stride, out).max(axis=(3, 4))
@@ -183,7 +185,7 @@ def max_pool_backward(x: jax.Array, delta: jax.Array, window: int | Pair = 2,
 
 def avg_pool_forward(x: jax.Array, window: int | Pair = 2, stride: int | Pair | None = None,
                      padding: ConvPadding = 0, layer: str = "avg_pool") -> jax.Array:
-    """Mean of each window; padded zeros count (torch's count_include_pad=True, as cnnjax.layers)."""
+    """Mean of each window; padded zeros count (count_include_pad=True, as in cnnjax.layers)."""
     stride = window if stride is None else stride
     window, stride, pads, out = _geometry(x, window, stride, padding, layer)
     return _patches(_pad(x, pads, 0.0), window, stride, out).mean(axis=(3, 4))
@@ -353,7 +355,7 @@ Layer = Union[Dense, Conv2d, Pool, Activation, Flatten]
 
 
 def forward(layers: Sequence[Layer], params: dict, x: jax.Array) -> tuple[jax.Array, list]:
-    """Runs the chain, keeping what each layer's backward needs (its input, or z for activations)."""
+    """Runs the chain, keeping what each layer's backward needs (its input; z for activations)."""
     caches = []
     for layer in layers:
         x, cache = layer.forward(params.get(layer.name) if layer.name else None, x)
@@ -382,7 +384,8 @@ def loss_and_grad(layers: Sequence[Layer], params: dict, x: jax.Array, targets: 
         raise ValueError(f"unknown loss {loss!r}; choose one of {sorted(LOSSES)}.")
     loss_fn, output_grad = LOSSES[loss]
     outputs, caches = forward(layers, params, x)
-    return loss_fn(outputs, targets), backward(layers, params, caches, output_grad(outputs, targets))
+    grads = backward(layers, params, caches, output_grad(outputs, targets))
+    return loss_fn(outputs, targets), grads
 
 
 # ----------------------------------------------------------------------------- models as chains

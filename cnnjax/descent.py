@@ -43,7 +43,7 @@ def xor_data() -> tuple[jax.Array, jax.Array]:
 
 
 def sgd_update(params, grads, learning_rate: float):
-    """θ ← θ - η ∇C, leaf by leaf, keeping each parameter's dtype (a float64 loss stays float32 θ)."""
+    """θ ← θ - η ∇C, leaf by leaf, keeping each parameter's dtype (float64 data, float32 θ)."""
     return jax.tree.map(lambda p, g: (p - learning_rate * g).astype(p.dtype), params, grads)
 
 

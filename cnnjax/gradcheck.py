@@ -78,7 +78,7 @@ def _path_name(path) -> str:
 def check_gradients(loss_fn: Callable[[Any], jax.Array], params: Any, *, key: jax.Array,
                     grad_fn: Callable[[Any], Any] | None = None, coords_per_tensor: int = 16,
                     eps: float = 1e-6) -> GradCheckReport:
-    """Compares `grad_fn(params)` (default: `jax.grad(loss_fn)`) with central differences of `loss_fn`.
+    """Compares `grad_fn(params)` (default `jax.grad(loss_fn)`) with central differences of the loss.
 
     `loss_fn(params) -> scalar` closes over the data and the model; `grad_fn(params)` returns a
     tree shaped like `params` (a hand-written backward pass, say); both must be traceable by
