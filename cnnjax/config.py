@@ -19,6 +19,7 @@ class DataConfig:
     data_dir: str | None = None  # TFDS data dir; None: $CNNJAX_DATA_DIR or ~/.cache/cnnjax/tfds
     manual_dir: str | None = None  # holds the IDX .gz files for mnist/fashion_mnist when offline
     val_fraction: float = 0.2  # seeded split of the train split into train/validation
+    classes: tuple[int, ...] = ()  # keep only these labels, renumbered 0..k-1 in this order; () all
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +37,10 @@ class ModelConfig:
     conv_dropout: float = 0.0  # after each conv block's pool
     batch_norm: bool = False  # conv -> BN -> ReLU, as the seed's section 4.3
     bn_momentum: float = 0.9  # flax's decay of the running stats; torch's momentum 0.1 = 1 - 0.9
+    # ResNets (model.name resnet18, resnet34, resnet_tiny; cnnjax/resnet.py):
+    width: int | None = None  # channels of layer1, doubling per stage; None: the preset's (64)
+    stem: str = "imagenet"  # 'imagenet' (7x7/2 conv + max-pool) or 'small' (3x3/1, for 28-32 px)
+    grayscale: str = "repeat"  # 1-channel images: 'repeat' to RGB, or 'stem' (a 1-channel conv1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,12 +83,26 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class TransferConfig:
+    """Starting from trained weights (cnnjax/transfer.py); the defaults train from scratch."""
+
+    backbone: str | None = None  # a cnnjax run dir, or a torchvision state_dict (.pth/.safetensors)
+    step: int | None = None  # the backbone run's checkpoint step; None: its best
+    head: tuple[str, ...] = ("fc",)  # parameter paths initialized afresh for this run's classes
+    freeze: tuple[str, ...] = ()  # path prefixes held fixed, e.g. conv1,bn1,layer1; 'backbone': all but head
+    unfreeze: tuple[str, ...] = ()  # of the frozen, prefixes that start training after...
+    unfreeze_after_epochs: int = 0  # ...this many epochs
+    backbone_lr_scale: float = 1.0  # learning-rate factor for the trained, non-head parameters
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     augment: AugmentConfig = AugmentConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
+    transfer: TransferConfig = TransferConfig()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
