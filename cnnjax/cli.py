@@ -62,8 +62,9 @@ def _visualize_parser(sub) -> None:
                    help="test-set indices and/or .npy/.png files (default: one test image of each "
                         "of the first four classes)")
     p.add_argument("--layer", nargs="+", help="layers for channel grids and act-max (default: "
-                                              "grids of every map, act-max of every conv)")
-    p.add_argument("--cam-layer", help="Grad-CAM's layer (default: the last conv)")
+                                              "grids of the top-level maps, act-max of the last "
+                                              "feature layer, e.g. conv2)")
+    p.add_argument("--cam-layer", help="Grad-CAM's layer (default: the last feature layer)")
     p.add_argument("--scale", choices=("channel", "shared"), default="channel",
                    help="feature-map colour scale: per channel or shared by a layer's channels")
     p.add_argument("--seed", type=int, help="act-max, SmoothGrad and re-init key (default: the run's)")

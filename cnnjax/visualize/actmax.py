@@ -2,10 +2,11 @@
 
 Gradient ascent on the image, from a seeded start, of a channel's mean activation minus an L2 and
 a total-variation penalty, with a random shift (jitter) of the image at every step; without the
-last two the ascent finds high-frequency patterns no digit contains. Pixels are kept in the
-dataset's range. All channels of a layer are optimized at once: one `vmap` over channels around a
-`lax.scan` over steps, one compiled program. Weights are shared across the vmap, so the convolutions
-stay ordinary batched ones (vmap over weights would turn them into slow grouped convolutions).
+penalties and the jitter the ascent finds high-frequency patterns no digit contains. Pixels are
+kept in the dataset's range. All channels of a layer are optimized at once: one `vmap` over
+channels around a `lax.scan` over steps, one compiled program. Weights are shared across the vmap,
+so the convolutions stay ordinary batched ones (vmap over weights would turn them into slow
+grouped convolutions).
 
 The target is the layer's output as the module returns it; for a conv that is the pre-activation,
 so by default the measure is its rectified mean (what a following ReLU passes on; a zero-sum edge
@@ -27,6 +28,7 @@ import optax
 from jax import lax
 
 from cnnjax.visualize.capture import LOGITS, list_layers, run_layers
+from cnnjax.visualize.feature_maps import colorize, tile
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +40,8 @@ class ActMaxConfig:
     l2: float = 1e-2
     tv: float = 1e-1
     jitter: int = 2  # the image is rolled by up to this many pixels per axis each step
-    init_scale: float = 0.1  # std of the seeded start around the mean image
+    start_pixel: float | None = None  # start image's grey level in [0, 1]; None: the dataset mean
+    init_scale: float = 0.1  # std of the seeded noise added to the start
     rectify: bool = True  # maximize mean(max(out, 0)), what a ReLU after the layer passes on
 
     def __post_init__(self):
@@ -48,6 +51,9 @@ class ActMaxConfig:
         for name in ("l2", "tv", "jitter"):
             if getattr(self, name) < 0:
                 raise ValueError(f"actmax {name} must be non-negative, got {getattr(self, name)}.")
+        if self.start_pixel is not None and not 0.0 <= self.start_pixel <= 1.0:
+            raise ValueError(f"actmax start_pixel is a grey level in [0, 1] (or None for the "
+                             f"dataset mean), got {self.start_pixel}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +65,7 @@ class ActMaxResult:
     images: np.ndarray
     start: np.ndarray
     final: np.ndarray
+    bounds: tuple[float, float]  # the pixel range the images were kept in
 
 
 def total_variation(x: jax.Array) -> jax.Array:
@@ -93,7 +100,8 @@ def _ascend_all(variables, channels, keys, *, model, layer, cfg, bounds, image_s
     def one(channel, key):
         lo, hi = bounds
         start_key, steps_key = jax.random.split(key)
-        x0 = jnp.clip(cfg.init_scale * jax.random.normal(start_key, image_shape), lo, hi)
+        grey = 0.0 if cfg.start_pixel is None else lo + cfg.start_pixel * (hi - lo)
+        x0 = jnp.clip(grey + cfg.init_scale * jax.random.normal(start_key, image_shape), lo, hi)
         tx = optax.adam(cfg.learning_rate)
 
         def ascent_objective(x, shift):
@@ -110,7 +118,9 @@ def _ascend_all(variables, channels, keys, *, model, layer, cfg, bounds, image_s
             return (jnp.clip(optax.apply_updates(x, updates), lo, hi), opt_state), None
 
         (x, _), _ = lax.scan(step, (x0, tx.init(x0)), jnp.arange(cfg.steps))
-        measure = lambda img: _measure(_channel(model, variables, layer, img, channel), rectify)
+        def measure(img):
+            return _measure(_channel(model, variables, layer, img, channel), rectify)
+
         return x, measure(x0), measure(x)
 
     return jax.vmap(one)(channels, keys)
@@ -124,7 +134,8 @@ def activation_maximization(model: nn.Module, variables: Mapping[str, Any], laye
     """Maximizes each of `channels` of `layer` (all of them by default; 'logits' for classes).
 
     `bounds` is the pixel range in model space, e.g. ((0 - mean) / std, (1 - mean) / std); `key`
-    seeds the starts and the jitter, one stream per channel.
+    seeds the starts and the jitter, one stream per channel id, so a channel's result does not
+    depend on which others are optimized with it.
     """
     image_shape = tuple(int(s) for s in image_shape)
     layers = {l.name: l for l in list_layers(model, variables, image_shape)}
@@ -138,8 +149,17 @@ def activation_maximization(model: nn.Module, variables: Mapping[str, Any], laye
     lo, hi = float(bounds[0]), float(bounds[1])
     if not lo < hi:
         raise ValueError(f"bounds must be (low, high) with low < high, got {bounds}.")
-    keys = jax.random.split(key, len(channels))
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.asarray(channels))  # one per channel id
     images, start, final = _ascend_all(variables, jnp.asarray(channels), keys, model=model,
                                        layer=layer, cfg=cfg, bounds=(lo, hi), image_shape=image_shape)
     return ActMaxResult(layer=layer, channels=channels, images=np.asarray(images),
-                        start=np.asarray(start), final=np.asarray(final))
+                        start=np.asarray(start), final=np.asarray(final), bounds=(lo, hi))
+
+
+def actmax_grid(result: ActMaxResult, cmap: str = "gray") -> np.ndarray:
+    """The optimized images as one RGBA grid on the pixel range they were kept in (a saturated
+    tile is a real saturated image); tile k is `result.channels[k]`, row-major. Colour images
+    show as their channel mean."""
+    lo, hi = result.bounds
+    stacked = np.moveaxis(result.images.mean(axis=-1), 0, -1)  # (H, W, K)
+    return colorize(tile((stacked - lo) / (hi - lo)), cmap, gap=0.5)  # grey gaps: white tiles show

@@ -6,10 +6,12 @@ Flax model: it adds a zero tensor to that layer's output (see `capture.run_layer
 gradient with respect to it, as pytorch-grad-cam's hook on a module's output does.
 
 All of them return maps the size of the input; `heatmap` folds colour channels into one map.
+They are pure: jit the caller (run eagerly, every op is dispatched on its own, seconds per call).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
@@ -17,14 +19,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnnjax.visualize.capture import run_layers
+from cnnjax.visualize.capture import inference_variables, run_layers
 
 LogitsFn = Callable[[jax.Array], jax.Array]
 
 
 def logits_fn(model: nn.Module, variables: Mapping[str, Any]) -> LogitsFn:
     """The model at inference as a plain function of model-space images."""
-    return lambda images: run_layers(model, variables, images)[0]
+    return lambda images: model.apply(inference_variables(variables), images)
 
 
 def _target_logit(fn: LogitsFn, target: jax.Array):
@@ -112,6 +114,24 @@ def grad_cam(model: nn.Module, variables: Mapping[str, Any], images: jax.Array, 
     return jax.vmap(one)(images, targets)
 
 
+def reinitialized(model: nn.Module, variables: Mapping[str, Any], key: jax.Array,
+                  example: jax.Array) -> dict[str, Any]:
+    """`variables` with fresh parameters from the model's own initializers: the model of the
+    model-randomization sanity check (Adebayo et al., 2018); other collections are kept.
+
+    The init runs on an 'rbg' key made from `key`: any fresh draw serves, and XLA:CPU compiles an
+    init on threefry keys in seconds, on rbg keys in well under one.
+    """
+    data = jax.random.key_data(key)
+    rbg = jax.random.wrap_key_data(jnp.concatenate([data, data]).astype(jnp.uint32), impl="rbg")
+    return {**variables, "params": _init(model, rbg, example)["params"]}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init(model, key, example):
+    return model.init(key, example)
+
+
 def heatmap(attributions: jax.Array) -> jax.Array:
     """(N, H, W, C) attributions -> (N, H, W) magnitudes: the max |value| over colour channels."""
     return jnp.abs(attributions).max(axis=-1)
@@ -132,3 +152,32 @@ def spearman(a, b) -> float:
     ra, rb = ra - ra.mean(), rb - rb.mean()
     denom = np.sqrt((ra ** 2).sum() * (rb ** 2).sum())
     return float((ra * rb).sum() / denom) if denom > 0 else 0.0
+
+
+def overlay_figure(images: np.ndarray, maps: Mapping[str, np.ndarray], row_titles: list[str]):
+    """Rows of examples: the input, then each method's map as a heat overlay on it.
+
+    `images` is (N, H, W, C) in display range [0, 1]; each map (N, H, W) is scaled to its own
+    example's maximum, so the colours compare pixels within a map, not across methods.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n, cols = len(images), 1 + len(maps)
+    fig, axes = plt.subplots(n, cols, figsize=(1.9 * cols, 1.9 * n), squeeze=False)
+    gray = images.mean(axis=-1)
+    for i in range(n):
+        axes[i, 0].imshow(images[i] if images.shape[-1] == 3 else gray[i], cmap="gray", vmin=0, vmax=1)
+        axes[i, 0].set_title(row_titles[i], fontsize=8)
+        for j, (name, m) in enumerate(maps.items(), start=1):
+            m_i = np.asarray(m[i], np.float64)
+            top = m_i.max()
+            axes[i, j].imshow(gray[i], cmap="gray", vmin=0, vmax=1)
+            axes[i, j].imshow(m_i / top if top > 0 else m_i, cmap="jet", alpha=0.55, vmin=0, vmax=1)
+            if i == 0:
+                axes[i, j].set_title(name, fontsize=8)
+    for ax in axes.ravel():
+        ax.axis("off")
+    fig.tight_layout(pad=0.3)
+    return fig

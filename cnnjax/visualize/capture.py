@@ -101,7 +101,8 @@ def list_layers(model: nn.Module, variables: Mapping[str, Any], image_shape: Seq
     logits = jax.eval_shape(trace, variables, jax.ShapeDtypeStruct((1, *image_shape), jnp.float32))
     layers = [Layer(name, kinds[name], tuple(out.shape[1:]), sources[name])
               for name, out in outputs.items()]
-    return layers + [Layer(LOGITS, "output", tuple(logits.shape[1:]), layers[-1].name if layers else None)]
+    last = layers[-1].name if layers else None
+    return layers + [Layer(LOGITS, "output", tuple(logits.shape[1:]), last)]
 
 
 def capture(model: nn.Module, variables: Mapping[str, Any], images: jax.Array,
@@ -126,6 +127,22 @@ def _unknown(missing: Sequence[str], model: nn.Module, outputs: Mapping[str, Any
 def conv_layers(layers: Sequence[Layer]) -> list[Layer]:
     """Convolutions (any module class whose name contains 'Conv') with a spatial output."""
     return [l for l in layers if "Conv" in l.kind and l.is_map]
+
+
+def top_level(layers: Sequence[Layer]) -> list[Layer]:
+    """Spatial layers that are direct children of the model: SeedCNN's conv1 .. pool2, a ResNet's
+    conv1, bn1, layer1 .. layer4; the hierarchy at a glance, without every block's insides."""
+    return [l for l in layers if l.is_map and "/" not in l.name]
+
+
+def last_feature_layer(layers: Sequence[Layer]) -> str | None:
+    """The deepest top-level spatial layer that is not a pool: SeedCNN's conv2, a ResNet's layer4.
+
+    Grad-CAM's usual layer (pytorch-grad-cam uses `model.layer4[-1]` for ResNets), and the default
+    act-max target; a pool after it only coarsens the same channels.
+    """
+    candidates = [l.name for l in top_level(layers) if "Pool" not in l.kind]
+    return candidates[-1] if candidates else None
 
 
 def preactivation(layers: Sequence[Layer], conv: str) -> Layer:

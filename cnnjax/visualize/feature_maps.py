@@ -51,11 +51,11 @@ def tile(images: np.ndarray, cols: int | None = None, pad: int = 1, fill: float 
     return grid
 
 
-def colorize(grid: np.ndarray, cmap: str = "viridis") -> np.ndarray:
-    """[0, 1] values -> RGBA uint8; NaN (the gaps between tiles) becomes white."""
+def colorize(grid: np.ndarray, cmap: str = "viridis", gap: float = 1.0) -> np.ndarray:
+    """[0, 1] values -> RGBA uint8; NaN (the gaps between tiles) becomes grey level `gap`."""
     plt = _pyplot()
     rgba = plt.get_cmap(cmap)(np.nan_to_num(grid, nan=0.0))
-    rgba[np.isnan(grid)] = 1.0
+    rgba[np.isnan(grid)] = (gap, gap, gap, 1.0)
     return (rgba * 255).round().astype(np.uint8)
 
 
@@ -88,8 +88,8 @@ def overview_figure(image: np.ndarray, maps: Mapping[str, np.ndarray], scale: st
         for k in range(min(max_channels, shown.shape[-1])):
             axes[r, k].imshow(shown[..., k], cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
         h, w, c = fmap.shape
-        axes[r, 0].set_title(f"{name}  {h}x{w}x{c}" + (f" (first {max_channels})" if c > max_channels else ""),
-                             fontsize=7, loc="left")
+        more = f" (first {max_channels})" if c > max_channels else ""
+        axes[r, 0].set_title(f"{name}  {h}x{w}x{c}{more}", fontsize=7, loc="left")
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout(pad=0.3)

@@ -10,6 +10,7 @@ nothing on, and gets no gradient through its ReLU: it is dead and will stay so.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -45,13 +46,24 @@ class FilterHealth:
                 "max_preactivation": self.max_preactivation.tolist()}
 
 
+@functools.partial(jax.jit, static_argnames=("model", "mean", "std", "measured"))
+def _batch_sums(variables, batch, mask, *, model, mean, std, measured):
+    """Per filter: sum of max(z, 0), count of z <= 0, max z over the unmasked examples."""
+    _, outputs = run_layers(model, variables, normalize(batch, mean, std))
+    w = mask[:, None, None, None]
+    return {name: (jnp.sum(jnp.maximum(outputs[at], 0.0) * w, axis=(0, 1, 2)),
+                   jnp.sum((outputs[at] <= 0.0) * w, axis=(0, 1, 2)),
+                   jnp.max(jnp.where(w > 0, outputs[at], -jnp.inf), axis=(0, 1, 2)))
+            for name, at in measured}
+
+
 def filter_health(model: nn.Module, variables: Mapping[str, Any], images: np.ndarray, mean: float,
                   std: float, layers: Sequence[str] | None = None, batch_size: int = 500
                   ) -> dict[str, FilterHealth]:
     """Statistics for each conv layer (all of them by default) over uint8 images (N, H, W, C).
 
-    Batches are padded to one shape (one compile) and the padding masked out; per-batch sums are
-    pulled to the host once per batch.
+    Batches are padded to one shape (one compile) and the padding masked out; each batch's sums
+    are pulled to the host (a sync per batch) and added there.
     """
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or len(images) == 0:
@@ -68,18 +80,6 @@ def filter_health(model: nn.Module, variables: Mapping[str, Any], images: np.nda
                          f"{', '.join(convs) or 'none'}.")
     measured = {n: preactivation(table, n).name for n in layers}
 
-    @jax.jit
-    def batch_stats(variables, batch, mask):
-        _, outputs = run_layers(model, variables, normalize(batch, mean, std))
-        stats = {}
-        for name, at in measured.items():
-            z = outputs[at]
-            w = mask[:, None, None, None]
-            stats[name] = (jnp.sum(jnp.maximum(z, 0.0) * w, axis=(0, 1, 2)),
-                           jnp.sum((z <= 0.0) * w, axis=(0, 1, 2)),
-                           jnp.max(jnp.where(w > 0, z, -jnp.inf), axis=(0, 1, 2)))
-        return stats
-
     batch_size = min(batch_size, len(images))
     totals: dict[str, list] = {}
     for start in range(0, len(images), batch_size):
@@ -89,20 +89,22 @@ def filter_health(model: nn.Module, variables: Mapping[str, Any], images: np.nda
             mask[len(batch):] = 0.0
             batch = np.concatenate([batch, np.zeros((batch_size - len(batch), *batch.shape[1:]),
                                                     np.uint8)])
-        stats = jax.device_get(batch_stats(variables, batch, mask))  # syncs once per batch
+        stats = jax.device_get(_batch_sums(variables, batch, mask, model=model, mean=float(mean),
+                                           std=float(std), measured=tuple(measured.items())))
         for name, (act, off, top) in stats.items():
+            act, off = np.asarray(act, np.float64), np.asarray(off, np.float64)
             if name not in totals:
                 totals[name] = [act, off, top]
             else:
                 t = totals[name]
                 totals[name] = [t[0] + act, t[1] + off, np.maximum(t[2], top)]
     result = {}
-    for name, (act, off, top) in totals.items():
+    for name in layers:  # call order (jit hands dicts back sorted by key)
+        act, off, top = totals[name]
         positions = len(images) * int(np.prod(
             next(l for l in table if l.name == measured[name]).shape[:2]))
         result[name] = FilterHealth(layer=name, measured_at=measured[name],
-                                    mean_activation=np.asarray(act) / positions,
-                                    dead_fraction=np.asarray(off) / positions,
+                                    mean_activation=act / positions, dead_fraction=off / positions,
                                     max_preactivation=np.asarray(top), count=len(images))
     return result
 
