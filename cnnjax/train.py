@@ -30,6 +30,7 @@ from cnnjax import augment, checkpoint, input_pipeline, parallel, report
 from cnnjax.config import Config
 from cnnjax.models import build_model, check_geometry, count_params
 from cnnjax.optim import make_optimizer, make_plateau, plateau_step
+from cnnjax.visualize.filter_health import dead_filter_count
 from cnnjax.steps import AUGMENT_STREAM, create_train_state, evaluate, make_eval_step, make_train_step
 
 DEFAULT_ROOT = pathlib.Path("checkpoints")
@@ -311,6 +312,8 @@ def train_and_evaluate(cfg: Config, run_dir: pathlib.Path | str | None = None, *
         "checkpoint_seconds": checkpoint_seconds,
         "checkpoint_fraction_of_epoch_time": checkpoint_seconds / epoch_seconds if epoch_seconds else 0.0,
     }
+    summary["dead_filters"] = dead_filter_count(
+        model, {"params": best_state.params, "batch_stats": best_state.batch_stats}, data.val[0], data.spec)
     report.write_json(run_dir / "summary.json", summary)
     report.plot_run(run_dir)
     return {**summary, "run_dir": str(run_dir)}

@@ -35,6 +35,7 @@ def test_run_directory_holds_everything(run_dir):
     assert summary["val"]["count"] == 800 and summary["test"]["count"] == 1000
     assert np.asarray(summary["test"]["confusion"]).sum() == 1000
     assert summary["test"]["accuracy"] > 0.8  # two epochs of a tiny CNN already learn digits
+    assert 0 <= summary["dead_filters"] <= 8 + 16  # of the conv filters, after training
 
 
 def test_metrics_log_has_step_and_epoch_lines(run_dir):
