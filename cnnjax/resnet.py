@@ -180,10 +180,6 @@ class ResNet(nn.Module):
             hw = output_shape(hw, 3, 2, 1, f"layer{i + 1}")
         return (*hw, self.width * 2 ** (len(self.stage_sizes) - 1))
 
-    def stage_names(self) -> tuple[str, ...]:
-        """Top-level modules in forward order: conv1, bn1, layer1, ..., fc."""
-        return ("conv1", "bn1", *(f"layer{i + 1}" for i in range(len(self.stage_sizes))), "fc")
-
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, example_ids: jax.Array | None = None
                  ) -> jax.Array:

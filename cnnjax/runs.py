@@ -12,11 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnnjax import checkpoint, datasets
+from cnnjax import checkpoint, datasets, input_pipeline, transfer
 from cnnjax.config import Config
 from cnnjax.input_pipeline import as_nhwc, normalize
 from cnnjax.models import build_model
-from cnnjax.optim import make_optimizer, make_plateau
+from cnnjax.optim import make_plateau
 from cnnjax.parallel import DataParallel
 from cnnjax.steps import create_train_state
 
@@ -65,9 +65,9 @@ def load_run(run_dir: pathlib.Path | str, step: int | None = None) -> Run:
     """Rebuilds the run's model from its config.json and restores its best checkpoint (or `step`)."""
     run_dir = pathlib.Path(run_dir)
     cfg = load_config(run_dir)
-    spec = datasets.get_spec(cfg.data.dataset)
+    spec = input_pipeline.data_spec(cfg.data)
     model = build_model(cfg.model, spec.num_classes)
-    tx, plateau = make_optimizer(cfg.optim), make_plateau(cfg.optim)
+    tx, plateau = transfer.make_transfer_optimizer(cfg, 1), make_plateau(cfg.optim)  # structure only
     abstract = DataParallel.create().abstract(jax.eval_shape(
         lambda: create_train_state(model, tx, plateau, spec.image_shape, jax.random.key(0))))
     ckpt = checkpoint.Checkpointer(run_dir, read_only=True)

@@ -26,10 +26,10 @@ import numpy as np
 from flax.training.early_stopping import EarlyStopping
 from tqdm.auto import tqdm
 
-from cnnjax import augment, checkpoint, input_pipeline, parallel, report
+from cnnjax import augment, checkpoint, input_pipeline, parallel, report, transfer
 from cnnjax.config import Config
 from cnnjax.models import build_model, check_geometry, count_params
-from cnnjax.optim import make_optimizer, make_plateau, plateau_step
+from cnnjax.optim import make_plateau, plateau_step
 from cnnjax.visualize.filter_health import dead_filter_count
 from cnnjax.steps import AUGMENT_STREAM, create_train_state, evaluate, make_eval_step, make_train_step
 
@@ -165,7 +165,7 @@ def train_and_evaluate(cfg: Config, run_dir: pathlib.Path | str | None = None, *
             raise ValueError(f"train.{key} must be positive, got {getattr(tc, key)}.")
     if tc.checkpoint_every_steps < 0:
         raise ValueError(f"train.checkpoint_every_steps must be >= 0, got {tc.checkpoint_every_steps}.")
-    tx, plateau = make_optimizer(cfg.optim), make_plateau(cfg.optim)
+    tx, plateau = transfer.make_transfer_optimizer(cfg, n_steps), make_plateau(cfg.optim)
     augmenter = augment.from_config(cfg.augment)
     par = parallel.DataParallel.create()
     par.check_batch_size(tc.batch_size)
@@ -180,6 +180,8 @@ def train_and_evaluate(cfg: Config, run_dir: pathlib.Path | str | None = None, *
     state = jax.jit(lambda rng: create_train_state(model, tx, plateau, data.spec.image_shape, rng),
                     out_shardings=par.replicated)(init_rng)
     del init_rng
+    if not resuming:
+        state = jax.device_put(transfer.initialize(state, cfg), par.replicated)
     progress = Progress(root_key=jax.random.key_data(train_rng).tolist())
     if resuming:
         state, loop, step = ckpt.restore(par.abstract(state))
@@ -187,7 +189,9 @@ def train_and_evaluate(cfg: Config, run_dir: pathlib.Path | str | None = None, *
         train_rng = jax.random.wrap_key_data(np.asarray(progress.root_key, np.uint32))
         if primary:
             print(f"resuming {run_dir} from step {step} (epoch {progress.epoch}, batch {progress.batch})")
-    train_step = make_train_step(model, tx, data.spec.mean, data.spec.std, augmenter)
+    # One compiled step per set of frozen layers (transfer learning): a recompile at unfreezing only.
+    epoch_steps = transfer.EpochSteps(model, cfg.transfer, lambda m: make_train_step(
+        m, tx, data.spec.mean, data.spec.std, augmenter))
     eval_step = make_eval_step(model, data.spec.mean, data.spec.std, data.spec.num_classes)
     if augmenter.transforms and not resuming and primary:
         sample = np.linspace(0, len(train_labels) - 1, 16).astype(np.int32)
@@ -218,6 +222,7 @@ def train_and_evaluate(cfg: Config, run_dir: pathlib.Path | str | None = None, *
                disable=not (tc.progress and primary), unit="step", dynamic_ncols=True)
     try:
         for epoch in range(progress.epoch, 0 if progress.stopped_early else tc.epochs + 1):
+            train_step = epoch_steps(state, epoch)
             t_epoch, first_batch = time.perf_counter(), progress.batch
             lr = cfg.optim.learning_rate * float(state.plateau_state.scale)
             window_start = int(state.step) + 1
