@@ -20,6 +20,9 @@ What is measured, per batch size, in images per second:
   cnnjax's first call (trace + compile + one step) is timed apart and reported, never averaged in.
 - eval: a jitted forward + argmax against torch's model.eval() under torch.no_grad().
 - pipeline: `cnnjax.input_pipeline.train_batches` over 4,000 in-memory uint8 images (host only).
+- host share: the time cnnjax's timed train loop spends inside its step calls (argument handling,
+  host-to-device copy of the batch, dispatch) over the loop's wall time; the rest is the device
+  (here: XLA:CPU's threads) computing.
 
 Threads: torch keeps its default intra-op thread count (all cores) unless --torch-threads says
 otherwise; XLA:CPU likewise uses all cores. torch's OpenMP threads slow down sharply when other
@@ -155,6 +158,7 @@ class JaxRunner:
             self.model.apply(variables, normalize(images, MEAN, STD)), -1))
         self.rng = jax.random.key(seed + 1)
         self.compile_s: dict[str, dict[int, float]] = {"train": {}, "eval": {}}
+        self.host_share: list[float] = []
 
     def _variables(self) -> dict:
         return {"params": self.state.params, "batch_stats": self.state.batch_stats}
@@ -171,13 +175,22 @@ class JaxRunner:
         self.compile_s["eval"][bs] = time.perf_counter() - start
 
     def train(self, batches, max_steps: int, max_seconds: float) -> tuple[float, int]:
+        calls = []
+
         def step(batch):
+            start = time.perf_counter()
             self.state, _ = self.train_step(self.state, batch, self.rng)
+            calls.append(time.perf_counter() - start)
 
         # Dispatch is asynchronous: the loop only queues steps; blocking on the state (a host-device
         # sync) waits for all of them, as each step reads the previous one's state.
-        return measure(step, lambda: jax.block_until_ready(self.state), batches, max_steps,
-                       max_seconds)
+        rate, count = measure(step, lambda: jax.block_until_ready(self.state), batches, max_steps,
+                              max_seconds)
+        # Host overhead: the time the Python loop spends inside the step calls (argument checks,
+        # host-to-device copy of the batch, dispatch), as a share of the timed loop's wall time.
+        timed_s = sum(len(b["label"]) for b in batches[WARMUP_STEPS:WARMUP_STEPS + count]) / rate
+        self.host_share.append(sum(calls[WARMUP_STEPS:]) / timed_s)
+        return rate, count
 
     def evaluate(self, batches, max_steps: int, max_seconds: float) -> tuple[float, int]:
         variables, outputs = self._variables(), []
@@ -275,6 +288,7 @@ def run(args: argparse.Namespace) -> dict:
     samples = {(phase, name, bs): [] for phase in ("train", "eval") for name in ("cnnjax", "torch")
                for bs in args.batch_sizes}
     pipeline = {bs: [] for bs in args.batch_sizes}
+    host = {bs: [] for bs in args.batch_sizes}
     steps = {key: [] for key in samples}
     limits = (args.steps, args.max_seconds)
     for repeat in range(args.repeats):
@@ -286,6 +300,8 @@ def run(args: argparse.Namespace) -> dict:
                     rate, count = measure_phase(batches[bs], *limits)
                     samples[(phase, runner.name, bs)].append(rate)
                     steps[(phase, runner.name, bs)].append(count)
+                    if phase == "train" and runner is runners[0]:
+                        host[bs].append(runner.host_share[-1])
             pipeline[bs].append(time_pipeline(pool, bs, args.seed))
         print(f"repeat {repeat + 1}/{args.repeats} done after {time.perf_counter() - start:.0f} s",
               file=sys.stderr, flush=True)
@@ -301,6 +317,7 @@ def run(args: argparse.Namespace) -> dict:
         "results": results,
         "pipeline": [{"batch_size": bs, "images_per_s": v, **summarize(v)}
                      for bs, v in pipeline.items()],
+        "host_share": [{"batch_size": bs, "share": v, **summarize(v)} for bs, v in host.items()],
     }
 
 
@@ -328,9 +345,13 @@ def markdown(report: dict) -> str:
                          f"{ours['median'] / theirs['median']:.2f}x | "
                          f"{report['compile_s'][phase][str(bs)]:.2f} |")
     lines += ["", "cnnjax first call = trace + compile + one step, excluded from the rates.", "",
-              "| batch | input pipeline (train_batches, 4,000 uint8 images), images/s |",
-              "|---:|---:|"]
-    lines += [f"| {p['batch_size']} | {fmt(p)} |" for p in report["pipeline"]]
+              "| batch | input pipeline (train_batches, 4,000 uint8 images), images/s | "
+              "pipeline / cnnjax train | cnnjax host share of train step time |",
+              "|---:|---:|---:|---:|"]
+    for p, h in zip(report["pipeline"], report["host_share"]):
+        train = by_key[("train", "cnnjax", p["batch_size"])]["median"]
+        lines.append(f"| {p['batch_size']} | {fmt(p)} | {p['median'] / train:,.0f}x | "
+                     f"{h['median']:.1%} ({h['min']:.1%}–{h['max']:.1%}) |")
     return "\n".join(lines)
 
 

@@ -4,6 +4,7 @@
     cnnjax train --resume DIR
     cnnjax eval --run DIR [--dataset NAME] [--split test] [--step N]
     cnnjax visualize --run DIR [--images INDEX|FILE ...] [--layer NAME ...]
+    cnnjax sweep --seeds N [--lowering unroll|vmap] [the train flags]
 """
 
 from __future__ import annotations
@@ -41,6 +42,24 @@ def _train_parser(sub) -> None:
     dist.add_argument("--coordinator-address", metavar="HOST:PORT", help="process 0's address")
     dist.add_argument("--num-processes", type=int)
     dist.add_argument("--process-id", type=int)
+
+
+def _sweep_parser(sub) -> None:
+    p = sub.add_parser("sweep", help="train N seeds of one config in one compiled program",
+                       description="Trains seeds train.seed, train.seed+1, ..., each exactly as its "
+                                   "own `cnnjax train` run would, and reports mean ± std.")
+    p.add_argument("--seeds", type=int, default=8, help="how many seeds (default 8)")
+    p.add_argument("--lowering", choices=("unroll", "vmap"),
+                   help="how the seeds share the program (default: the faster on this backend)")
+    p.add_argument("--dataset")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seed", type=int, help="the first seed (default: train.seed)")
+    p.add_argument("--data-dir")
+    p.add_argument("--manual-dir")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", type=pathlib.Path, help="output directory (default: runs/sweep-...)")
+    p.add_argument("--quiet", action="store_true")
 
 
 def _eval_parser(sub) -> None:
@@ -111,6 +130,27 @@ def _run_train(args) -> int:
     return 0
 
 
+def _run_sweep(args) -> int:
+    from cnnjax.sweep import run_sweep
+    from cnnjax.train import default_run_dir
+
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be at least 1, got {args.seeds}.")
+    cfg = config_from_args(args)
+    first = cfg.train.seed
+    out = args.out or default_run_dir(cfg).with_name(
+        "sweep-" + default_run_dir(cfg).name.replace(f"-s{first}-", f"-s{first}x{args.seeds}-"))
+    summary = run_sweep(cfg, range(first, first + args.seeds), out, args.lowering)
+    for seed in summary["per_seed"]:
+        print(f"seed {seed['seed']}: best epoch {seed['best_epoch']}, val accuracy "
+              f"{seed['val']['accuracy']:.4f}, test accuracy {seed['test']['accuracy']:.4f}")
+    print(f"sweep {summary['out_dir']}: test accuracy {summary['test_accuracy_mean']:.4f} ± "
+          f"{summary['test_accuracy_std']:.4f} over {args.seeds} seeds, "
+          f"{summary['aggregate_train_images_per_s']:.0f} images/s in all, "
+          f"{summary['wall_time_s']:.1f}s")
+    return 0
+
+
 def _run_eval(args) -> int:
     from cnnjax import datasets, input_pipeline
     from cnnjax.runs import load_run
@@ -146,9 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     _train_parser(sub)
     _eval_parser(sub)
     _visualize_parser(sub)
+    _sweep_parser(sub)
     args = parser.parse_args(argv)
     try:
-        return {"train": _run_train, "eval": _run_eval, "visualize": _run_visualize}[args.command](args)
+        return {"train": _run_train, "eval": _run_eval, "visualize": _run_visualize,
+                "sweep": _run_sweep}[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as err:
         print(f"cnnjax {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -2,8 +2,9 @@
 
 All functions take NHWC arrays. Non-overlapping windows (stride == window, the CNN default) take a
 pad-reshape-reduce path: XLA lowers the gradient of a generic `reduce_window` max to
-`select_and_scatter`, a single-threaded loop on CPU that dominated the seed CNN's step, while the
-gradient of a plain reduction is a fused elementwise mask. Overlapping windows fall back to
+`select_and_scatter`, a single-threaded loop on CPU that dominated the seed CNN's step, while a
+plain reduction's gradient is elementwise (for max, written out by hand on the full-resolution
+array, which XLA:CPU runs faster than autodiff's 6-D form). Overlapping windows fall back to
 `lax.reduce_window`. Windows follow torch's floor mode: a trailing remainder is dropped.
 """
 
@@ -29,13 +30,43 @@ def _pool(x: jax.Array, reduce: str, window: int, stride: int | None, padding: P
     if stride == window:
         x = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)), constant_values=fill)
         x = x[:, :out_h * window, :out_w * window, :]
+        if reduce == "max":
+            return _window_max(x, window)
         x = x.reshape(x.shape[0], out_h, window, out_w, window, x.shape[-1])
-        return x.max(axis=(2, 4)) if reduce == "max" else x.mean(axis=(2, 4))
+        return x.mean(axis=(2, 4))
     dims, strides = (1, window, window, 1), (1, stride, stride, 1)
     full_pads = ((0, 0), pads[0], pads[1], (0, 0))
     if reduce == "max":
         return lax.reduce_window(x, fill, lax.max, dims, strides, full_pads)
     return lax.reduce_window(x, 0.0, lax.add, dims, strides, full_pads) / (window * window)
+
+
+def _window_max_fwd_only(x: jax.Array, window: int) -> jax.Array:
+    x = x.reshape(x.shape[0], x.shape[1] // window, window, x.shape[2] // window, window, x.shape[3])
+    return x.max(axis=(2, 4))
+
+
+def _upsample(y: jax.Array, window: int) -> jax.Array:
+    return jnp.repeat(jnp.repeat(y, window, axis=1), window, axis=2)
+
+
+def _window_max_fwd(x, window):
+    y = _window_max_fwd_only(x, window)
+    return y, (x, y)
+
+
+def _window_max_bwd(window, residuals, g):
+    # The same gradient as autodiff of `max` (ties share it equally), written as elementwise ops
+    # on the full-resolution array: XLA:CPU's fusion of autodiff's 6-D reshape/broadcast form ran
+    # 1.6-2x slower, and several times slower fused with the conv/ReLU before it (performance.md).
+    x, y = residuals
+    count = sum((x[:, i::window, j::window] == y).astype(g.dtype)
+                for i in range(window) for j in range(window))
+    return (jnp.where(x == _upsample(y, window), _upsample(g / count, window), 0.0),)
+
+
+_window_max = jax.custom_vjp(_window_max_fwd_only, nondiff_argnums=(1,))
+_window_max.defvjp(_window_max_fwd, _window_max_bwd)
 
 
 def max_pool(x: jax.Array, window: int = 2, stride: int | None = None, padding: Padding = 0,

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from cnnjax.config import ModelConfig
+from cnnjax.conv import Conv
 from cnnjax.geometry import Padding, explicit_padding, output_shape
 from cnnjax.layers import POOLS, ExampleDropout, Pool, flatten
 from cnnjax.resnet import RESNETS
@@ -64,9 +65,11 @@ class SeedCNN(nn.Module):
         for i, width in enumerate(self.features, start=1):
             pads = [explicit_padding(self.padding, self.kernel_size, self.stride, s, f"conv{i}")
                     for s in x.shape[1:3]]
-            x = nn.Conv(width, (self.kernel_size, self.kernel_size), strides=self.stride,
-                        padding=pads, kernel_init=conv_init, bias_init=nn.initializers.zeros,
-                        use_bias=not self.batch_norm, name=f"conv{i}")(x)
+            # conv.Conv: nn.Conv's params and numerics, with weight gradients that are fast on
+            # XLA:CPU (see cnnjax/conv.py).
+            x = Conv(width, (self.kernel_size, self.kernel_size), strides=self.stride,
+                     padding=tuple(pads), kernel_init=conv_init, bias_init=nn.initializers.zeros,
+                     use_bias=not self.batch_norm, name=f"conv{i}")(x)
             if self.batch_norm:
                 # No conv bias before BN: BN cancels it, so its gradient is rounding noise that
                 # Adam's normalization would amplify into a random walk.

@@ -21,6 +21,20 @@ from cnnjax.input_pipeline import normalize
 # Streams folded into each step's key, so dropout and augmentation never share a draw.
 DROPOUT_STREAM, AUGMENT_STREAM = 1, 2
 
+# XLA:CPU hands convolutions, dots, elementwise ops and reductions to YNNPACK by default. For
+# training the seed CNN that cost 1.3-1.5x (YNNPACK's convolution gradients ran about 2x slower than
+# XLA's own Eigen convolutions; docs/performance.md), so train steps keep only YNNPACK's reductions:
+# without them XLA's own f32 reductions over a whole batch (batch-norm statistics, the loss) were
+# accurate to only ~1e-5, and one-device runs drifted from multi-device ones. Evaluation keeps the
+# default, where YNNPACK fuses the whole forward pass into one graph (within ±15% either way).
+# Only passed on CPU.
+CPU_TRAIN_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
+
+
+def train_compiler_options() -> dict[str, str] | None:
+    """Per-jit XLA options for train steps on the default backend (`jax.jit(compiler_options=)`)."""
+    return dict(CPU_TRAIN_COMPILER_OPTIONS) if jax.default_backend() == "cpu" else None
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -47,7 +61,14 @@ def _layer_norms(grads) -> dict[str, jax.Array]:
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, mean: float,
                     std: float, augment: Compose = Compose(())) -> Callable:
-    """The jitted `train_step(state, batch, rng) -> (state, metrics)`, state donated.
+    """The jitted `train_step(state, batch, rng) -> (state, metrics)`, state donated."""
+    return jax.jit(train_step_fn(model, tx, mean, std, augment), donate_argnums=0,
+                   compiler_options=train_compiler_options())
+
+
+def train_step_fn(model: nn.Module, tx: optax.GradientTransformation, mean: float,
+                  std: float, augment: Compose = Compose(())) -> Callable:
+    """The pure, un-jitted train step, for callers that compile it inside their own program.
 
     `rng` is the run's training key; the step folds in its own step number, then a stream per use,
     then (inside dropout and augmentation) each example's 'index'.
@@ -85,7 +106,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, mean: fl
                    "grad_norm": grad_norm, "finite": finite, **_layer_norms(grads)}
         return new_state, metrics
 
-    return jax.jit(train_step, donate_argnums=0)
+    return train_step
 
 
 def make_eval_step(model: nn.Module, mean: float, std: float, num_classes: int) -> Callable:

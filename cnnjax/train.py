@@ -107,7 +107,7 @@ class Progress:
         return EarlyStopping(patience=patience, best_metric=best, patience_count=self.patience_count)
 
 
-class _StepLog:
+class StepLog:
     """Collects per-step metrics on device and pulls them to the host once per `every` steps."""
 
     def __init__(self, every: int):
@@ -209,7 +209,7 @@ def train_and_evaluate(cfg: Config, run_dir: pathlib.Path | str | None = None, *
 
     patience = tc.early_stopping_patience or tc.epochs + 1
     early = progress.early_stopping(patience)
-    step_log = _StepLog(tc.log_every)
+    step_log = StepLog(tc.log_every)
     step_log.epoch_steps = list(progress.epoch_steps)
     last_save, logged_blocked = int(state.step), 0.0
 

@@ -14,7 +14,6 @@ import csv
 import pathlib
 import time
 
-import numpy as np
 
 from cnnjax import Config, input_pipeline, load_run, train_and_evaluate
 from cnnjax.report import _pyplot, read_jsonl

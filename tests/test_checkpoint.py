@@ -1,7 +1,6 @@
 """Checkpoints and exact resume: an interrupted run continues as if nothing happened."""
 
 import json
-import os
 import pathlib
 import signal
 import subprocess

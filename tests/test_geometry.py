@@ -207,6 +207,24 @@ def test_pools_match_torch_values_and_gradients(torch, kind, window, stride, pad
     np.testing.assert_allclose(np.asarray(grad), to_nhwc(xt.grad), rtol=1e-6, atol=1e-7)
 
 
+def test_max_pool_splits_the_gradient_among_tied_maxima_like_autodiff():
+    """Hand-made ties (ReLU zeros make them common): each window's cotangent is shared equally
+    among its maxima, as autodiff of `max` does; cnnjax's pool has its own gradient rule."""
+    x = jnp.asarray([[0.0, 0.0, 1.0, 2.0],
+                     [0.0, 0.0, 2.0, 2.0],
+                     [3.0, -1.0, 5.0, 4.0],
+                     [-2.0, 3.0, 1.0, 0.0]]).reshape(1, 4, 4, 1)
+    g = jnp.asarray([4.0, 6.0, 2.0, 8.0]).reshape(1, 2, 2, 1)
+    (grad,) = jax.vjp(lambda x: max_pool(x, 2), x)[1](g)
+    expected = np.asarray([[1.0, 1.0, 0.0, 2.0],
+                           [1.0, 1.0, 2.0, 2.0],
+                           [1.0, 0.0, 8.0, 0.0],
+                           [0.0, 1.0, 0.0, 0.0]]).reshape(1, 4, 4, 1)
+    np.testing.assert_array_equal(np.asarray(grad), expected)
+    autodiff = jax.vjp(lambda x: x.reshape(1, 2, 2, 2, 2, 1).max(axis=(2, 4)), x)[1](g)[0]
+    np.testing.assert_array_equal(np.asarray(grad), np.asarray(autodiff))
+
+
 def test_pool_layer_name_in_errors():
     with pytest.raises(ValueError, match="pool9.*window 4.*input 3"):
         max_pool(jnp.zeros((1, 3, 3, 1)), 4, layer="pool9")

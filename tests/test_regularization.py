@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from cnnjax import Config, train_and_evaluate
-from cnnjax.augment import Compose, from_config, random_flip, random_rotation, warp
+from cnnjax.augment import Compose, from_config, random_rotation, warp
 from cnnjax.config import AugmentConfig, ModelConfig
 from cnnjax.layers import ExampleDropout
 from cnnjax.models import build_model

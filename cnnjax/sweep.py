@@ -1,0 +1,241 @@
+"""Many seeds in one compiled program: `cnnjax sweep --seeds N`.
+
+`run_sweep(cfg, seeds, out_dir)` trains one `cnnjax train` run of `cfg` per seed, side by side, and
+writes each seed's metrics.jsonl as that run would (tests/test_sweep.py compares them). Every seed
+gets exactly what its own run gets:
+- its init and train keys, `init, train = split(key(seed))`, its own train/validation split and
+  batch order, and the same train step body (`steps.train_step_fn`), so its dropout and
+  augmentation draws are its run's;
+- its own plateau rule and early stopping on its own validation loss; a seed that stops leaves the
+  program (one recompile for the smaller stack), and its best-validation parameters are the ones
+  evaluated at the end.
+The stacked state has a leading seed axis on every leaf. The step is either `jit(vmap(train_step))`
+('vmap': per-seed kernels make every convolution a grouped one) or the seeds' steps written out
+one after another in one program ('unroll', the default on CPU, where XLA runs grouped
+convolutions' gradients several times slower: benchmarks/sweep.py, docs/performance.md).
+
+Not in a sweep (each is one `cnnjax train` away): checkpoints and resume, transfer learning,
+multi-device data parallelism.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import statistics
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flax.training.early_stopping import EarlyStopping
+
+from cnnjax import augment, input_pipeline, report
+from cnnjax.config import Config
+from cnnjax.models import build_model, check_geometry
+from cnnjax.optim import make_optimizer, make_plateau, plateau_step
+from cnnjax.steps import (create_train_state, evaluate, make_eval_step, train_compiler_options,
+                          train_step_fn)
+from cnnjax.train import StepLog
+from cnnjax.transfer import is_plain
+
+
+def stack(trees: Sequence[Any]) -> Any:
+    """One tree whose leaves stack the given trees' leaves on a new leading (seed) axis."""
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+
+
+def unstack(tree: Any, n: int) -> list[Any]:
+    return [jax.tree.map(lambda leaf: leaf[i], tree) for i in range(n)]
+
+
+def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+    """(init key, train key) exactly as a single-seed `cnnjax train` run derives them."""
+    init_rng, train_rng = jax.random.split(jax.random.key(seed))
+    return init_rng, train_rng
+
+
+def init_states(model, tx, plateau, image_shape, seeds: Sequence[int]):
+    """The stacked train states (each from its seed's init key) and the stacked train keys."""
+    keys = [seed_keys(s) for s in seeds]
+    init = jax.jit(lambda rng: create_train_state(model, tx, plateau, image_shape, rng))
+    return stack([init(k[0]) for k in keys]), jnp.stack([k[1] for k in keys])
+
+
+LOWERINGS = ("vmap", "unroll")
+
+
+def default_lowering() -> str:
+    """'unroll' on CPU, where vmap's grouped convolutions measured 1.4-1.6x slower
+    (docs/performance.md); 'vmap' elsewhere (not yet measured on a GPU: run benchmarks/sweep.py
+    there and revisit)."""
+    return "unroll" if jax.default_backend() == "cpu" else "vmap"
+
+
+def make_sweep_step(train_step, lowering: str | None = None):
+    """One compiled (stacked state, stacked batch, stacked keys) -> (state, metrics), every output
+    with a leading seed axis; the state is donated.
+
+    'vmap': `jit(vmap(train_step))`; per-seed kernels make every convolution a grouped one, whose
+    backward XLA:CPU runs slowly. 'unroll': the seeds' steps written out one after another in the
+    same program (no grouped convolutions, no while loop; compile time grows with the seed count).
+    Both compute each seed's step exactly as `train_step` alone does.
+    """
+    lowering = lowering or default_lowering()
+    if lowering == "vmap":
+        return jax.jit(jax.vmap(train_step), donate_argnums=0,
+                       compiler_options=train_compiler_options())
+    if lowering != "unroll":
+        raise ValueError(f"sweep lowering must be one of {LOWERINGS}, got {lowering!r}.")
+
+    def unrolled(state, batch, keys):
+        n = keys.shape[0]
+        outs = [train_step(*jax.tree.map(lambda leaf: leaf[i], (state, batch, keys)))
+                for i in range(n)]
+        return stack([o[0] for o in outs]), stack([o[1] for o in outs])
+
+    return jax.jit(unrolled, donate_argnums=0, compiler_options=train_compiler_options())
+
+
+def stacked_batches(datas, batch_size: int, seeds: Sequence[int], epoch: int):
+    """Per step, each seed's own next batch (its `train_batches` order), stacked on axis 0."""
+    streams = [input_pipeline.train_batches(*d.train, batch_size, s, epoch)
+               for d, s in zip(datas, seeds)]
+    for batches in zip(*streams):
+        yield {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+
+
+def run_sweep(cfg: Config, seeds: Sequence[int], out_dir: pathlib.Path | str,
+              lowering: str | None = None) -> dict[str, Any]:
+    """Trains one run of `cfg` per seed in one compiled program and returns the summary.
+
+    Writes config.json, summary.json (each seed's best epoch, validation and test metrics, their
+    mean and standard deviation, aggregate images/s) and seed_<S>/metrics.jsonl into `out_dir`.
+    """
+    seeds = [int(s) for s in seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"a sweep needs distinct seeds, got {seeds}.")
+    if not is_plain(cfg.transfer) or cfg.transfer.backbone is not None:
+        raise ValueError("cnnjax sweep does not support transfer learning (cfg.transfer); train "
+                         "each seed with cnnjax train instead.")
+    lowering = lowering or default_lowering()
+    if lowering not in LOWERINGS:
+        raise ValueError(f"sweep lowering must be one of {LOWERINGS}, got {lowering!r}.")
+    tc = cfg.train
+    for key in ("epochs", "log_every"):
+        if getattr(tc, key) <= 0:
+            raise ValueError(f"train.{key} must be positive, got {getattr(tc, key)}.")
+    out_dir = pathlib.Path(out_dir)
+    if (out_dir / "summary.json").exists():
+        raise FileExistsError(f"{out_dir} already holds a finished sweep; choose another directory.")
+    t_start = time.perf_counter()
+    datas = [input_pipeline.load_data(cfg.data, s) for s in seeds]  # each seed's own val split
+    spec = datas[0].spec
+    model = build_model(cfg.model, spec.num_classes)
+    check_geometry(model, spec.image_shape)
+    n_steps = input_pipeline.steps_per_epoch(len(datas[0].train[1]), tc.batch_size)
+    tx, plateau = make_optimizer(cfg.optim), make_plateau(cfg.optim)
+    step = make_sweep_step(train_step_fn(model, tx, spec.mean, spec.std,
+                                         augment.from_config(cfg.augment)), lowering)
+    eval_step = make_eval_step(model, spec.mean, spec.std, spec.num_classes)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(cfg.to_json() + "\n", encoding="utf-8")
+
+    def eval_split(state, i: int, split: str) -> dict[str, Any]:
+        return evaluate(eval_step, state, input_pipeline.eval_batches(
+            *getattr(datas[i], split), tc.eval_batch_size))
+
+    stacked, keys = init_states(model, tx, plateau, spec.image_shape, seeds)
+    states, train_keys = unstack(stacked, len(seeds)), list(keys)
+    patience = tc.early_stopping_patience or tc.epochs + 1
+    early = [EarlyStopping(patience=patience) for _ in seeds]
+    best = [{"epoch": 0, "step": 0, "state": None} for _ in seeds]
+    for s in seeds:
+        (out_dir / f"seed_{s}").mkdir(exist_ok=True)
+    logs = [report.JsonlWriter(out_dir / f"seed_{s}" / "metrics.jsonl") for s in seeds]
+    active, rates, first_step_s = list(range(len(seeds))), [], None
+    try:
+        for epoch in range(1, tc.epochs + 1):
+            if not active:
+                break
+            state = stack([states[i] for i in active])
+            keys = jnp.stack([train_keys[i] for i in active])
+            t_epoch, window = time.perf_counter(), []
+            for batch in stacked_batches([datas[i] for i in active], tc.batch_size,
+                                         [seeds[i] for i in active], epoch):
+                t_step = time.perf_counter()
+                state, metrics = step(state, batch, keys)
+                if first_step_s is None:
+                    jax.block_until_ready(state)
+                    first_step_s = time.perf_counter() - t_step
+                window.append(metrics)
+            window = jax.device_get(window)  # one host sync per epoch
+            rates.append(n_steps * tc.batch_size * len(active) / (time.perf_counter() - t_epoch))
+            stepped = list(active)
+            for j, (i, state_i) in enumerate(zip(stepped, unstack(state, len(stepped)))):
+                states[i] = state_i
+                if _seed_epoch(i, j, epoch, window, state_i, plateau, cfg, early, best, logs,
+                               eval_split, states):
+                    active.remove(i)
+            if tc.progress:
+                losses = [float(early[i].best_metric) for i in stepped]
+                print(f"epoch {epoch:3d}  {len(stepped)} seeds  best val loss "
+                      f"{statistics.mean(losses):.4f} (mean)  {rates[-1]:.0f} images/s"
+                      + (f"  stopped: {[seeds[i] for i in stepped if i not in active]}"
+                         if len(active) < len(stepped) else ""), flush=True)
+    finally:
+        for log in logs:
+            log.close()
+
+    per_seed = []
+    for i, seed in enumerate(seeds):
+        val, test = eval_split(best[i]["state"], i, "val"), eval_split(best[i]["state"], i, "test")
+        per_seed.append({"seed": seed, "best_epoch": best[i]["epoch"], "best_step": best[i]["step"],
+                         "epochs_run": best[i]["epochs_run"], "val": _short(val),
+                         "test": _short(test)})
+    test_acc = [p["test"]["accuracy"] for p in per_seed]
+    summary = {
+        "seeds": seeds, "lowering": lowering, "per_seed": per_seed,
+        "test_accuracy_mean": statistics.mean(test_acc),
+        "test_accuracy_std": statistics.stdev(test_acc) if len(test_acc) > 1 else 0.0,
+        "aggregate_train_images_per_s": statistics.median(rates[1:] or rates),
+        "first_step_s": first_step_s, "wall_time_s": time.perf_counter() - t_start,
+    }
+    report.write_json(out_dir / "summary.json", summary)
+    return {**summary, "out_dir": str(out_dir)}
+
+
+def _short(result: dict[str, Any]) -> dict[str, Any]:
+    return {k: result[k] for k in ("loss", "accuracy", "count")}
+
+
+def _seed_epoch(i, j, epoch, window, state, plateau, cfg, early, best, logs, eval_split,
+                states) -> bool:
+    """Seed i's (stack position j) end of epoch, as `train_and_evaluate` does it: step records,
+    validation, early stopping, best parameters, plateau rule, epoch record. True when it stops."""
+    step_log = StepLog(cfg.train.log_every)
+    last = int(state.step)
+    first = last - len(window) + 1
+    window_start = first
+    for metrics in window:
+        if step_log.add({k: v[j] for k, v in metrics.items()}):
+            record = step_log.pull(window_start, epoch)
+            logs[i].write(record)
+            window_start = record["step"] + 1
+    record = step_log.pull(window_start, epoch)
+    if record is not None:
+        logs[i].write(record)
+    train_loss, train_acc = step_log.epoch_means()
+    lr = cfg.optim.learning_rate * float(state.plateau_state.scale)
+    val = eval_split(state, i, "val")
+    early[i] = early[i].update(val["loss"])
+    if early[i].has_improved:
+        best[i].update(epoch=epoch, step=last, state=state)
+    best[i]["epochs_run"] = epoch
+    states[i] = state.replace(plateau_state=plateau_step(plateau, state.plateau_state, val["loss"]))
+    logs[i].write({"kind": "epoch", "epoch": epoch, "step": last, "train_loss": train_loss,
+                   "train_accuracy": train_acc, "val_loss": val["loss"],
+                   "val_accuracy": val["accuracy"], "learning_rate": lr,
+                   "improved": bool(early[i].has_improved)})
+    return bool(early[i].should_stop)
