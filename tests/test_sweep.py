@@ -89,3 +89,16 @@ def test_sweep_writes_each_seeds_own_run(tmp_path):
 def test_sweep_refuses_bad_seeds(tmp_path):
     with pytest.raises(ValueError, match="distinct seeds"):
         run_sweep(Config(), [2, 2], tmp_path / "other")
+
+
+def test_cnnjax_sweep_command(tmp_path, capsys):
+    from cnnjax.cli import main
+    out = tmp_path / "sw"
+    assert main(["sweep", "--seeds", "2", "--seed", "5", "--epochs", "1", "--quiet", "--out", str(out),
+                 "--set", "model.features=4,8", "--set", "model.dense=16"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["seeds"] == [5, 6] and (out / "seed_6" / "metrics.jsonl").exists()
+    assert json.loads((out / "config.json").read_text())["model"]["features"] == [4, 8]
+    assert "± " in capsys.readouterr().out
+    assert main(["sweep", "--seeds", "0", "--out", str(tmp_path / "none")]) == 2
+    assert "--seeds must be at least 1" in capsys.readouterr().err
