@@ -31,7 +31,8 @@ from cnnjax.models import build_model
 from cnnjax.optim import make_optimizer, make_plateau
 from cnnjax.steps import (create_train_state, make_train_step, train_compiler_options,
                           train_step_fn)
-from cnnjax.sweep import init_states, make_sweep_step, seed_keys
+from cnnjax.sweep import init_states, make_sweep_step
+from cnnjax.train import seed_keys
 
 IMAGE_SHAPE, MEAN, STD = (28, 28, 1), 0.1307, 0.3081
 

@@ -17,18 +17,24 @@ import sys
 from cnnjax.config import Config
 
 
-def _train_parser(sub) -> None:
-    p = sub.add_parser("train", help="train a model and write a run directory",
-                       description="Train a model; the run directory gets config.json, metrics.jsonl, "
-                                   "summary.json, plots and the best parameters.")
+def _config_flags(p, seed_help: str | None = None) -> None:
+    """The flags `config_from_args` reads, shared by train and sweep."""
     p.add_argument("--dataset", help="mnist5k (default, embedded), mnist or fashion_mnist")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help=seed_help)
     p.add_argument("--data-dir", help="TFDS data directory (default ~/.cache/cnnjax/tfds)")
     p.add_argument("--manual-dir", help="directory holding the four IDX .gz files, for offline mnist")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="any config field, e.g. --set optim.learning_rate=3e-4 --set model.features=16,32")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train a model and write a run directory",
+                       description="Train a model; the run directory gets config.json, metrics.jsonl, "
+                                   "summary.json, plots and the best parameters.")
+    _config_flags(p)
     p.add_argument("--run-dir", type=pathlib.Path,
                    help="where to write the run (default checkpoints/<dataset>-<model>-s<seed>-<time>); "
                         "a directory with checkpoints is resumed")
@@ -36,7 +42,6 @@ def _train_parser(sub) -> None:
                    help="continue the run in DIR from its latest checkpoint, with its own config")
     p.add_argument("--stop-at-step", type=int, metavar="N",
                    help="checkpoint and exit at the first log line at or after step N (rerun to continue)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     dist = p.add_argument_group("multi-host (jax.distributed); also read from JAX_COORDINATOR_ADDRESS, "
                                 "JAX_NUM_PROCESSES, JAX_PROCESS_ID")
     dist.add_argument("--coordinator-address", metavar="HOST:PORT", help="process 0's address")
@@ -51,15 +56,9 @@ def _sweep_parser(sub) -> None:
     p.add_argument("--seeds", type=int, default=8, help="how many seeds (default 8)")
     p.add_argument("--lowering", choices=("unroll", "vmap"),
                    help="how the seeds share the program (default: the faster on this backend)")
-    p.add_argument("--dataset")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--seed", type=int, help="the first seed (default: train.seed)")
-    p.add_argument("--data-dir")
-    p.add_argument("--manual-dir")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--out", type=pathlib.Path, help="output directory (default: runs/sweep-...)")
-    p.add_argument("--quiet", action="store_true")
+    _config_flags(p, seed_help="the first seed (default: train.seed)")
+    p.add_argument("--out", type=pathlib.Path,
+                   help="output directory (default checkpoints/sweep-<dataset>-<model>-s<seed>xN-<time>)")
 
 
 def _eval_parser(sub) -> None:
@@ -138,8 +137,11 @@ def _run_sweep(args) -> int:
         raise ValueError(f"--seeds must be at least 1, got {args.seeds}.")
     cfg = config_from_args(args)
     first = cfg.train.seed
-    out = args.out or default_run_dir(cfg).with_name(
-        "sweep-" + default_run_dir(cfg).name.replace(f"-s{first}-", f"-s{first}x{args.seeds}-"))
+    out = args.out
+    if out is None:
+        run_dir = default_run_dir(cfg)
+        out = run_dir.with_name("sweep-" + run_dir.name.replace(f"-s{first}-",
+                                                                f"-s{first}x{args.seeds}-"))
     summary = run_sweep(cfg, range(first, first + args.seeds), out, args.lowering)
     for seed in summary["per_seed"]:
         print(f"seed {seed['seed']}: best epoch {seed['best_epoch']}, val accuracy "

@@ -40,7 +40,7 @@ def _conv_bias(x, kernel, bias, strides, padding):
 
 
 def _conv_bias_fwd(x, kernel, bias, strides, padding):
-    return _conv_bias(x, kernel, bias, strides, padding), (x, kernel)
+    return _conv(x, kernel, strides, padding) + bias, (x, kernel)
 
 
 def _conv_bias_bwd(strides, padding, residuals, g):

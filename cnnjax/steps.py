@@ -22,7 +22,7 @@ from cnnjax.input_pipeline import normalize
 DROPOUT_STREAM, AUGMENT_STREAM = 1, 2
 
 # XLA:CPU hands convolutions, dots, elementwise ops and reductions to YNNPACK by default. For
-# training the seed CNN that cost 1.3-1.5x (YNNPACK's convolution gradients ran about 2x slower than
+# training the seed CNN that cost 1.3-2.9x (YNNPACK's convolution gradients ran about 2x slower than
 # XLA's own Eigen convolutions; docs/performance.md), so train steps keep only YNNPACK's reductions:
 # without them XLA's own f32 reductions over a whole batch (batch-norm statistics, the loss) were
 # accurate to only ~1e-5, and one-device runs drifted from multi-device ones. Evaluation keeps the

@@ -37,7 +37,7 @@ from cnnjax.models import build_model, check_geometry
 from cnnjax.optim import make_optimizer, make_plateau, plateau_step
 from cnnjax.steps import (create_train_state, evaluate, make_eval_step, train_compiler_options,
                           train_step_fn)
-from cnnjax.train import StepLog
+from cnnjax.train import StepLog, seed_keys
 from cnnjax.transfer import is_plain
 
 
@@ -48,12 +48,6 @@ def stack(trees: Sequence[Any]) -> Any:
 
 def unstack(tree: Any, n: int) -> list[Any]:
     return [jax.tree.map(lambda leaf: leaf[i], tree) for i in range(n)]
-
-
-def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
-    """(init key, train key) exactly as a single-seed `cnnjax train` run derives them."""
-    init_rng, train_rng = jax.random.split(jax.random.key(seed))
-    return init_rng, train_rng
 
 
 def init_states(model, tx, plateau, image_shape, seeds: Sequence[int]):
@@ -174,9 +168,9 @@ def run_sweep(cfg: Config, seeds: Sequence[int], out_dir: pathlib.Path | str,
             rates.append(n_steps * tc.batch_size * len(active) / (time.perf_counter() - t_epoch))
             stepped = list(active)
             for j, (i, state_i) in enumerate(zip(stepped, unstack(state, len(stepped)))):
-                states[i] = state_i
-                if _seed_epoch(i, j, epoch, window, state_i, plateau, cfg, early, best, logs,
-                               eval_split, states):
+                states[i], stopped = _seed_epoch(i, j, epoch, window, state_i, plateau, cfg,
+                                                 early, best, logs[i], eval_split)
+                if stopped:
                     active.remove(i)
             if tc.progress:
                 losses = [float(early[i].best_metric) for i in stepped]
@@ -210,22 +204,19 @@ def _short(result: dict[str, Any]) -> dict[str, Any]:
     return {k: result[k] for k in ("loss", "accuracy", "count")}
 
 
-def _seed_epoch(i, j, epoch, window, state, plateau, cfg, early, best, logs, eval_split,
-                states) -> bool:
+def _seed_epoch(i, j, epoch, window, state, plateau, cfg, early, best, log, eval_split):
     """Seed i's (stack position j) end of epoch, as `train_and_evaluate` does it: step records,
-    validation, early stopping, best parameters, plateau rule, epoch record. True when it stops."""
+    validation, early stopping, best parameters, plateau rule, epoch record. Returns the seed's
+    state with its plateau rule updated, and whether it stops."""
     step_log = StepLog(cfg.train.log_every)
     last = int(state.step)
-    first = last - len(window) + 1
-    window_start = first
+    step_log.start(last - len(window) + 1)
     for metrics in window:
         if step_log.add({k: v[j] for k, v in metrics.items()}):
-            record = step_log.pull(window_start, epoch)
-            logs[i].write(record)
-            window_start = record["step"] + 1
-    record = step_log.pull(window_start, epoch)
+            log.write(step_log.pull(epoch))
+    record = step_log.pull(epoch)
     if record is not None:
-        logs[i].write(record)
+        log.write(record)
     train_loss, train_acc = step_log.epoch_means()
     lr = cfg.optim.learning_rate * float(state.plateau_state.scale)
     val = eval_split(state, i, "val")
@@ -233,9 +224,9 @@ def _seed_epoch(i, j, epoch, window, state, plateau, cfg, early, best, logs, eva
     if early[i].has_improved:
         best[i].update(epoch=epoch, step=last, state=state)
     best[i]["epochs_run"] = epoch
-    states[i] = state.replace(plateau_state=plateau_step(plateau, state.plateau_state, val["loss"]))
-    logs[i].write({"kind": "epoch", "epoch": epoch, "step": last, "train_loss": train_loss,
+    state = state.replace(plateau_state=plateau_step(plateau, state.plateau_state, val["loss"]))
+    log.write({"kind": "epoch", "epoch": epoch, "step": last, "train_loss": train_loss,
                    "train_accuracy": train_acc, "val_loss": val["loss"],
                    "val_accuracy": val["accuracy"], "learning_rate": lr,
                    "improved": bool(early[i].has_improved)})
-    return bool(early[i].should_stop)
+    return state, bool(early[i].should_stop)

@@ -107,6 +107,12 @@ class Progress:
         return EarlyStopping(patience=patience, best_metric=best, patience_count=self.patience_count)
 
 
+def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+    """(init key, train key) of a run with this seed."""
+    init_rng, train_rng = jax.random.split(jax.random.key(seed))
+    return init_rng, train_rng
+
+
 class StepLog:
     """Collects per-step metrics on device and pulls them to the host once per `every` steps."""
 
@@ -114,6 +120,7 @@ class StepLog:
         if every <= 0:
             raise ValueError(f"train.log_every must be positive, got {every}.")
         self.every = every
+        self.first_step = 1  # the step number of the first pending metrics; see `start`
         self.pending: list[dict] = []
         self.epoch_steps: list[list[float]] = []  # [loss, accuracy] of each pulled step this epoch
 
@@ -121,7 +128,11 @@ class StepLog:
         self.pending.append(metrics)
         return len(self.pending) >= self.every
 
-    def pull(self, first_step: int, epoch: int) -> dict[str, Any] | None:
+    def start(self, first_step: int) -> None:
+        """The next metrics added are those of step `first_step` (at each epoch's start)."""
+        self.first_step = first_step
+
+    def pull(self, epoch: int) -> dict[str, Any] | None:
         """Window means as one deterministic record; raises on the first non-finite step."""
         if not self.pending:
             return None
@@ -131,12 +142,14 @@ class StepLog:
             if not m["finite"]:
                 raise FloatingPointError(
                     f"non-finite loss ({float(m['loss'])}) or gradient norm ({float(m['grad_norm'])}) "
-                    f"at step {first_step + i} (epoch {epoch}); the update was not applied. Lower "
-                    f"optim.learning_rate or check the data.")
+                    f"at step {self.first_step + i} (epoch {epoch}); the update was not applied. "
+                    f"Lower optim.learning_rate or check the data.")
         self.epoch_steps += [[float(m["loss"]), float(m["accuracy"])] for m in window]
         keys = [k for k in window[0] if k != "finite"]
         record = {k: float(np.mean([m[k] for m in window])) for k in keys}
-        return {"kind": "step", "epoch": epoch, "step": first_step + len(window) - 1, **record}
+        last = self.first_step + len(window) - 1
+        self.first_step = last + 1
+        return {"kind": "step", "epoch": epoch, "step": last, **record}
 
     def epoch_means(self) -> tuple[float, float]:
         """Mean train loss and accuracy over every step pulled since the last call."""
@@ -176,7 +189,7 @@ def train_and_evaluate(cfg: Config, run_dir: pathlib.Path | str | None = None, *
     resuming = _open_run_dir(run_dir, cfg, primary)
     ckpt = checkpoint.Checkpointer(run_dir, tc.keep_checkpoints, tc.async_checkpointing)
 
-    init_rng, train_rng = jax.random.split(jax.random.key(tc.seed))
+    init_rng, train_rng = seed_keys(tc.seed)
     state = jax.jit(lambda rng: create_train_state(model, tx, plateau, data.spec.image_shape, rng),
                     out_shardings=par.replicated)(init_rng)
     del init_rng
@@ -225,7 +238,7 @@ def train_and_evaluate(cfg: Config, run_dir: pathlib.Path | str | None = None, *
             train_step = epoch_steps(state, epoch)
             t_epoch, first_batch = time.perf_counter(), progress.batch
             lr = cfg.optim.learning_rate * float(state.plateau_state.scale)
-            window_start = int(state.step) + 1
+            step_log.start(int(state.step) + 1)
             for batch in input_pipeline.train_batches(train_images, train_labels, tc.batch_size,
                                                       tc.seed, epoch, first_batch, par.part):
                 t_step = time.perf_counter()
@@ -237,9 +250,8 @@ def train_and_evaluate(cfg: Config, run_dir: pathlib.Path | str | None = None, *
                 bar.update(1)
                 if not step_log.add(metrics):
                     continue
-                record = step_log.pull(window_start, epoch)
+                record = step_log.pull(epoch)
                 metrics_log.write(record)
-                window_start = record["step"] + 1
                 bar.set_postfix(epoch=epoch, loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.3f}")
                 if progress.batch < n_steps:
                     step = int(state.step)
@@ -250,7 +262,7 @@ def train_and_evaluate(cfg: Config, run_dir: pathlib.Path | str | None = None, *
                         last_save = step
                     if stopping:
                         return {"stopped_at_step": step, "run_dir": str(run_dir)}
-            record = step_log.pull(window_start, epoch)  # syncs: the epoch's steps are done
+            record = step_log.pull(epoch)  # syncs: the epoch's steps are done
             if record is not None:
                 metrics_log.write(record)
             train_seconds = time.perf_counter() - t_epoch

@@ -10,8 +10,8 @@ from cnnjax.config import Config, OptimConfig
 from cnnjax.models import TinySeedCNN
 from cnnjax.optim import make_optimizer, make_plateau
 from cnnjax.steps import create_train_state, make_train_step, train_step_fn
-from cnnjax.sweep import init_states, make_sweep_step, run_sweep, seed_keys, unstack
-from cnnjax.train import train_and_evaluate
+from cnnjax.sweep import init_states, make_sweep_step, run_sweep, unstack
+from cnnjax.train import seed_keys, train_and_evaluate
 
 IMAGE_SHAPE = (28, 28, 1)
 
