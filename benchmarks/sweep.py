@@ -29,7 +29,7 @@ import numpy as np
 from cnnjax.config import ModelConfig, OptimConfig
 from cnnjax.models import build_model
 from cnnjax.optim import make_optimizer, make_plateau
-from cnnjax.steps import (create_train_state, make_train_step, train_compiler_options,
+from cnnjax.steps import (create_train_state, grad_passes, make_train_step, train_compiler_options,
                           train_step_fn)
 from cnnjax.sweep import init_states, make_sweep_step
 from cnnjax.train import seed_keys
@@ -48,7 +48,9 @@ def main(argv=None) -> None:
     n, bs = args.seeds, args.batch_size
     model, cfg = build_model(ModelConfig(), 10), OptimConfig()
     tx, plateau = make_optimizer(cfg), make_plateau(cfg)
-    body, single_step = train_step_fn(model, tx, MEAN, STD), make_train_step(model, tx, MEAN, STD)
+    # the body with the passes `cnnjax sweep` would use; the single step splits batches the same way
+    body = train_step_fn(model, tx, MEAN, STD, passes=grad_passes(bs))
+    single_step = make_train_step(model, tx, MEAN, STD)
     rng = np.random.default_rng(0)
     batches = [[{"image": rng.integers(0, 256, (bs, *IMAGE_SHAPE), dtype=np.uint8),
                  "label": rng.integers(0, 10, bs).astype(np.int32),

@@ -74,6 +74,7 @@ class TrainConfig:
     epochs: int = 30
     batch_size: int = 64
     eval_batch_size: int = 1000
+    microbatch: int | None = None  # images per device in one forward/backward pass of a step; None: steps.grad_passes picks
     early_stopping_patience: int = 7  # epochs without a better validation loss; 0 disables
     log_every: int = 10  # steps between metrics.jsonl lines
     progress: bool = True  # tqdm progress bar

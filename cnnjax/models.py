@@ -122,5 +122,11 @@ def check_geometry(model: nn.Module, image_shape: Sequence[int]) -> None:
         model.feature_shape(tuple(image_shape)[:2])
 
 
+def has_batch_stats(model: nn.Module, image_shape: Sequence[int]) -> bool:
+    """Whether `model` keeps batch-norm statistics, from its variables' shapes (nothing computed)."""
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *image_shape)))
+    return bool(shapes.get("batch_stats"))
+
+
 def count_params(params) -> int:
     return sum(int(jnp.size(p)) for p in jax.tree_util.tree_leaves(params))

@@ -1,8 +1,8 @@
 """The train state and the pure, compiled train and eval steps.
 
 `train_step(state, batch, rng) -> (state, metrics)` and `eval_step(state, batch) -> metrics` close
-over the model, the optimizer and the normalization constants; `make_steps` jits them with the state
-donated, so XLA updates parameters and moments in place.
+over the model, the optimizer and the normalization constants; `make_train_step` compiles the train
+step with the state donated, so XLA updates parameters and moments in place.
 """
 
 from __future__ import annotations
@@ -59,25 +59,117 @@ def _layer_norms(grads) -> dict[str, jax.Array]:
     return {f"grad_norm/{name}": optax.tree.norm(g) for name, g in grads.items()}
 
 
+# On CPU a step's working set (at 28x28, about 1.4 MB of activations and their gradients per
+# image) outgrows the caches beyond about 64 images; a step over more images runs as several
+# forward/backward passes of at most this many rows per device, each its own XLA execution, their
+# gradients summed (+43% at batch 128 and 512; docs/performance.md). Within one XLA program the
+# passes run concurrently and most of the gain is lost.
+CPU_MICROBATCH = 64
+# Evaluation (forward only, a quarter of the memory per image) likewise, beyond 256 rows per device.
+CPU_EVAL_MICROBATCH = 256
+
+
+def grad_passes(rows: int, microbatch: int | None = None, batch_norm: bool = False) -> int:
+    """How many forward/backward passes a step over `rows` images per device is split into.
+
+    The step's gradient is the sum of its passes' gradients: the whole batch's gradient up to float
+    summation order. `microbatch` is the rows per device in one pass; None picks it: on CPU the
+    fewest equal passes of at most CPU_MICROBATCH rows (one pass if those would be tiny), one pass
+    on accelerators and for models with batch norm, whose statistics are the whole batch's.
+    """
+    if microbatch is not None:
+        if microbatch <= 0 or rows % microbatch:
+            sizes = [d for d in range(1, rows + 1) if rows % d == 0]
+            raise ValueError(f"train.microbatch={microbatch} must divide the {rows} images each "
+                             f"device gets per step; choose one of {sizes}.")
+        if batch_norm and microbatch != rows:
+            raise ValueError(f"train.microbatch={microbatch} would split each step into passes, "
+                             f"but this model's batch-norm statistics are per batch ({rows} images "
+                             f"per device); leave train.microbatch unset.")
+        return rows // microbatch
+    if batch_norm or jax.default_backend() != "cpu":
+        return 1
+    return _cpu_passes(rows, CPU_MICROBATCH)
+
+
+def _cpu_passes(rows: int, most: int) -> int:
+    """The fewest equal passes of at most `most` rows; one pass if those would be under most / 4."""
+    passes = next(p for p in range(-(-rows // most), rows + 1) if rows % p == 0)
+    return passes if rows // passes >= most // 4 else 1
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, mean: float,
-                    std: float, augment: Compose = Compose(())) -> Callable:
-    """The jitted `train_step(state, batch, rng) -> (state, metrics)`, state donated."""
-    return jax.jit(train_step_fn(model, tx, mean, std, augment), donate_argnums=0,
-                   compiler_options=train_compiler_options())
+                    std: float, augment: Compose = Compose(()), microbatch: int | None = None
+                    ) -> Callable:
+    """`train_step(state, batch, rng) -> (state, metrics)`, compiled, the state donated.
+
+    A batch of one pass (`grad_passes`, from its rows per device) runs as one jitted step; a larger
+    one as a jitted gradient pass per share of its rows, accumulating into a donated buffer, then a
+    jitted update: each pass is its own XLA execution, so its working set stays in cache.
+    """
+    grad_pass, apply_update = train_step_parts(model, tx, mean, std, augment)
+    options = train_compiler_options()
+    whole = jax.jit(lambda state, batch, rng: apply_update(state, grad_pass(state, batch, rng, 0, 1)),
+                    donate_argnums=0, compiler_options=options)
+    first = jax.jit(grad_pass, static_argnums=4, compiler_options=options)
+    more = jax.jit(grad_pass, static_argnums=4, donate_argnums=5, compiler_options=options)
+    update = jax.jit(apply_update, donate_argnums=0, compiler_options=options)
+
+    def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array):
+        labels = batch["label"]
+        devices = len(labels.sharding.device_set) if isinstance(labels, jax.Array) else 1
+        passes = grad_passes(labels.shape[0] // devices, microbatch, bool(state.batch_stats))
+        if passes == 1:
+            return whole(state, batch, rng)
+        acc = first(state, batch, rng, 0, passes)
+        for index in range(1, passes):
+            acc = more(state, batch, rng, index, passes, acc)
+        return update(state, acc)
+
+    return train_step
 
 
 def train_step_fn(model: nn.Module, tx: optax.GradientTransformation, mean: float,
-                  std: float, augment: Compose = Compose(())) -> Callable:
-    """The pure, un-jitted train step, for callers that compile it inside their own program.
-
-    `rng` is the run's training key; the step folds in its own step number, then a stream per use,
-    then (inside dropout and augmentation) each example's 'index'.
-    """
+                  std: float, augment: Compose = Compose(()), passes: int = 1) -> Callable:
+    """The pure, un-jitted train step, for callers that compile it inside their own program; its
+    `passes` are written out one after another (the same sums as `make_train_step`'s)."""
+    grad_pass, apply_update = train_step_parts(model, tx, mean, std, augment)
 
     def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array):
-        labels, ids = batch["label"], batch["index"]
+        acc = grad_pass(state, batch, rng, 0, passes)
+        for index in range(1, passes):
+            acc = grad_pass(state, batch, rng, index, passes, acc)
+        return apply_update(state, acc)
+
+    return train_step
+
+
+def _pass_rows(x: jax.Array, index: jax.Array | int, passes: int) -> jax.Array:
+    """Rows index, index + passes, ...: under a batch sharded over devices each pass takes the same
+    share of every device's rows, so no rows move between devices."""
+    if passes == 1:
+        return x
+    split = x.reshape(x.shape[0] // passes, passes, *x.shape[1:])
+    return jax.lax.dynamic_index_in_dim(split, index, axis=1, keepdims=False)
+
+
+def train_step_parts(model: nn.Module, tx: optax.GradientTransformation, mean: float,
+                     std: float, augment: Compose = Compose(())) -> tuple[Callable, Callable]:
+    """A train step as `grad_pass(state, batch, rng, index, passes, acc=None) -> acc`, run for
+    index 0..passes-1, then `apply_update(state, acc) -> (state, metrics)`.
+
+    `rng` is the run's training key; the step folds in its own step number, then a stream per use,
+    then (inside dropout and augmentation) each example's 'index', so a pass draws for its examples
+    exactly what the whole batch would. The loss is the batch mean: each pass adds its share.
+    """
+
+    def grad_pass(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array,
+                  index: jax.Array | int, passes: int, acc: dict[str, Any] | None = None):
+        size = batch["label"].shape[0]
+        rows = jax.tree.map(lambda x: _pass_rows(x, index, passes), batch)
+        labels, ids = rows["label"], rows["index"]
         step_rng = jax.random.fold_in(rng, state.step)
-        pixels = augment(batch["image"].astype(jnp.float32),
+        pixels = augment(rows["image"].astype(jnp.float32),
                          jax.random.fold_in(step_rng, AUGMENT_STREAM), ids)
         images = normalize(pixels, mean, std)
         dropout_rng = jax.random.fold_in(step_rng, DROPOUT_STREAM)
@@ -86,10 +178,18 @@ def train_step_fn(model: nn.Module, tx: optax.GradientTransformation, mean: floa
             logits, updated = model.apply(
                 {"params": params, "batch_stats": state.batch_stats}, images, train=True,
                 example_ids=ids, rngs={"dropout": dropout_rng}, mutable=["batch_stats"])
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-            return loss, (logits, updated.get("batch_stats", {}))
+            losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+            return jnp.sum(losses) / size, (logits, updated.get("batch_stats", {}))
 
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        sums = {"loss": loss, "grads": grads,
+                "accuracy": jnp.sum(jnp.argmax(logits, -1) == labels) / size}
+        if acc is not None:
+            sums = jax.tree.map(jnp.add, {k: acc[k] for k in sums}, sums)
+        return {**sums, "batch_stats": batch_stats}
+
+    def apply_update(state: TrainState, acc: dict[str, Any]):
+        loss, grads = acc["loss"], acc["grads"]
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         updates = optax.tree_utils.tree_scale(state.plateau_state.scale, updates)
@@ -100,30 +200,50 @@ def train_step_fn(model: nn.Module, tx: optax.GradientTransformation, mean: floa
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
         new_state = state.replace(step=state.step + finite.astype(jnp.int32),
                                   params=keep(params, state.params),
-                                  batch_stats=keep(batch_stats, state.batch_stats),
+                                  batch_stats=keep(acc["batch_stats"], state.batch_stats),
                                   opt_state=keep(opt_state, state.opt_state))
-        metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
-                   "grad_norm": grad_norm, "finite": finite, **_layer_norms(grads)}
+        metrics = {"loss": loss, "accuracy": acc["accuracy"], "grad_norm": grad_norm,
+                   "finite": finite, **_layer_norms(grads)}
         return new_state, metrics
 
-    return train_step
+    return grad_pass, apply_update
 
 
 def make_eval_step(model: nn.Module, mean: float, std: float, num_classes: int) -> Callable:
-    """The jitted `eval_step(state, batch) -> metrics`: masked sums, a confusion matrix."""
+    """The compiled `eval_step(state, batch) -> metrics`: masked sums and a confusion matrix.
 
-    def eval_step(state: TrainState, batch: dict[str, jax.Array]):
+    On CPU a batch of more than CPU_EVAL_MICROBATCH rows per device runs as several passes, each
+    its own XLA execution, whose sums add up (as `make_train_step` does for training).
+    """
+
+    def eval_pass(state: TrainState, batch: dict[str, jax.Array], index: jax.Array | int,
+                  passes: int, acc: dict[str, jax.Array] | None = None):
+        rows = jax.tree.map(lambda x: _pass_rows(x, index, passes), batch)
         logits = model.apply({"params": state.params, "batch_stats": state.batch_stats},
-                             normalize(batch["image"], mean, std))
-        labels, mask = batch["label"], batch["mask"]
+                             normalize(rows["image"], mean, std))
+        labels, mask = rows["label"], rows["mask"]
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
         preds = jnp.argmax(logits, -1)
         confusion = jnp.zeros((num_classes, num_classes), jnp.int32).at[labels, preds].add(
             mask.astype(jnp.int32))
-        return {"loss_sum": jnp.sum(losses * mask), "correct": jnp.sum((preds == labels) * mask),
+        sums = {"loss_sum": jnp.sum(losses * mask), "correct": jnp.sum((preds == labels) * mask),
                 "count": jnp.sum(mask), "confusion": confusion}
+        return sums if acc is None else jax.tree.map(jnp.add, acc, sums)
 
-    return jax.jit(eval_step)
+    first = jax.jit(eval_pass, static_argnums=3)
+    more = jax.jit(eval_pass, static_argnums=3, donate_argnums=4)
+
+    def eval_step(state: TrainState, batch: dict[str, jax.Array]):
+        labels = batch["label"]
+        devices = len(labels.sharding.device_set) if isinstance(labels, jax.Array) else 1
+        passes = (_cpu_passes(labels.shape[0] // devices, CPU_EVAL_MICROBATCH)
+                  if jax.default_backend() == "cpu" else 1)
+        acc = first(state, batch, 0, passes)
+        for index in range(1, passes):
+            acc = more(state, batch, index, passes, acc)
+        return acc
+
+    return eval_step
 
 
 def inference_state(variables: dict[str, Any]) -> TrainState:

@@ -4,8 +4,8 @@
 writes each seed's metrics.jsonl as that run would (tests/test_sweep.py compares them). Every seed
 gets exactly what its own run gets:
 - its init and train keys, `init, train = split(key(seed))`, its own train/validation split and
-  batch order, and the same train step body (`steps.train_step_fn`), so its dropout and
-  augmentation draws are its run's;
+  batch order, and the same train step body (`steps.train_step_fn`, in the passes
+  `steps.grad_passes` gives the run's batch), so its dropout and augmentation draws are its run's;
 - its own plateau rule and early stopping on its own validation loss; a seed that stops leaves the
   program (one recompile for the smaller stack), and its best-validation parameters are the ones
   evaluated at the end.
@@ -33,10 +33,10 @@ from flax.training.early_stopping import EarlyStopping
 
 from cnnjax import augment, input_pipeline, report
 from cnnjax.config import Config
-from cnnjax.models import build_model, check_geometry
+from cnnjax.models import build_model, check_geometry, has_batch_stats
 from cnnjax.optim import make_optimizer, make_plateau, plateau_step
-from cnnjax.steps import (create_train_state, evaluate, make_eval_step, train_compiler_options,
-                          train_step_fn)
+from cnnjax.steps import (create_train_state, evaluate, grad_passes, make_eval_step,
+                          train_compiler_options, train_step_fn)
 from cnnjax.train import StepLog, seed_keys
 from cnnjax.transfer import is_plain
 
@@ -130,8 +130,9 @@ def run_sweep(cfg: Config, seeds: Sequence[int], out_dir: pathlib.Path | str,
     check_geometry(model, spec.image_shape)
     n_steps = input_pipeline.steps_per_epoch(len(datas[0].train[1]), tc.batch_size)
     tx, plateau = make_optimizer(cfg.optim), make_plateau(cfg.optim)
+    passes = grad_passes(tc.batch_size, tc.microbatch, has_batch_stats(model, spec.image_shape))
     step = make_sweep_step(train_step_fn(model, tx, spec.mean, spec.std,
-                                         augment.from_config(cfg.augment)), lowering)
+                                         augment.from_config(cfg.augment), passes), lowering)
     eval_step = make_eval_step(model, spec.mean, spec.std, spec.num_classes)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(cfg.to_json() + "\n", encoding="utf-8")
@@ -190,7 +191,7 @@ def run_sweep(cfg: Config, seeds: Sequence[int], out_dir: pathlib.Path | str,
                          "test": _short(test)})
     test_acc = [p["test"]["accuracy"] for p in per_seed]
     summary = {
-        "seeds": seeds, "lowering": lowering, "per_seed": per_seed,
+        "seeds": seeds, "lowering": lowering, "grad_passes_per_step": passes, "per_seed": per_seed,
         "test_accuracy_mean": statistics.mean(test_acc),
         "test_accuracy_std": statistics.stdev(test_acc) if len(test_acc) > 1 else 0.0,
         "aggregate_train_images_per_s": statistics.median(rates[1:] or rates),

@@ -28,10 +28,11 @@ from tqdm.auto import tqdm
 
 from cnnjax import augment, checkpoint, input_pipeline, parallel, report, transfer
 from cnnjax.config import Config
-from cnnjax.models import build_model, check_geometry, count_params
+from cnnjax.models import build_model, check_geometry, count_params, has_batch_stats
 from cnnjax.optim import make_plateau, plateau_step
 from cnnjax.visualize.filter_health import dead_filter_count
-from cnnjax.steps import AUGMENT_STREAM, create_train_state, evaluate, make_eval_step, make_train_step
+from cnnjax.steps import (AUGMENT_STREAM, create_train_state, evaluate, grad_passes, make_eval_step,
+                          make_train_step)
 
 DEFAULT_ROOT = pathlib.Path("checkpoints")
 
@@ -182,6 +183,8 @@ def train_and_evaluate(cfg: Config, run_dir: pathlib.Path | str | None = None, *
     augmenter = augment.from_config(cfg.augment)
     par = parallel.DataParallel.create()
     par.check_batch_size(tc.batch_size)
+    passes = grad_passes(tc.batch_size // par.num_devices, tc.microbatch,
+                         has_batch_stats(model, data.spec.image_shape))
     primary = par.is_primary
     if run_dir is None and jax.process_count() > 1:
         raise ValueError("a multi-process run needs an explicit --run-dir shared by every process.")
@@ -204,7 +207,7 @@ def train_and_evaluate(cfg: Config, run_dir: pathlib.Path | str | None = None, *
             print(f"resuming {run_dir} from step {step} (epoch {progress.epoch}, batch {progress.batch})")
     # One compiled step per set of frozen layers (transfer learning): a recompile at unfreezing only.
     epoch_steps = transfer.EpochSteps(model, cfg.transfer, lambda m: make_train_step(
-        m, tx, data.spec.mean, data.spec.std, augmenter))
+        m, tx, data.spec.mean, data.spec.std, augmenter, tc.microbatch))
     eval_step = make_eval_step(model, data.spec.mean, data.spec.std, data.spec.num_classes)
     if augmenter.transforms and not resuming and primary:
         sample = np.linspace(0, len(train_labels) - 1, 16).astype(np.int32)
@@ -310,7 +313,8 @@ def train_and_evaluate(cfg: Config, run_dir: pathlib.Path | str | None = None, *
     ckpt = checkpoint.Checkpointer(run_dir, tc.keep_checkpoints, read_only=True)
     best_state, _, _ = ckpt.restore(par.abstract(state), step=progress.best_step)
     val, test = eval_split(best_state, "val"), eval_split(best_state, "test")
-    summary_extra = {"devices": par.num_devices, "processes": jax.process_count()}
+    summary_extra = {"devices": par.num_devices, "processes": jax.process_count(),
+                     "grad_passes_per_step": passes}
     if not primary:
         return {"run_dir": str(run_dir), **summary_extra}
     timing = report.read_jsonl(run_dir / "timing.jsonl")

@@ -330,22 +330,23 @@ def test_plateau_rule_matches_reduce_lr_on_plateau(patience):
 # --- one train step end to end --------------------------------------------------------------------
 
 @functools.cache
-def cnnjax_training():
-    """The model, optimizer, plateau rule and compiled train step, built once for the module."""
+def cnnjax_training(microbatch=None):
+    """The model, optimizer, plateau rule and compiled train step, built once per microbatch."""
     from cnnjax.steps import make_train_step  # imports the data modules
 
     cfg = OptimConfig()
     model, tx, plateau = SeedCNN(), make_optimizer(cfg), make_plateau(cfg)
-    return model, tx, plateau, make_train_step(model, tx, MEAN, STD)
+    return model, tx, plateau, make_train_step(model, tx, MEAN, STD, microbatch=microbatch)
 
 
-@pytest.mark.parametrize("plateau_scale", [1.0, 0.25])
-def test_train_step_matches_one_torch_step(plateau_scale):
+@pytest.mark.parametrize("plateau_scale,microbatch", [(1.0, None), (0.25, None), (1.0, 16)])
+def test_train_step_matches_one_torch_step(plateau_scale, microbatch):
     """`make_train_step` (uint8 in, normalized inside, loss, grads, coupled decay, AMSGrad, plateau
-    scale) against the seed's torch step with lr = 1e-3 * scale."""
+    scale; in one pass, or in four passes of 16 images) against the seed's torch step with
+    lr = 1e-3 * scale."""
     from cnnjax.steps import create_train_state
 
-    model, tx, plateau, train_step = cnnjax_training()
+    model, tx, plateau, train_step = cnnjax_training(microbatch)
     reference = torch_seed_cnn("seed", seed=3)
     start = to_jax(torch_to_flax(torch_state(reference)))
     state = create_train_state(model, tx, plateau, (*IMAGE_HW, 1), jax.random.key(0))
