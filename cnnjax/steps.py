@@ -62,8 +62,8 @@ def _layer_norms(grads) -> dict[str, jax.Array]:
 # On CPU a step's working set (at 28x28, about 1.4 MB of activations and their gradients per
 # image) outgrows the caches beyond about 64 images; a step over more images runs as several
 # forward/backward passes of at most this many rows per device, each its own XLA execution, their
-# gradients summed (+43% at batch 128 and 512; docs/performance.md). Within one XLA program the
-# passes run concurrently and most of the gain is lost.
+# gradients summed (+36-48% at batch 128-512; docs/performance.md). Written out in one XLA
+# program the passes gain little (XLA:CPU presumably overlaps them).
 CPU_MICROBATCH = 64
 # Evaluation (forward only, a quarter of the memory per image) likewise, beyond 256 rows per device.
 CPU_EVAL_MICROBATCH = 256
