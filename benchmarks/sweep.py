@@ -1,16 +1,17 @@
-"""Aggregate training throughput of N seeds: one vmapped program against N sequential runs.
+"""Aggregate training throughput of N seeds: cnnjax sweep's lowerings against N sequential runs.
 
     python benchmarks/sweep.py                          # seeds 8, batch 128; about 1-2 min on 2 CPU cores
     python benchmarks/sweep.py --seeds 4 --batch-size 32 --json out.json
 
-Three ways to train N seed CNNs (cnnjax's train step, default optimizer) one step each, alternated
+Ways to train N seed CNNs (cnnjax's train step, default optimizer) one step each, alternated
 in one process (the machine is noisy; compare medians):
 - sequential: N single-seed jitted steps, one after another (what N `cnnjax train` runs cost on
   one machine, without their process start-up);
+- loop: `cnnjax.sweep.loop_step`, cnnjax sweep's default on CPU: the single-seed step for each
+  seed in turn, inside the sweep's bookkeeping (stacked batches and metrics);
 - vmap: `cnnjax.sweep.make_sweep_step`, i.e. jit(vmap(train_step)) over stacked states, batches and
   keys; convolutions become grouped (batched) convolutions;
-- unroll: `make_sweep_step(..., 'unroll')`: the N steps written out in one program (cnnjax's
-  default on CPU);
+- unroll: `make_sweep_step(..., 'unroll')`: the N steps written out in one program;
 - map: jit of `lax.map(train_step)` over the seed axis: one program, the seeds' steps run one after
   another inside it (no grouped convolutions).
 Reported as aggregate images/s (N x batch per step) and the first call's seconds (compile).
@@ -31,7 +32,7 @@ from cnnjax.models import build_model
 from cnnjax.optim import make_optimizer, make_plateau
 from cnnjax.steps import (create_train_state, grad_passes, make_train_step, train_compiler_options,
                           train_step_fn)
-from cnnjax.sweep import init_states, make_sweep_step
+from cnnjax.sweep import init_states, loop_step, make_sweep_step, unstack
 from cnnjax.train import seed_keys
 
 IMAGE_SHAPE, MEAN, STD = (28, 28, 1), 0.1307, 0.3081
@@ -65,6 +66,9 @@ def main(argv=None) -> None:
     mstate, _ = init_states(model, tx, plateau, IMAGE_SHAPE, seeds)
     ustate, _ = init_states(model, tx, plateau, IMAGE_SHAPE, seeds)
     vstep, ustep = make_sweep_step(body, "vmap"), make_sweep_step(body, "unroll")
+    lstep = loop_step(single_step)
+    lstate, lkeys = init_states(model, tx, plateau, IMAGE_SHAPE, seeds)
+    lstate, lkeys = lstep.pack(unstack(lstate, n), list(lkeys))
     mstep = jax.jit(lambda st, b, k: jax.lax.map(lambda a: body(*a), (st, b, k)), donate_argnums=0,
                     compiler_options=train_compiler_options())
 
@@ -74,16 +78,16 @@ def main(argv=None) -> None:
                 singles[i], _ = single_step(singles[i], per_seed[i], train_keys[i])
         jax.block_until_ready(singles)
 
-    state = {"vmap": vstate, "unroll": ustate, "map": mstate}
+    state = {"loop": lstate, "vmap": vstate, "unroll": ustate, "map": mstate}
 
-    def runner(name, step):
+    def runner(name, step, keys=vkeys):
         def run(step_batches):
             for b in step_batches:
-                state[name], _ = step(state[name], b, vkeys)
+                state[name], _ = step(state[name], b, keys)
             jax.block_until_ready(state[name])
         return run
 
-    ways = {"sequential": (run_sequential, batches),
+    ways = {"sequential": (run_sequential, batches), "loop": (runner("loop", lstep, lkeys), stacked),
             "vmap": (runner("vmap", vstep), stacked), "unroll": (runner("unroll", ustep), stacked),
             "map": (runner("map", mstep), stacked)}
     compile_s, rates = {}, {name: [] for name in ways}

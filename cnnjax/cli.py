@@ -4,7 +4,7 @@
     cnnjax train --resume DIR
     cnnjax eval --run DIR [--dataset NAME] [--split test] [--step N]
     cnnjax visualize --run DIR [--images INDEX|FILE ...] [--layer NAME ...]
-    cnnjax sweep --seeds N [--lowering unroll|vmap] [the train flags]
+    cnnjax sweep --seeds N [--lowering loop|vmap|unroll] [the train flags]
 """
 
 from __future__ import annotations
@@ -50,12 +50,12 @@ def _train_parser(sub) -> None:
 
 
 def _sweep_parser(sub) -> None:
-    p = sub.add_parser("sweep", help="train N seeds of one config in one compiled program",
+    p = sub.add_parser("sweep", help="train N seeds of one config side by side in one process",
                        description="Trains seeds train.seed, train.seed+1, ..., each exactly as its "
                                    "own `cnnjax train` run would, and reports mean ± std.")
     p.add_argument("--seeds", type=int, default=8, help="how many seeds (default 8)")
-    p.add_argument("--lowering", choices=("unroll", "vmap"),
-                   help="how the seeds share the program (default: the faster on this backend)")
+    p.add_argument("--lowering", choices=("loop", "vmap", "unroll"),
+                   help="how the seeds share the machine (default: the faster on this backend)")
     _config_flags(p, seed_help="the first seed (default: train.seed)")
     p.add_argument("--out", type=pathlib.Path,
                    help="output directory (default checkpoints/sweep-<dataset>-<model>-s<seed>xN-<time>)")

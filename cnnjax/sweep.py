@@ -1,18 +1,18 @@
-"""Many seeds in one compiled program: `cnnjax sweep --seeds N`.
+"""Many seeds in one process: `cnnjax sweep --seeds N`.
 
 `run_sweep(cfg, seeds, out_dir)` trains one `cnnjax train` run of `cfg` per seed, side by side, and
 writes each seed's metrics.jsonl as that run would (tests/test_sweep.py compares them). Every seed
 gets exactly what its own run gets:
 - its init and train keys, `init, train = split(key(seed))`, its own train/validation split and
-  batch order, and the same train step body (`steps.train_step_fn`, in the passes
-  `steps.grad_passes` gives the run's batch), so its dropout and augmentation draws are its run's;
+  batch order, and the same train step (in the passes `steps.grad_passes` gives the run's batch),
+  so its dropout and augmentation draws are its run's;
 - its own plateau rule and early stopping on its own validation loss; a seed that stops leaves the
-  program (one recompile for the smaller stack), and its best-validation parameters are the ones
-  evaluated at the end.
-The stacked state has a leading seed axis on every leaf. The step is either `jit(vmap(train_step))`
-('vmap': per-seed kernels make every convolution a grouped one) or the seeds' steps written out
-one after another in one program ('unroll', the default on CPU, where XLA runs grouped
-convolutions' gradients several times slower: benchmarks/sweep.py, docs/performance.md).
+  sweep, and its best-validation parameters are the ones evaluated at the end.
+Three lowerings (`SweepStep`): 'loop', each seed's step by the one compiled `make_train_step`, one
+seed after another (the default on CPU, where it is the fastest); 'vmap', `jit(vmap(train_step))`
+over states stacked on a leading seed axis (per-seed kernels make every convolution a grouped one;
+the default elsewhere); 'unroll', the seeds' steps written out one after another in one program.
+Under the last two a stopping seed costs one recompile for the smaller stack.
 
 Not in a sweep (each is one `cnnjax train` away): checkpoints and resume, transfer learning,
 multi-device data parallelism.
@@ -20,10 +20,11 @@ multi-device data parallelism.
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import statistics
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +37,7 @@ from cnnjax.config import Config
 from cnnjax.models import build_model, check_geometry, has_batch_stats
 from cnnjax.optim import make_optimizer, make_plateau, plateau_step
 from cnnjax.steps import (create_train_state, evaluate, grad_passes, make_eval_step,
-                          train_compiler_options, train_step_fn)
+                          make_train_step, train_compiler_options, train_step_fn)
 from cnnjax.train import StepLog, seed_keys
 from cnnjax.transfer import is_plain
 
@@ -57,39 +58,71 @@ def init_states(model, tx, plateau, image_shape, seeds: Sequence[int]):
     return stack([init(k[0]) for k in keys]), jnp.stack([k[1] for k in keys])
 
 
-LOWERINGS = ("vmap", "unroll")
+LOWERINGS = ("loop", "vmap", "unroll")
 
 
 def default_lowering() -> str:
-    """'unroll' on CPU, where vmap's grouped convolutions measured 1.4-1.6x slower
-    (docs/performance.md); 'vmap' elsewhere (not yet measured on a GPU: run benchmarks/sweep.py
-    there and revisit)."""
-    return "unroll" if jax.default_backend() == "cpu" else "vmap"
+    """'loop' on CPU, the fastest there (benchmarks/sweep.py: vmap's grouped convolutions and the
+    unrolled program measured 0.5-0.8x of it; docs/performance.md); 'vmap' elsewhere (not yet
+    measured on a GPU: run benchmarks/sweep.py there and revisit)."""
+    return "loop" if jax.default_backend() == "cpu" else "vmap"
 
 
-def make_sweep_step(train_step, lowering: str | None = None):
-    """One compiled (stacked state, stacked batch, stacked keys) -> (state, metrics), every output
-    with a leading seed axis; the state is donated.
+@dataclasses.dataclass(frozen=True)
+class SweepStep:
+    """One step of every seed, `(state, batch, keys) -> (state, metrics)`, with the batch stacked
+    on a leading seed axis and `metrics[name][seed]`. `state` and `keys` are the seeds' train
+    states and keys as this lowering holds them: `pack(states, keys)` makes them from per-seed
+    lists, `unpack(state)` gives the list of states back."""
+
+    step: Callable
+    pack: Callable[[Sequence[Any], Sequence[jax.Array]], tuple[Any, Any]]
+    unpack: Callable[[Any], list[Any]]
+
+    def __call__(self, state, batch, keys):
+        return self.step(state, batch, keys)
+
+
+def loop_step(train_step: Callable) -> SweepStep:
+    """'loop': each seed's step by `train_step` (`make_train_step`'s: one compile serves every
+    seed, and its passes run as separate executions), one seed after another; states stay apart."""
+
+    def step(states, batch, keys):
+        outs = [train_step(state, {k: v[i] for k, v in batch.items()}, keys[i])
+                for i, state in enumerate(states)]
+        # metrics[name][seed] as in the stacked lowerings, without a device op per step to stack
+        return [o[0] for o in outs], {k: [o[1][k] for o in outs] for k in outs[0][1]}
+
+    def pack(states, keys):
+        # The step donates its state, and a seed's best state may share its buffers: copies.
+        return [jax.tree.map(jnp.copy, s) for s in states], list(keys)
+
+    return SweepStep(step, pack, list)
+
+
+def make_sweep_step(train_step: Callable, lowering: str = "unroll") -> SweepStep:
+    """One compiled program over the stacked states of all seeds, the state donated.
 
     'vmap': `jit(vmap(train_step))`; per-seed kernels make every convolution a grouped one, whose
     backward XLA:CPU runs slowly. 'unroll': the seeds' steps written out one after another in the
     same program (no grouped convolutions, no while loop; compile time grows with the seed count).
-    Both compute each seed's step exactly as `train_step` alone does.
+    Both compute each seed's step as the pure `train_step` (`steps.train_step_fn`) alone does.
     """
-    lowering = lowering or default_lowering()
     if lowering == "vmap":
-        return jax.jit(jax.vmap(train_step), donate_argnums=0,
+        step = jax.jit(jax.vmap(train_step), donate_argnums=0,
                        compiler_options=train_compiler_options())
-    if lowering != "unroll":
-        raise ValueError(f"sweep lowering must be one of {LOWERINGS}, got {lowering!r}.")
+    elif lowering == "unroll":
+        def unrolled(state, batch, keys):
+            n = keys.shape[0]
+            outs = [train_step(*jax.tree.map(lambda leaf: leaf[i], (state, batch, keys)))
+                    for i in range(n)]
+            return stack([o[0] for o in outs]), stack([o[1] for o in outs])
 
-    def unrolled(state, batch, keys):
-        n = keys.shape[0]
-        outs = [train_step(*jax.tree.map(lambda leaf: leaf[i], (state, batch, keys)))
-                for i in range(n)]
-        return stack([o[0] for o in outs]), stack([o[1] for o in outs])
-
-    return jax.jit(unrolled, donate_argnums=0, compiler_options=train_compiler_options())
+        step = jax.jit(unrolled, donate_argnums=0, compiler_options=train_compiler_options())
+    else:
+        raise ValueError(f"a one-program sweep lowering is 'vmap' or 'unroll', got {lowering!r}.")
+    return SweepStep(step, lambda states, keys: (stack(states), jnp.stack(list(keys))),
+                     lambda tree: unstack(tree, jax.tree.leaves(tree)[0].shape[0]))
 
 
 def stacked_batches(datas, batch_size: int, seeds: Sequence[int], epoch: int):
@@ -102,7 +135,7 @@ def stacked_batches(datas, batch_size: int, seeds: Sequence[int], epoch: int):
 
 def run_sweep(cfg: Config, seeds: Sequence[int], out_dir: pathlib.Path | str,
               lowering: str | None = None) -> dict[str, Any]:
-    """Trains one run of `cfg` per seed in one compiled program and returns the summary.
+    """Trains one run of `cfg` per seed side by side (see `SweepStep`) and returns the summary.
 
     Writes config.json, summary.json (each seed's best epoch, validation and test metrics, their
     mean and standard deviation, aggregate images/s) and seed_<S>/metrics.jsonl into `out_dir`.
@@ -130,16 +163,22 @@ def run_sweep(cfg: Config, seeds: Sequence[int], out_dir: pathlib.Path | str,
     check_geometry(model, spec.image_shape)
     n_steps = input_pipeline.steps_per_epoch(len(datas[0].train[1]), tc.batch_size)
     tx, plateau = make_optimizer(cfg.optim), make_plateau(cfg.optim)
+    augmenter = augment.from_config(cfg.augment)
     passes = grad_passes(tc.batch_size, tc.microbatch, has_batch_stats(model, spec.image_shape))
-    step = make_sweep_step(train_step_fn(model, tx, spec.mean, spec.std,
-                                         augment.from_config(cfg.augment), passes), lowering)
+    if lowering == "loop":
+        step = loop_step(make_train_step(model, tx, spec.mean, spec.std, augmenter, tc.microbatch))
+    else:
+        step = make_sweep_step(train_step_fn(model, tx, spec.mean, spec.std, augmenter, passes),
+                               lowering)
     eval_step = make_eval_step(model, spec.mean, spec.std, spec.num_classes)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(cfg.to_json() + "\n", encoding="utf-8")
 
     def eval_split(state, i: int, split: str) -> dict[str, Any]:
+        images, labels = getattr(datas[i], split)
+        # batches as `cnnjax train` makes them on one device, so the sums add in the same order
         return evaluate(eval_step, state, input_pipeline.eval_batches(
-            *getattr(datas[i], split), tc.eval_batch_size))
+            images, labels, min(tc.eval_batch_size, len(labels))))
 
     stacked, keys = init_states(model, tx, plateau, spec.image_shape, seeds)
     states, train_keys = unstack(stacked, len(seeds)), list(keys)
@@ -154,8 +193,7 @@ def run_sweep(cfg: Config, seeds: Sequence[int], out_dir: pathlib.Path | str,
         for epoch in range(1, tc.epochs + 1):
             if not active:
                 break
-            state = stack([states[i] for i in active])
-            keys = jnp.stack([train_keys[i] for i in active])
+            state, keys = step.pack([states[i] for i in active], [train_keys[i] for i in active])
             t_epoch, window = time.perf_counter(), []
             for batch in stacked_batches([datas[i] for i in active], tc.batch_size,
                                          [seeds[i] for i in active], epoch):
@@ -168,7 +206,7 @@ def run_sweep(cfg: Config, seeds: Sequence[int], out_dir: pathlib.Path | str,
             window = jax.device_get(window)  # one host sync per epoch
             rates.append(n_steps * tc.batch_size * len(active) / (time.perf_counter() - t_epoch))
             stepped = list(active)
-            for j, (i, state_i) in enumerate(zip(stepped, unstack(state, len(stepped)))):
+            for j, (i, state_i) in enumerate(zip(stepped, step.unpack(state))):
                 states[i], stopped = _seed_epoch(i, j, epoch, window, state_i, plateau, cfg,
                                                  early, best, logs[i], eval_split)
                 if stopped:

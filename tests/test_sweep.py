@@ -10,13 +10,13 @@ from cnnjax.config import Config, OptimConfig
 from cnnjax.models import TinySeedCNN
 from cnnjax.optim import make_optimizer, make_plateau
 from cnnjax.steps import create_train_state, make_train_step, train_step_fn
-from cnnjax.sweep import init_states, make_sweep_step, run_sweep, unstack
+from cnnjax.sweep import init_states, loop_step, make_sweep_step, run_sweep, unstack
 from cnnjax.train import seed_keys, train_and_evaluate
 
 IMAGE_SHAPE = (28, 28, 1)
 
 
-@pytest.mark.parametrize("lowering", ["vmap", "unroll"])
+@pytest.mark.parametrize("lowering", ["loop", "vmap", "unroll"])
 def test_sweep_step_equals_each_seeds_own_steps(lowering):
     model, cfg = TinySeedCNN(dropout=0.5), OptimConfig()
     tx, plateau = make_optimizer(cfg), make_plateau(cfg)
@@ -30,13 +30,15 @@ def test_sweep_step_equals_each_seeds_own_steps(lowering):
                for _ in range(steps)]
 
     state, keys = init_states(model, tx, plateau, IMAGE_SHAPE, seeds)
-    sweep_step, sweep_metrics = make_sweep_step(body, lowering), []
+    sweep_step = (loop_step(make_train_step(model, tx, 0.5, 0.25)) if lowering == "loop"
+                  else make_sweep_step(body, lowering))
+    (state, keys), sweep_metrics = sweep_step.pack(unstack(state, len(seeds)), list(keys)), []
     for per_seed in batches:
         stacked = {k: np.stack([b[k] for b in per_seed]) for k in per_seed[0]}
         state, metrics = sweep_step(state, stacked, keys)
         sweep_metrics.append(jax.device_get(metrics))
 
-    for i, (seed, swept) in enumerate(zip(seeds, unstack(state, len(seeds)))):
+    for i, (seed, swept) in enumerate(zip(seeds, sweep_step.unpack(state))):
         init_rng, train_rng = seed_keys(seed)
         single = create_train_state(model, tx, plateau, IMAGE_SHAPE, init_rng)
         for t, per_seed in enumerate(batches):
@@ -53,23 +55,39 @@ def _records(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_sweep_writes_each_seeds_own_run(tmp_path):
+SWEEP_CFG = ["model.features=4,8", "model.dense=16", "model.dropout=0.3", "train.epochs=7",
+             "train.batch_size=128", "train.log_every=7", "train.early_stopping_patience=1",
+             "optim.learning_rate=0.1", "train.progress=false"]
+SWEEP_SEEDS = [2, 3]
+
+
+@pytest.fixture(scope="module")
+def single_runs(tmp_path_factory):
+    """Each seed's own `cnnjax train` run: (summary, its directory)."""
+    cfg, runs = Config().override(SWEEP_CFG), {}
+    for seed in SWEEP_SEEDS:
+        run_dir = tmp_path_factory.mktemp("single") / f"run{seed}"
+        runs[seed] = train_and_evaluate(cfg.set("train.seed", seed), run_dir), run_dir
+    return runs
+
+
+@pytest.mark.parametrize("lowering", ["loop", "unroll"])
+def test_sweep_writes_each_seeds_own_run(tmp_path, single_runs, lowering):
     """`cnnjax sweep` against `cnnjax train`: per seed, the same metrics.jsonl records (step and
     epoch lines, early stopping decisions) and the same best-epoch test accuracy. Dropout is on,
     so the seeds' random draws are exercised too. With this learning rate and patience the two seeds
-    stop early at different epochs (5 and 6 of 7), so one leaves the compiled stack before the
-    other."""
-    cfg = Config().override(["model.features=4,8", "model.dense=16", "model.dropout=0.3",
-                             "train.epochs=7", "train.batch_size=128", "train.log_every=7",
-                             "train.early_stopping_patience=1", "optim.learning_rate=0.1",
-                             "train.progress=false"])
-    seeds = [2, 3]
-    summary = run_sweep(cfg, seeds, tmp_path / "sweep")
+    stop early at different epochs (5 and 6 of 7), so one leaves the sweep (under 'unroll', the
+    compiled stack) before the other. Batch 128 runs as two passes on CPU, in both."""
+    cfg, seeds = Config().override(SWEEP_CFG), SWEEP_SEEDS
+    summary = run_sweep(cfg, seeds, tmp_path / "sweep", lowering)
+    assert summary["lowering"] == lowering and summary["grad_passes_per_step"] == 2
     for seed, swept in zip(seeds, summary["per_seed"]):
-        single = train_and_evaluate(cfg.set("train.seed", seed), tmp_path / f"run{seed}")
+        single, run_dir = single_runs[seed]
         ours = _records(tmp_path / "sweep" / f"seed_{seed}" / "metrics.jsonl")
-        theirs = _records(tmp_path / f"run{seed}" / "metrics.jsonl")
+        theirs = _records(run_dir / "metrics.jsonl")
         assert len(ours) == len(theirs) and len(ours) > 3
+        if lowering == "loop":  # the very same compiled step: the same bytes
+            assert ours == theirs
         for a, b in zip(ours, theirs):
             assert a.keys() == b.keys()
             for key in a:
