@@ -100,7 +100,7 @@ def loop_step(train_step: Callable) -> SweepStep:
     return SweepStep(step, pack, list)
 
 
-def make_sweep_step(train_step: Callable, lowering: str = "unroll") -> SweepStep:
+def make_sweep_step(train_step: Callable, lowering: str) -> SweepStep:
     """One compiled program over the stacked states of all seeds, the state donated.
 
     'vmap': `jit(vmap(train_step))`; per-seed kernels make every convolution a grouped one, whose
