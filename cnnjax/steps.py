@@ -7,6 +7,7 @@ step with the state donated, so XLA updates parameters and moments in place.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -115,16 +116,13 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, mean: fl
     more = jax.jit(grad_pass, static_argnums=4, donate_argnums=5, compiler_options=options)
     update = jax.jit(apply_update, donate_argnums=0, compiler_options=options)
 
+    passes_for = functools.cache(lambda rows, batch_norm: grad_passes(rows, microbatch, batch_norm))
+
     def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array):
-        labels = batch["label"]
-        devices = len(labels.sharding.device_set) if isinstance(labels, jax.Array) else 1
-        passes = grad_passes(labels.shape[0] // devices, microbatch, bool(state.batch_stats))
+        passes = passes_for(_rows_per_device(batch), bool(state.batch_stats))
         if passes == 1:
             return whole(state, batch, rng)
-        acc = first(state, batch, rng, 0, passes)
-        for index in range(1, passes):
-            acc = more(state, batch, rng, index, passes, acc)
-        return update(state, acc)
+        return update(state, _sum_passes(first, more, passes, state, batch, rng))
 
     return train_step
 
@@ -136,12 +134,23 @@ def train_step_fn(model: nn.Module, tx: optax.GradientTransformation, mean: floa
     grad_pass, apply_update = train_step_parts(model, tx, mean, std, augment)
 
     def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array):
-        acc = grad_pass(state, batch, rng, 0, passes)
-        for index in range(1, passes):
-            acc = grad_pass(state, batch, rng, index, passes, acc)
-        return apply_update(state, acc)
+        return apply_update(state, _sum_passes(grad_pass, grad_pass, passes, state, batch, rng))
 
     return train_step
+
+
+def _rows_per_device(batch: dict[str, Any]) -> int:
+    labels = batch["label"]
+    return labels.shape[0] // (len(labels.sharding.device_set) if isinstance(labels, jax.Array) else 1)
+
+
+def _sum_passes(first: Callable, more: Callable, passes: int, *args):
+    """`first(*args, 0, passes)`, then `more(*args, index, passes, acc)` for the other passes: the
+    passes' sums. `first` and `more` are one pass function, `more` compiled to donate `acc`."""
+    acc = first(*args, 0, passes)
+    for index in range(1, passes):
+        acc = more(*args, index, passes, acc)
+    return acc
 
 
 def _pass_rows(x: jax.Array, index: jax.Array | int, passes: int) -> jax.Array:
@@ -233,15 +242,11 @@ def make_eval_step(model: nn.Module, mean: float, std: float, num_classes: int) 
     first = jax.jit(eval_pass, static_argnums=3)
     more = jax.jit(eval_pass, static_argnums=3, donate_argnums=4)
 
+    on_cpu = jax.default_backend() == "cpu"
+    passes_for = functools.cache(lambda rows: _cpu_passes(rows, CPU_EVAL_MICROBATCH) if on_cpu else 1)
+
     def eval_step(state: TrainState, batch: dict[str, jax.Array]):
-        labels = batch["label"]
-        devices = len(labels.sharding.device_set) if isinstance(labels, jax.Array) else 1
-        passes = (_cpu_passes(labels.shape[0] // devices, CPU_EVAL_MICROBATCH)
-                  if jax.default_backend() == "cpu" else 1)
-        acc = first(state, batch, 0, passes)
-        for index in range(1, passes):
-            acc = more(state, batch, index, passes, acc)
-        return acc
+        return _sum_passes(first, more, passes_for(_rows_per_device(batch)), state, batch)
 
     return eval_step
 

@@ -14,7 +14,6 @@ import csv
 import pathlib
 import time
 
-
 from cnnjax import Config, input_pipeline, load_run, train_and_evaluate
 from cnnjax.report import _pyplot, read_jsonl
 from cnnjax.steps import evaluate, inference_state, make_eval_step
