@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cnnjax.config import ModelConfig
-from cnnjax.models import build_model
+from cnnjax.nn.models import build_model
 from cnnjax.visualize.actmax import ActMaxConfig, activation_maximization
 
 MEAN, STD = 0.1307, 0.3081
@@ -47,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.run:
-        from cnnjax.runs import load_run
+        from cnnjax.training.runs import load_run
 
         run = load_run(args.run)
         model, variables = run.model, run.variables

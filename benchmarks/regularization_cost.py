@@ -15,11 +15,11 @@ import time
 import jax
 import numpy as np
 
-from cnnjax import augment
+from cnnjax.data import augment
 from cnnjax.config import Config
-from cnnjax.models import build_model
-from cnnjax.optim import make_optimizer, make_plateau
-from cnnjax.steps import create_train_state, make_train_step
+from cnnjax.nn.models import build_model
+from cnnjax.training.optim import make_optimizer, make_plateau
+from cnnjax.training.steps import create_train_state, make_train_step
 
 VARIANTS = {
     "baseline": [],

@@ -18,10 +18,10 @@ CHILD = r"""
 import json, statistics, sys, time
 import jax, numpy as np
 from cnnjax.config import Config
-from cnnjax.models import build_model
-from cnnjax.optim import make_optimizer, make_plateau
-from cnnjax.parallel import DataParallel
-from cnnjax.steps import create_train_state, make_train_step
+from cnnjax.nn.models import build_model
+from cnnjax.training.optim import make_optimizer, make_plateau
+from cnnjax.training.parallel import DataParallel
+from cnnjax.training.steps import create_train_state, make_train_step
 batch_size, steps, repeats = map(int, sys.argv[1:4])
 par = DataParallel.create()
 cfg = Config()

@@ -7,9 +7,9 @@ Ways to train N seed CNNs (cnnjax's train step, default optimizer) one step each
 in one process (the machine is noisy; compare medians):
 - sequential: N single-seed jitted steps, one after another (what N `cnnjax train` runs cost on
   one machine, without their process start-up);
-- loop: `cnnjax.sweep.loop_step`, cnnjax sweep's default on CPU: the single-seed step for each
+- loop: `cnnjax.training.sweep.loop_step`, cnnjax sweep's default on CPU: the single-seed step for each
   seed in turn, inside the sweep's bookkeeping (stacked batches and metrics);
-- vmap: `cnnjax.sweep.make_sweep_step`, i.e. jit(vmap(train_step)) over stacked states, batches and
+- vmap: `cnnjax.training.sweep.make_sweep_step`, i.e. jit(vmap(train_step)) over stacked states, batches and
   keys; convolutions become grouped (batched) convolutions;
 - unroll: `make_sweep_step(..., 'unroll')`: the N steps written out in one program;
 - map: jit of `lax.map(train_step)` over the seed axis: one program, the seeds' steps run one after
@@ -28,12 +28,12 @@ import jax
 import numpy as np
 
 from cnnjax.config import ModelConfig, OptimConfig
-from cnnjax.models import build_model
-from cnnjax.optim import make_optimizer, make_plateau
-from cnnjax.steps import (create_train_state, grad_passes, make_train_step, train_compiler_options,
+from cnnjax.nn.models import build_model
+from cnnjax.training.optim import make_optimizer, make_plateau
+from cnnjax.training.steps import (create_train_state, grad_passes, make_train_step, train_compiler_options,
                           train_step_fn)
-from cnnjax.sweep import init_states, loop_step, make_sweep_step, unstack
-from cnnjax.train import seed_keys
+from cnnjax.training.sweep import init_states, loop_step, make_sweep_step, unstack
+from cnnjax.training.loop import seed_keys
 
 IMAGE_SHAPE, MEAN, STD = (28, 28, 1), 0.1307, 0.3081
 

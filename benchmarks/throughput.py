@@ -20,7 +20,7 @@ What is measured, per batch size, in images per second:
   cnnjax's first call (trace + compile + one step) is timed apart and reported, never averaged in.
 - eval: cnnjax's `make_eval_step` (forward, loss sum, correct count, confusion matrix; on CPU in
   passes of at most 256 images) against torch's model.eval() forward + argmax under no_grad().
-- pipeline: `cnnjax.input_pipeline.train_batches` over 4,000 in-memory uint8 images (host only).
+- pipeline: `cnnjax.data.input_pipeline.train_batches` over 4,000 in-memory uint8 images (host only).
 - host share: the median time of cnnjax's first 3 timed step calls (argument handling,
   host-to-device copy of the batch, dispatch of the step's executions) over the step's time; the
   rest is the device (here: XLA:CPU's threads) computing. Later calls are not counted: once about
@@ -52,10 +52,10 @@ import torch
 from torch import nn
 
 from cnnjax.config import ModelConfig, OptimConfig
-from cnnjax.input_pipeline import train_batches
-from cnnjax.models import build_model
-from cnnjax.optim import make_optimizer, make_plateau
-from cnnjax.steps import create_train_state, make_eval_step, make_train_step
+from cnnjax.data.input_pipeline import train_batches
+from cnnjax.nn.models import build_model
+from cnnjax.training.optim import make_optimizer, make_plateau
+from cnnjax.training.steps import create_train_state, make_eval_step, make_train_step
 
 MEAN, STD = 0.1307, 0.3081
 IMAGE_SHAPE = (28, 28, 1)

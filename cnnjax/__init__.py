@@ -8,8 +8,8 @@ import importlib
 _EXPORTS = {
     "Config": "cnnjax.config", "DataConfig": "cnnjax.config", "ModelConfig": "cnnjax.config",
     "OptimConfig": "cnnjax.config", "TrainConfig": "cnnjax.config",
-    "Run": "cnnjax.runs", "load_run": "cnnjax.runs",
-    "train_and_evaluate": "cnnjax.train",
+    "Run": "cnnjax.training.runs", "load_run": "cnnjax.training.runs",
+    "train_and_evaluate": "cnnjax.training.loop",
 }
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"

@@ -105,11 +105,11 @@ def config_from_args(args: argparse.Namespace, base: Config | None = None) -> Co
 
 
 def _run_train(args) -> int:
-    from cnnjax import parallel
+    from cnnjax.training import parallel
 
     parallel.initialize(args.coordinator_address, args.num_processes, args.process_id)
-    from cnnjax.runs import load_config
-    from cnnjax.train import train_and_evaluate
+    from cnnjax.training.runs import load_config
+    from cnnjax.training.loop import train_and_evaluate
 
     run_dir = args.resume or args.run_dir
     if args.resume and args.run_dir and args.resume != args.run_dir:
@@ -130,8 +130,8 @@ def _run_train(args) -> int:
 
 
 def _run_sweep(args) -> int:
-    from cnnjax.sweep import run_sweep
-    from cnnjax.train import default_run_dir
+    from cnnjax.training.sweep import run_sweep
+    from cnnjax.training.rundir import default_run_dir
 
     if args.seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {args.seeds}.")
@@ -154,9 +154,9 @@ def _run_sweep(args) -> int:
 
 
 def _run_eval(args) -> int:
-    from cnnjax import datasets, input_pipeline
-    from cnnjax.runs import load_run
-    from cnnjax.steps import evaluate, inference_state, make_eval_step
+    from cnnjax.data import datasets, input_pipeline
+    from cnnjax.training.runs import load_run
+    from cnnjax.training.steps import evaluate, inference_state, make_eval_step
 
     run = load_run(args.run, step=args.step)
     name = args.dataset or run.config.data.dataset

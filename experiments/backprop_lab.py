@@ -10,7 +10,7 @@ four PNGs (xor_loss, gd_variants, rnn_training, grad_norms) into the output dire
    `jax.grad` of the Flax model, and both against central differences; the hand-written Elman
    BPTT against `jax.grad` through `lax.scan`.
 2. The seed's XOR network: 2-2-1 sigmoid, mean squared error, full-batch GD, learning rate 0.1,
-   10,000 epochs, init seed 5 (`cnnjax.descent.XOR_SEED`, chosen because it converges).
+   10,000 epochs, init seed 5 (`cnnjax.lab.descent.XOR_SEED`, chosen because it converges).
 3. Full-batch GD, SGD and mini-batches of 100 on mnist5k (3,200 training digits): a 784-100-10
    sigmoid MLP on hand-written gradients, learning rate 0.1, the same 10 epochs (32,000 examples)
    for each, training loss against examples seen.
@@ -47,12 +47,13 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-from cnnjax import backprop, descent, rnn
+from cnnjax.lab import backprop, descent, rnn
 from cnnjax.config import DataConfig
-from cnnjax.gradcheck import check_gradients
-from cnnjax.input_pipeline import load_data, normalize
-from cnnjax.models import TinySeedCNN
-from cnnjax.report import _pyplot, write_json
+from cnnjax.lab.gradcheck import check_gradients
+from cnnjax.data.input_pipeline import load_data, normalize
+from cnnjax.nn.models import TinySeedCNN
+from cnnjax.report.plots import new_figure
+from cnnjax.report.logs import write_json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,8 +129,7 @@ def xor(cfg: LabConfig, out: pathlib.Path) -> dict:
     seconds = time.perf_counter() - start
     x, _ = descent.xor_data()
     outputs = backprop.forward(backprop.mlp_layers(descent.XOR_MODEL), params, x)[0]
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    fig, ax = new_figure(figsize=(5.5, 3.5))
     ax.semilogy(np.arange(1, len(losses) + 1), losses)
     ax.axhline(0.01, color="gray", ls="--", lw=0.8, label="0.01")
     ax.set(xlabel="epoch", ylabel="mean squared error",
@@ -137,7 +137,6 @@ def xor(cfg: LabConfig, out: pathlib.Path) -> dict:
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "xor_loss.png", dpi=110)
-    plt.close(fig)
     return {"final_loss": final, "outputs": np.asarray(outputs).ravel(), "seconds": seconds}
 
 
@@ -151,8 +150,7 @@ def gd_variants(cfg: LabConfig, data, key, out: pathlib.Path) -> dict:
     loss_and_grad = lambda p, xb, yb: backprop.loss_and_grad(layers, p, xb, yb)
     params0 = model.init(jax.random.fold_in(key, 0), x[:1])["params"]
     results = {}
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = new_figure(figsize=(6, 4))
     sizes = {"batch": None, "sgd": 1, "minibatch": cfg.minibatch}
     for name, batch_size in sizes.items():
         start = time.perf_counter()
@@ -174,7 +172,6 @@ def gd_variants(cfg: LabConfig, data, key, out: pathlib.Path) -> dict:
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "gd_variants.png", dpi=110)
-    plt.close(fig)
     return results
 
 
@@ -215,8 +212,7 @@ def recurrent(cfg: LabConfig, data, key, out: pathlib.Path) -> dict:
             "grad_norm_first_over_last_after": float(norms[name][1][0] / norms[name][1][-1]),
             "history": history}
 
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = new_figure(figsize=(6, 4))
     for name, r in results.items():
         ax.plot([h["epoch"] for h in r["history"]], [h["val_accuracy"] for h in r["history"]],
                 marker="o", ms=3, label=name)
@@ -226,7 +222,6 @@ def recurrent(cfg: LabConfig, data, key, out: pathlib.Path) -> dict:
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "rnn_training.png", dpi=110)
-    plt.close(fig)
 
     # The same quantity over a 4x longer reading of the same digits, at initialization: the
     # RNN's per-step factor compounds over 112 steps, the LSTM's cell state (forget gate ~0.73
@@ -242,7 +237,7 @@ def recurrent(cfg: LabConfig, data, key, out: pathlib.Path) -> dict:
     panels = [("at initialization, 28 steps of 28 px", {k: norms[k][0] for k in ("rnn", "lstm")}),
               ("after training, 28 steps of 28 px", {k: norms[k][1] for k in ("rnn", "lstm")}),
               (f"at initialization, {long_xs.shape[1]} steps of {px} px", long_norms)]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    fig, axes = new_figure(1, 3, figsize=(14, 4))
     for ax, (title, curves) in zip(axes, panels):
         for name, curve in curves.items():
             ax.semilogy(np.arange(1, len(curve) + 1), curve, marker="o", ms=2, label=name)
@@ -251,7 +246,6 @@ def recurrent(cfg: LabConfig, data, key, out: pathlib.Path) -> dict:
     axes[0].legend()
     fig.tight_layout()
     fig.savefig(out / "grad_norms.png", dpi=110)
-    plt.close(fig)
     return {"runs": results,
             "grad_norms": {k: {"before": v[0], "after": v[1]} for k, v in norms.items()},
             "grad_norms_long_at_init": long_norms,

@@ -14,9 +14,11 @@ import csv
 import pathlib
 import time
 
-from cnnjax import Config, input_pipeline, load_run, train_and_evaluate
-from cnnjax.report import _pyplot, read_jsonl
-from cnnjax.steps import evaluate, inference_state, make_eval_step
+from cnnjax import Config, load_run, train_and_evaluate
+from cnnjax.data import input_pipeline
+from cnnjax.report.plots import new_figure
+from cnnjax.report.logs import read_jsonl
+from cnnjax.training.steps import evaluate, inference_state, make_eval_step
 
 AUGMENT = ["augment.rotate=10", "augment.translate=2", "augment.scale=0.1"]
 VARIANTS = {
@@ -73,8 +75,7 @@ def main() -> None:
     (args.out / "comparison.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = new_figure(figsize=(7, 4.5))
     for name, (xs, ys) in curves.items():
         ax.plot(xs, ys, marker="o", ms=3, label=name)
     ax.set(xlabel="epoch", ylabel="validation accuracy", title=f"mnist5k, seed {args.seed}")

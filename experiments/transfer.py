@@ -30,11 +30,13 @@ import time
 import jax
 import numpy as np
 
-from cnnjax import Config, input_pipeline, train_and_evaluate, transfer
-from cnnjax.models import build_model
-from cnnjax.optim import make_plateau
-from cnnjax.report import _pyplot
-from cnnjax.steps import create_train_state, evaluate, make_eval_step, make_train_step
+from cnnjax import Config, train_and_evaluate
+from cnnjax.data import input_pipeline
+from cnnjax.training import transfer
+from cnnjax.nn.models import build_model
+from cnnjax.training.optim import make_plateau
+from cnnjax.report.plots import new_figure
+from cnnjax.training.steps import create_train_state, evaluate, make_eval_step, make_train_step
 
 FIRST, SECOND = "0,1,2,3,4", "5,6,7,8,9"
 VARIANTS = {
@@ -166,8 +168,7 @@ def main() -> None:
     (args.out / "transfer.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = new_figure(figsize=(7, 4.5))
     xs = [max(s, 1) for s in at]  # step 0 is drawn at 1 on the log axis
     for name in curves:
         ys = [table[name, s]["mean_accuracy"] for s in at]

@@ -19,10 +19,10 @@ import optax
 import pytest
 from hypothesis import assume, given, settings, strategies as st
 
-from cnnjax import backprop, descent
-from cnnjax.gradcheck import check_gradients
-from cnnjax.geometry import output_size
-from cnnjax.models import SeedCNN, TinySeedCNN
+from cnnjax.lab import backprop, descent
+from cnnjax.lab.gradcheck import check_gradients
+from cnnjax.nn.geometry import output_size
+from cnnjax.nn.models import SeedCNN, TinySeedCNN
 
 TOL = 1e-5
 PROPERTY = settings(max_examples=6, deadline=None)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cnnjax import Config, load_run, train_and_evaluate
-from cnnjax.checkpoint import Checkpointer
+from cnnjax.training.checkpoint import Checkpointer
 from cnnjax.cli import main
 
 # Dropout and augmentation on: their draws must replay too. 50 steps per epoch, a log line every 10.
@@ -107,11 +107,11 @@ def test_damaged_latest_checkpoint_is_skipped(uninterrupted, tmp_path):
 
 def _abstract(run):
     import jax
-    from cnnjax.datasets import get_spec
-    from cnnjax.models import build_model
-    from cnnjax.optim import make_optimizer, make_plateau
-    from cnnjax.runs import load_config
-    from cnnjax.steps import create_train_state
+    from cnnjax.data.datasets import get_spec
+    from cnnjax.nn.models import build_model
+    from cnnjax.training.optim import make_optimizer, make_plateau
+    from cnnjax.training.runs import load_config
+    from cnnjax.training.steps import create_train_state
     cfg = load_config(run)
     model = build_model(cfg.model, 10)
     return jax.eval_shape(lambda: create_train_state(model, make_optimizer(cfg.optim),

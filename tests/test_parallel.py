@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cnnjax import Config, load_run, train_and_evaluate
-from cnnjax.report import read_jsonl
+from cnnjax.report.logs import read_jsonl
 
 # Batch norm, dropout and augmentation all on: their statistics and draws must not depend on the
 # device count. One epoch of 50 steps, a checkpoint every 20.
@@ -104,7 +104,7 @@ def test_batch_that_does_not_split_is_refused(tmp_path):
 
 
 def test_eval_pads_to_the_device_count():
-    from cnnjax.input_pipeline import eval_batches
+    from cnnjax.data.input_pipeline import eval_batches
     images, labels = np.zeros((13, 28, 28, 1), np.uint8), np.arange(13, dtype=np.int32)
     halves = [list(eval_batches(images, labels, 8, part=(i, 2))) for i in range(2)]
     masks = np.concatenate([np.concatenate([a["mask"], b["mask"]]) for a, b in zip(*halves)])

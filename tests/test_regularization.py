@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from cnnjax import Config, train_and_evaluate
-from cnnjax.augment import Compose, from_config, random_rotation, warp
+from cnnjax.data.augment import Compose, from_config, random_rotation, warp
 from cnnjax.config import AugmentConfig, ModelConfig
-from cnnjax.layers import ExampleDropout
-from cnnjax.models import build_model
+from cnnjax.nn.layers import ExampleDropout
+from cnnjax.nn.models import build_model
 
 
 def digit_like(n=4, size=28, seed=0):
@@ -100,7 +100,7 @@ def test_dropout_masks_identical_on_1_and_8_devices(tmp_path):
     script = textwrap.dedent("""
         import json, jax, jax.numpy as jnp, numpy as np
         from jax.sharding import Mesh, PartitionSpec as P
-        from cnnjax.layers import ExampleDropout
+        from cnnjax.nn.layers import ExampleDropout
         assert jax.device_count() == 8, jax.devices()
         x = jnp.ones((16, 32)); ids = jnp.arange(100, 116); key = jax.random.key(3)
         f = lambda x, ids: ExampleDropout(0.5).apply({}, x, ids, False, rngs={"dropout": key})

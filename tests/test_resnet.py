@@ -3,7 +3,7 @@
 The torch model is torchvision's `ResNet`/`BasicBlock` code reduced to what ResNet-18/34 use
 (torchvision itself is not a dependency): random weights, random batch-norm affine parameters and
 running statistics, eval mode. Its state_dict is saved to a file the way a user's torchvision
-weights would be, read back by `cnnjax.convert`, and both models' logits on one batch must agree
+weights would be, read back by `cnnjax.nn.convert`, and both models' logits on one batch must agree
 to 1e-4.
 """
 
@@ -21,10 +21,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from torch import nn  # noqa: E402
 
-from cnnjax import convert  # noqa: E402
+from cnnjax.nn import convert
 from cnnjax.config import ModelConfig  # noqa: E402
-from cnnjax.models import build_model  # noqa: E402
-from cnnjax.resnet import ResNet18, ResNet34, TinyResNet  # noqa: E402
+from cnnjax.nn.models import build_model  # noqa: E402
+from cnnjax.nn.resnet import ResNet18, ResNet34, TinyResNet  # noqa: E402
 
 
 # --- torchvision.models.resnet, BasicBlock only ------------------------------------------------

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from cnnjax import datasets, rnn
-from cnnjax.gradcheck import check_gradients
+from cnnjax.data import datasets
+from cnnjax.lab import rnn
+from cnnjax.lab.gradcheck import check_gradients
 
 
 def rel_error(a, b) -> float:

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from cnnjax import Config, train_and_evaluate
-from cnnjax.augment import from_config
+from cnnjax.data.augment import from_config
 from cnnjax.config import AugmentConfig, ModelConfig, OptimConfig
-from cnnjax.models import build_model
-from cnnjax.optim import make_optimizer, make_plateau
-from cnnjax.steps import CPU_MICROBATCH, create_train_state, grad_passes, make_train_step, train_step_fn
+from cnnjax.nn.models import build_model
+from cnnjax.training.optim import make_optimizer, make_plateau
+from cnnjax.training.steps import CPU_MICROBATCH, create_train_state, grad_passes, make_train_step, train_step_fn
 
 
 def test_grad_passes_picks_cache_sized_passes_on_cpu():
@@ -100,7 +100,7 @@ SHARDED = textwrap.dedent("""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     sys.path.insert(0, {tests!r})
     from test_steps import _setup
-    from cnnjax.steps import make_train_step
+    from cnnjax.training.steps import make_train_step
     assert jax.device_count() == 2
     model, tx, state, batch, augment = _setup(64, seed=3)
     key = jax.random.key(4)
@@ -138,7 +138,7 @@ def test_passes_on_a_batch_sharded_over_two_devices():
 def test_eval_passes_sum_to_the_whole_batch():
     """1,000 rows (with 37 padding rows masked out) run as 4 passes of 250 on CPU; the sums equal
     one forward over the batch, counted in numpy."""
-    from cnnjax.steps import CPU_EVAL_MICROBATCH, make_eval_step
+    from cnnjax.training.steps import CPU_EVAL_MICROBATCH, make_eval_step
 
     model, _, state, _, _ = _setup(8)
     rng = np.random.default_rng(7)

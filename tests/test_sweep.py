@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from cnnjax.config import Config, OptimConfig
-from cnnjax.models import TinySeedCNN
-from cnnjax.optim import make_optimizer, make_plateau
-from cnnjax.steps import create_train_state, make_train_step, train_step_fn
-from cnnjax.sweep import init_states, loop_step, make_sweep_step, run_sweep, unstack
-from cnnjax.train import seed_keys, train_and_evaluate
+from cnnjax.nn.models import TinySeedCNN
+from cnnjax.training.optim import make_optimizer, make_plateau
+from cnnjax.training.steps import create_train_state, make_train_step, train_step_fn
+from cnnjax.training.sweep import init_states, loop_step, make_sweep_step, run_sweep, unstack
+from cnnjax.training.loop import seed_keys, train_and_evaluate
 
 IMAGE_SHAPE = (28, 28, 1)
 

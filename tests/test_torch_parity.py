@@ -30,8 +30,8 @@ import optax  # noqa: E402
 from torch import nn  # noqa: E402
 
 from cnnjax.config import OptimConfig  # noqa: E402
-from cnnjax.models import SeedCNN  # noqa: E402
-from cnnjax.optim import make_optimizer, make_plateau, plateau_step  # noqa: E402
+from cnnjax.nn.models import SeedCNN  # noqa: E402
+from cnnjax.training.optim import make_optimizer, make_plateau, plateau_step  # noqa: E402
 
 MEAN, STD = 0.1307, 0.3081  # the seed's transforms.Normalize constants
 IMAGE_HW = (28, 28)
@@ -332,7 +332,7 @@ def test_plateau_rule_matches_reduce_lr_on_plateau(patience):
 @functools.cache
 def cnnjax_training(microbatch=None):
     """The model, optimizer, plateau rule and compiled train step, built once per microbatch."""
-    from cnnjax.steps import make_train_step  # imports the data modules
+    from cnnjax.training.steps import make_train_step  # imports the data modules
 
     cfg = OptimConfig()
     model, tx, plateau = SeedCNN(), make_optimizer(cfg), make_plateau(cfg)
@@ -344,7 +344,7 @@ def test_train_step_matches_one_torch_step(plateau_scale, microbatch):
     """`make_train_step` (uint8 in, normalized inside, loss, grads, coupled decay, AMSGrad, plateau
     scale; in one pass, or in four passes of 16 images) against the seed's torch step with
     lr = 1e-3 * scale."""
-    from cnnjax.steps import create_train_state
+    from cnnjax.training.steps import create_train_state
 
     model, tx, plateau, train_step = cnnjax_training(microbatch)
     reference = torch_seed_cnn("seed", seed=3)

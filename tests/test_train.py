@@ -8,8 +8,8 @@ import pytest
 
 from cnnjax import Config, load_run, train_and_evaluate
 from cnnjax.cli import main
-from cnnjax.datasets import load
-from cnnjax.report import read_jsonl
+from cnnjax.data.datasets import load
+from cnnjax.report.logs import read_jsonl
 
 SMALL = ["model.features=8,16", "model.dense=32", "train.epochs=2", "train.batch_size=64",
          "train.progress=false", "train.log_every=10"]

@@ -12,13 +12,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnnjax import checkpoint, convert, transfer
+from cnnjax.training import checkpoint, transfer
+from cnnjax.nn import convert
 from cnnjax.config import Config, DataConfig
-from cnnjax.input_pipeline import data_spec, select_classes
-from cnnjax.models import SeedCNN
-from cnnjax.optim import make_optimizer, make_plateau
-from cnnjax.resnet import TinyResNet
-from cnnjax.steps import create_train_state, make_train_step
+from cnnjax.data.input_pipeline import data_spec, select_classes
+from cnnjax.nn.models import SeedCNN
+from cnnjax.training.optim import make_optimizer, make_plateau
+from cnnjax.nn.resnet import TinyResNet
+from cnnjax.training.steps import create_train_state, make_train_step
 
 IMAGE_SHAPE = (28, 28, 1)
 # Two stages instead of four: compiling the train step is most of these tests' time.

@@ -21,13 +21,13 @@ import pytest
 
 from cnnjax import Config, load_run, train_and_evaluate
 from cnnjax.cli import main
-from cnnjax.datasets import load
-from cnnjax.geometry import output_shape
-from cnnjax.input_pipeline import load_data, normalize
-from cnnjax.models import SeedCNN
+from cnnjax.data.datasets import load
+from cnnjax.nn.geometry import output_shape
+from cnnjax.data.input_pipeline import load_data, normalize
+from cnnjax.nn.models import SeedCNN
 from cnnjax.visualize import (ActMaxConfig, activation_maximization, attribution, capture,
                               dead_filter_count, filter_health, list_layers)
-from cnnjax.visualize.capture import last_feature_layer, preactivation, top_level
+from cnnjax.nn.capture import last_feature_layer, preactivation, top_level
 from cnnjax.visualize.feature_maps import normalize_channels, tile
 
 SMALL = ["model.features=8,16", "model.dense=32", "train.epochs=1", "train.progress=false"]
@@ -99,7 +99,7 @@ def test_capture_follows_batch_norm_and_names_unknown_layers():
 
 
 def test_capture_and_grad_cam_reach_inside_a_resnet():
-    resnet = pytest.importorskip("cnnjax.resnet")
+    resnet = pytest.importorskip("cnnjax.nn.resnet")
     model = resnet.TinyResNet(num_classes=10)
     x = jnp.zeros((2, 28, 28, 1))
     variables = jax.eval_shape(model.init, jax.random.key(0), x)

@@ -1,16 +1,16 @@
 """Seeing inside a trained CNN: feature maps, activation maximization, attributions, filter health.
 
-One module per responsibility: `capture` (layer outputs of any named Flax model), `feature_maps`
+One module per responsibility (layer capture and filter statistics are `cnnjax.nn`'s): `feature_maps`
 (channel grids, the hierarchy overview), `actmax`, `attribution` (gradient, SmoothGrad, Integrated
-Gradients, Grad-CAM), `filter_health`, `html_report` (the self-contained page) and `run_report`
+Gradients, Grad-CAM), `filter_health` (its figure), `html_report` (the self-contained page) and `run_report`
 (`visualize_run`, what `cnnjax visualize` calls).
 """
 
 from cnnjax.visualize.actmax import ActMaxConfig, ActMaxResult, activation_maximization
 from cnnjax.visualize.attribution import (completeness_gap, grad_cam, gradient, integrated_gradients,
                                           logits_fn, smoothgrad, spearman)
-from cnnjax.visualize.capture import Layer, capture, conv_layers, list_layers, run_layers
-from cnnjax.visualize.filter_health import FilterHealth, dead_filter_count, filter_health
+from cnnjax.nn.capture import Layer, capture, conv_layers, list_layers, run_layers
+from cnnjax.nn.health import FilterHealth, dead_filter_count, filter_health
 from cnnjax.visualize.run_report import visualize_run
 
 __all__ = ["ActMaxConfig", "ActMaxResult", "FilterHealth", "Layer", "activation_maximization",

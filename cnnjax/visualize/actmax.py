@@ -27,7 +27,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from cnnjax.visualize.capture import LOGITS, list_layers, run_layers
+from cnnjax.nn.capture import LOGITS, list_layers, run_layers
 from cnnjax.visualize.feature_maps import colorize, tile
 
 

@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnnjax.visualize.capture import inference_variables, run_layers
+from cnnjax.report.plots import new_figure
+from cnnjax.nn.capture import inference_variables, run_layers
 
 LogitsFn = Callable[[jax.Array], jax.Array]
 
@@ -160,12 +161,8 @@ def overlay_figure(images: np.ndarray, maps: Mapping[str, np.ndarray], row_title
     `images` is (N, H, W, C) in display range [0, 1]; each map (N, H, W) is scaled to its own
     example's maximum, so the colours compare pixels within a map, not across methods.
     """
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     n, cols = len(images), 1 + len(maps)
-    fig, axes = plt.subplots(n, cols, figsize=(1.9 * cols, 1.9 * n), squeeze=False)
+    fig, axes = new_figure(n, cols, figsize=(1.9 * cols, 1.9 * n), squeeze=False)
     gray = images.mean(axis=-1)
     for i in range(n):
         axes[i, 0].imshow(images[i] if images.shape[-1] == 3 else gray[i], cmap="gray", vmin=0, vmax=1)

@@ -11,16 +11,13 @@ import math
 import pathlib
 from typing import Mapping, Sequence
 
+import matplotlib
+import matplotlib.image
 import numpy as np
 
+from cnnjax.report.plots import new_figure
+
 SCALES = ("channel", "shared")
-
-
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
 
 
 def normalize_channels(fmap: np.ndarray, scale: str = "channel") -> np.ndarray:
@@ -53,8 +50,7 @@ def tile(images: np.ndarray, cols: int | None = None, pad: int = 1, fill: float 
 
 def colorize(grid: np.ndarray, cmap: str = "viridis", gap: float = 1.0) -> np.ndarray:
     """[0, 1] values -> RGBA uint8; NaN (the gaps between tiles) becomes grey level `gap`."""
-    plt = _pyplot()
-    rgba = plt.get_cmap(cmap)(np.nan_to_num(grid, nan=0.0))
+    rgba = matplotlib.colormaps[cmap](np.nan_to_num(grid, nan=0.0))
     rgba[np.isnan(grid)] = (gap, gap, gap, 1.0)
     return (rgba * 255).round().astype(np.uint8)
 
@@ -65,7 +61,7 @@ def channel_grid(fmap: np.ndarray, scale: str = "channel", cmap: str = "viridis"
 
 
 def save_png(path: pathlib.Path, rgba: np.ndarray) -> pathlib.Path:
-    _pyplot().imsave(path, rgba)
+    matplotlib.image.imsave(path, rgba)
     return path
 
 
@@ -75,9 +71,8 @@ def overview_figure(image: np.ndarray, maps: Mapping[str, np.ndarray], scale: st
 
     `image` is (H, W, C) in display range [0, 1]; maps are (H, W, C) per layer, in call order.
     """
-    plt = _pyplot()
     rows = 1 + len(maps)
-    fig, axes = plt.subplots(rows, max_channels, figsize=(max_channels * 0.75, rows * 0.95),
+    fig, axes = new_figure(rows, max_channels, figsize=(max_channels * 0.75, rows * 0.95),
                              squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
@@ -97,9 +92,7 @@ def overview_figure(image: np.ndarray, maps: Mapping[str, np.ndarray], scale: st
 
 
 def save_figure(fig, path: pathlib.Path, dpi: int = 100) -> pathlib.Path:
-    plt = _pyplot()
     fig.savefig(path, dpi=dpi)
-    plt.close(fig)
     return path
 
 

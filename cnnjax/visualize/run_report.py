@@ -16,12 +16,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnnjax import datasets, input_pipeline, report
-from cnnjax.runs import Run, load_run
+from cnnjax.data import datasets, input_pipeline
+from cnnjax.report import logs as report
+from cnnjax.training.runs import Run, load_run
 from cnnjax.visualize import attribution, feature_maps, html_report as H
 from cnnjax.visualize.actmax import ActMaxConfig, activation_maximization, actmax_grid
-from cnnjax.visualize.capture import Layer, capture, last_feature_layer, list_layers, top_level
-from cnnjax.visualize.filter_health import filter_health, health_figure
+from cnnjax.nn.capture import Layer, capture, last_feature_layer, list_layers, top_level
+from cnnjax.nn.health import filter_health
+from cnnjax.report.plots import plot_run
+from cnnjax.visualize.filter_health import health_figure
 
 DEFAULT_IMAGES = 4  # the first test image of each of the first classes
 CURVES = ("loss.png", "accuracy.png", "learning_rate.png", "grad_norm.png", "confusion_matrix.png")
@@ -165,7 +168,7 @@ def _run_section(run: Run, table: Sequence[Layer]) -> str:
 
 def _curves_section(run_dir: pathlib.Path) -> str:
     if not any((run_dir / n).exists() for n in CURVES) and (run_dir / "metrics.jsonl").exists():
-        report.plot_run(run_dir)
+        plot_run(run_dir)
     found = [run_dir / n for n in CURVES if (run_dir / n).exists()]
     if not found:
         return H.note("No training plots or metrics.jsonl in the run directory.")

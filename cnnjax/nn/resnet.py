@@ -39,8 +39,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cnnjax.geometry import output_shape
-from cnnjax.layers import global_avg_pool, max_pool
+from cnnjax.nn.geometry import output_shape
+from cnnjax.nn.layers import global_avg_pool, max_pool
 
 
 # Both initializers draw a flat vector and reshape it. Same distribution as flax's variance_scaling;

@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cnnjax.augment import Compose
-from cnnjax.input_pipeline import normalize
+from cnnjax.data.augment import Compose
+from cnnjax.data.input_pipeline import normalize
 
 # Streams folded into each step's key, so dropout and augmentation never share a draw.
 DROPOUT_STREAM, AUGMENT_STREAM = 1, 2

@@ -14,8 +14,6 @@ byte, as one that never stopped.
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import json
 import pathlib
 import statistics
 import time
@@ -26,64 +24,15 @@ import numpy as np
 from flax.training.early_stopping import EarlyStopping
 from tqdm.auto import tqdm
 
-from cnnjax import augment, checkpoint, input_pipeline, parallel, report, transfer
+from cnnjax.data import augment, input_pipeline
+from cnnjax.training import checkpoint, parallel, rundir, transfer
+from cnnjax.report import logs as report, plots
 from cnnjax.config import Config
-from cnnjax.models import build_model, check_geometry, count_params, has_batch_stats
-from cnnjax.optim import make_plateau, plateau_step
-from cnnjax.visualize.filter_health import dead_filter_count
-from cnnjax.steps import (AUGMENT_STREAM, create_train_state, evaluate, grad_passes, make_eval_step,
+from cnnjax.nn.models import build_model, check_geometry, count_params, has_batch_stats
+from cnnjax.training.optim import make_plateau, plateau_step
+from cnnjax.nn.health import dead_filter_count
+from cnnjax.training.steps import (AUGMENT_STREAM, create_train_state, evaluate, grad_passes, make_eval_step,
                           make_train_step)
-
-DEFAULT_ROOT = pathlib.Path("checkpoints")
-
-
-def default_run_dir(cfg: Config, root: pathlib.Path = DEFAULT_ROOT) -> pathlib.Path:
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return root / f"{cfg.data.dataset}-{cfg.model.name}-s{cfg.train.seed}-{stamp}"
-
-
-# Fields that change how a run is displayed, not what it computes: a resumed run may differ in them.
-DISPLAY_ONLY = {"train.progress"}
-
-
-def config_differences(saved: Config, wanted: Config) -> list[str]:
-    """'section.field: saved -> wanted' for every field that differs, display-only ones aside."""
-    diffs = []
-    for section, fields in wanted.to_dict().items():
-        for name, value in fields.items():
-            key, old = f"{section}.{name}", saved.to_dict()[section][name]
-            if old != value and key not in DISPLAY_ONLY:
-                diffs.append(f"{key}: {old!r} -> {value!r}")
-    return diffs
-
-
-def _open_run_dir(run_dir: pathlib.Path, cfg: Config, primary: bool = True) -> bool:
-    """Creates the run directory or checks it can be resumed with `cfg`; True when resuming.
-
-    Only the primary process creates files; the others only read what is already there.
-    """
-    if (run_dir / "summary.json").exists():
-        raise FileExistsError(f"run directory {run_dir} already holds a finished run; choose another "
-                              f"--run-dir or delete it.")
-    saved_path = run_dir / "config.json"
-    has_checkpoint = (run_dir / checkpoint.CKPT_DIR).is_dir() and any(
-        p.name.isdigit() for p in (run_dir / checkpoint.CKPT_DIR).iterdir())
-    if not has_checkpoint:
-        if not primary:
-            return False
-        if (run_dir / "metrics.jsonl").exists():
-            raise FileExistsError(f"run directory {run_dir} holds a run with no checkpoint to resume "
-                                  f"from; choose another --run-dir or delete it.")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        saved_path.write_text(cfg.to_json() + "\n", encoding="utf-8")
-        return False
-    diffs = config_differences(Config.from_dict(json.loads(saved_path.read_text())), cfg)
-    if diffs:
-        raise ValueError(f"refusing to resume {run_dir} with a different config:\n  "
-                         + "\n  ".join(diffs) + "\nResume with the run's own config "
-                         f"(cnnjax train --resume {run_dir}) or train into a new --run-dir.")
-    return True
-
 
 @dataclasses.dataclass
 class Progress:
@@ -188,8 +137,8 @@ def train_and_evaluate(cfg: Config, run_dir: pathlib.Path | str | None = None, *
     primary = par.is_primary
     if run_dir is None and jax.process_count() > 1:
         raise ValueError("a multi-process run needs an explicit --run-dir shared by every process.")
-    run_dir = pathlib.Path(run_dir if run_dir is not None else default_run_dir(cfg))
-    resuming = _open_run_dir(run_dir, cfg, primary)
+    run_dir = pathlib.Path(run_dir if run_dir is not None else rundir.default_run_dir(cfg))
+    resuming = rundir.open_run_dir(run_dir, cfg, primary)
     ckpt = checkpoint.Checkpointer(run_dir, tc.keep_checkpoints, tc.async_checkpointing)
 
     init_rng, train_rng = seed_keys(tc.seed)
@@ -211,7 +160,7 @@ def train_and_evaluate(cfg: Config, run_dir: pathlib.Path | str | None = None, *
     eval_step = make_eval_step(model, data.spec.mean, data.spec.std, data.spec.num_classes)
     if augmenter.transforms and not resuming and primary:
         sample = np.linspace(0, len(train_labels) - 1, 16).astype(np.int32)
-        report.augmentation_grid(run_dir / "augmentations.png", augmenter, train_images[sample],
+        plots.augmentation_grid(run_dir / "augmentations.png", augmenter, train_images[sample],
                                  jax.random.fold_in(jax.random.fold_in(train_rng, 0), AUGMENT_STREAM),
                                  sample)
     metrics_log = report.JsonlWriter(run_dir / "metrics.jsonl", progress.metrics_lines, primary)
@@ -336,5 +285,5 @@ def train_and_evaluate(cfg: Config, run_dir: pathlib.Path | str | None = None, *
     summary["dead_filters"] = dead_filter_count(
         model, {"params": best_state.params, "batch_stats": best_state.batch_stats}, data.val[0], data.spec)
     report.write_json(run_dir / "summary.json", summary)
-    report.plot_run(run_dir)
+    plots.plot_run(run_dir)
     return {**summary, "run_dir": str(run_dir)}

@@ -12,13 +12,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnnjax import checkpoint, datasets, input_pipeline, transfer
+from cnnjax.training import checkpoint, transfer
+from cnnjax.data import datasets, input_pipeline
 from cnnjax.config import Config
-from cnnjax.input_pipeline import as_nhwc, normalize
-from cnnjax.models import build_model
-from cnnjax.optim import make_plateau
-from cnnjax.parallel import DataParallel
-from cnnjax.steps import create_train_state
+from cnnjax.data.input_pipeline import as_nhwc, normalize
+from cnnjax.nn.models import build_model
+from cnnjax.training.optim import make_plateau
+from cnnjax.training.parallel import DataParallel
+from cnnjax.training.steps import create_train_state
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,11 +32,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cnnjax.geometry import Padding, explicit_padding, output_size
-from cnnjax.models import SeedCNN
+from cnnjax.nn.geometry import Padding, explicit_padding, output_size
+from cnnjax.nn.models import SeedCNN
 
 Pair = tuple[int, int]
-# One padding for both spatial axes (as cnnjax.geometry reads it), or one (lo, hi) pair per axis.
+# One padding for both spatial axes (as cnnjax.nn.geometry reads it), or one (lo, hi) pair per axis.
 ConvPadding = Union[Padding, Sequence[Sequence[int]]]
 
 
@@ -55,7 +55,7 @@ def resolve_padding(padding: ConvPadding, window: Pair, stride: Pair, hw: Pair, 
     """((lo, hi), (lo, hi)): the zero padding of each spatial axis, from any padding form accepted.
 
     One form for both axes ('valid', 'same', P, (lo, hi)) is resolved per axis by
-    `cnnjax.geometry.explicit_padding`; two (lo, hi) pairs are taken as they are, one per axis.
+    `cnnjax.nn.geometry.explicit_padding`; two (lo, hi) pairs are taken as they are, one per axis.
     """
     per_axis = (not isinstance(padding, (str, int)) and len(padding) == 2
                 and all(not isinstance(p, int) for p in padding))
@@ -185,7 +185,7 @@ def max_pool_backward(x: jax.Array, delta: jax.Array, window: int | Pair = 2,
 
 def avg_pool_forward(x: jax.Array, window: int | Pair = 2, stride: int | Pair | None = None,
                      padding: ConvPadding = 0, layer: str = "avg_pool") -> jax.Array:
-    """Mean of each window; padded zeros count (count_include_pad=True, as in cnnjax.layers)."""
+    """Mean of each window; padded zeros count (count_include_pad=True, as in cnnjax.nn.layers)."""
     stride = window if stride is None else stride
     window, stride, pads, out = _geometry(x, window, stride, padding, layer)
     return _patches(_pad(x, pads, 0.0), window, stride, out).mean(axis=(3, 4))
@@ -340,7 +340,7 @@ class Activation:
 
 @dataclasses.dataclass(frozen=True)
 class Flatten:
-    """(N, ...) -> (N, features) in NHWC order, as `cnnjax.layers.flatten`."""
+    """(N, ...) -> (N, features) in NHWC order, as `cnnjax.nn.layers.flatten`."""
 
     name: str | None = None
 
@@ -420,7 +420,7 @@ def mlp_layers(model: MLP) -> tuple[Layer, ...]:
 
 
 def seed_cnn_layers(model: nn.Module) -> tuple[Layer, ...]:
-    """The chain that computes a `cnnjax.models.SeedCNN` in evaluation mode, named as its params.
+    """The chain that computes a `cnnjax.nn.models.SeedCNN` in evaluation mode, named as its params.
 
     Dropout is the identity in evaluation mode, so the gradient is that of `model.apply(v, x)`.
     Batch norm is not written out here: a model with `batch_norm=True` raises.

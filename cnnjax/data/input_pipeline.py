@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnnjax import datasets
+from cnnjax.data import datasets
 from cnnjax.config import DataConfig
 
 _SPLIT_STREAM = 0x5EED  # keeps the validation split's draw apart from the epoch shuffles

@@ -26,8 +26,8 @@ import numpy as np
 import optax
 from jax import lax
 
-from cnnjax import backprop
-from cnnjax.input_pipeline import normalize
+from cnnjax.lab import backprop
+from cnnjax.data.input_pipeline import normalize
 
 CELLS = {"rnn": nn.SimpleCell, "lstm": nn.OptimizedLSTMCell}
 
@@ -155,7 +155,7 @@ def elman_bptt(params: dict, xs: jax.Array, labels: jax.Array, truncate: int | N
         ∂L/∂W_i += x_t^T δz_t,  ∂L/∂b_i += Σ_n δz_t,  ∂L/∂W_h += h_{t-1}^T δz_t
         δh_{t-1} = δz_t W_h^T                           (zero where truncation cut the carry)
     The parameters are shared by all steps, so their gradients sum over steps: BP3 and BP4 of
-    `cnnjax.backprop` applied to the network unrolled in time. Same params tree as
+    `cnnjax.lab.backprop` applied to the network unrolled in time. Same params tree as
     `RecurrentClassifier(cell='rnn')`.
     """
     w_i, b_i = params["cell"]["i"]["kernel"], params["cell"]["i"]["bias"]

@@ -19,7 +19,7 @@ How the optimizer treats each parameter is a label given by its path (`param_lab
 composed by `optax.multi_transform`. The schedule lives in the optimizer state, so it is saved with
 every checkpoint and a resumed run unfreezes at the same step. Frozen batch norm layers must also
 stay in inference mode, which the optimizer cannot see: `model_for_epoch` hands the model its
-frozen prefixes (`cnnjax.resnet.ResNet.frozen`) for the epoch, which the loop recompiles for at the
+frozen prefixes (`cnnjax.nn.resnet.ResNet.frozen`) for the epoch, which the loop recompiles for at the
 unfreezing epoch, once.
 """
 
@@ -36,10 +36,11 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from cnnjax import checkpoint, convert
+from cnnjax.training import checkpoint
+from cnnjax.nn import convert
 from cnnjax.config import Config, ModelConfig, TransferConfig
-from cnnjax.optim import make_optimizer
-from cnnjax.resnet import RESNETS, is_frozen
+from cnnjax.training.optim import make_optimizer
+from cnnjax.nn.resnet import RESNETS, is_frozen
 
 BACKBONE = "backbone"  # in transfer.freeze: every top-level module outside transfer.head
 WEIGHT_FILES = (".pth", ".pt", ".bin", ".safetensors")

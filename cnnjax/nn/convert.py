@@ -10,7 +10,7 @@ names the torch key it comes from, by the module path joined with '.' and the le
     params/.../scale                           .../weight (BatchNorm)
     batch_stats/.../mean, .../var              .../running_mean, running_var
 
-So `params/layer2/0/downsample/0/kernel` reads `layer2.0.downsample.0.weight`: `cnnjax.resnet`
+So `params/layer2/0/downsample/0/kernel` reads `layer2.0.downsample.0.weight`: `cnnjax.nn.resnet`
 names its modules as torchvision does. `num_batches_tracked` is ignored (Flax BN has a fixed
 momentum). Every problem, a missing key, a shape that does not fit, a key nothing reads, is
 collected and raised as one ValueError naming each key, both shapes and the Flax path.

@@ -17,10 +17,10 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from cnnjax.config import ModelConfig
-from cnnjax.conv import Conv
-from cnnjax.geometry import Padding, explicit_padding, output_shape
-from cnnjax.layers import POOLS, ExampleDropout, Pool, flatten
-from cnnjax.resnet import RESNETS
+from cnnjax.nn.conv import Conv
+from cnnjax.nn.geometry import Padding, explicit_padding, output_shape
+from cnnjax.nn.layers import POOLS, ExampleDropout, Pool, flatten
+from cnnjax.nn.resnet import RESNETS
 
 conv_init = nn.initializers.normal(stddev=0.01)
 dense_init = nn.initializers.xavier_uniform()

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from cnnjax import backprop
+from cnnjax.lab import backprop
 
 # name -> batch size; None is the whole training set.
 VARIANTS: dict[str, int | None] = {"batch": None, "sgd": 1, "minibatch": 100}

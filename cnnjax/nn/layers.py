@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 from jax import lax
 
-from cnnjax.geometry import Padding, explicit_padding, output_shape
+from cnnjax.nn.geometry import Padding, explicit_padding, output_shape
 
 
 def _pool(x: jax.Array, reduce: str, window: int, stride: int | None, padding: Padding,

@@ -32,14 +32,15 @@ import numpy as np
 
 from flax.training.early_stopping import EarlyStopping
 
-from cnnjax import augment, input_pipeline, report
+from cnnjax.data import augment, input_pipeline
+from cnnjax.report import logs as report
 from cnnjax.config import Config
-from cnnjax.models import build_model, check_geometry, has_batch_stats
-from cnnjax.optim import make_optimizer, make_plateau, plateau_step
-from cnnjax.steps import (create_train_state, evaluate, grad_passes, make_eval_step,
+from cnnjax.nn.models import build_model, check_geometry, has_batch_stats
+from cnnjax.training.optim import make_optimizer, make_plateau, plateau_step
+from cnnjax.training.steps import (create_train_state, evaluate, grad_passes, make_eval_step,
                           make_train_step, train_compiler_options, train_step_fn)
-from cnnjax.train import StepLog, seed_keys
-from cnnjax.transfer import is_plain
+from cnnjax.training.loop import StepLog, seed_keys
+from cnnjax.training.transfer import is_plain
 
 
 def stack(trees: Sequence[Any]) -> Any:

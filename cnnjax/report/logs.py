@@ -1,0 +1,64 @@
+"""The run's logs: JSON lines for metrics and timing, JSON for the config and summary.
+
+`metrics.jsonl` holds only deterministic figures (a rerun with the same seed writes the same bytes);
+wall-clock figures go to `timing.jsonl` beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+from typing import Any, Iterable
+
+import numpy as np
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, (np.generic, np.ndarray)):
+        return _clean(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf; keep the line parseable
+    return value
+
+
+class JsonlWriter:
+    """Appends one JSON object per line, flushed at once so a crash loses nothing written."""
+
+    def __init__(self, path: pathlib.Path, keep_lines: int = 0, enabled: bool = True):
+        """Opens `path` keeping its first `keep_lines` lines: a resumed run drops whatever was
+        logged after the checkpoint it resumes from, so the log replays exactly. A disabled writer
+        (processes other than the first) only counts lines."""
+        self.path, self.lines, self._file = path, keep_lines, None
+        if not enabled:
+            return
+        kept = path.read_text(encoding="utf-8").splitlines(True)[:keep_lines] if path.exists() else []
+        if len(kept) < keep_lines:
+            raise ValueError(f"{path} has {len(kept)} lines, the checkpoint expects {keep_lines}; "
+                             f"the log was altered after the checkpoint was written.")
+        self._file = open(path, "w", encoding="utf-8")
+        self._file.writelines(kept)
+        self._file.flush()
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps(_clean(record), sort_keys=True) + "\n")
+            self._file.flush()
+        self.lines += 1
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+def read_jsonl(path: pathlib.Path) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_json(path: pathlib.Path, obj: Any) -> None:
+    path.write_text(json.dumps(_clean(obj), indent=2, sort_keys=True) + "\n", encoding="utf-8")
