@@ -7,6 +7,12 @@ writes each step into a temporary directory and renames it when complete, so a c
 leaves the previous checkpoints intact. Kept: the last `keep` saves plus the best by validation
 loss. Nothing on the load path unpickles.
 
+Every step also holds `checksums.json`, the sha256 of each of its files, written into the temporary
+directory before orbax's rename so that a committed step always has one. A restore checks it first:
+a truncated, garbled, bit-flipped or missing file makes the step damaged before orbax reads a byte.
+Resuming skips a damaged step to the next older one and moves it aside as `damaged-<step>` (kept
+for inspection, never taken again, and out of the way of the step's re-save).
+
 Restores go into an abstract state from `jax.eval_shape`, after comparing every array's shape with
 the checkpoint's metadata, so a checkpoint of another architecture is refused with each mismatched
 path named before any data is read.
@@ -14,7 +20,10 @@ path named before any data is read.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import pathlib
 import time
 import warnings
@@ -25,7 +34,27 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 CKPT_DIR = "ckpt"
-log = logging.getLogger(__name__)
+CHECKSUMS = "checksums.json"
+_TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's name for a step still being written
+# Orbax rewrites the step's own metadata (commit time) and writes its commit marker after the
+# rename; they carry no array data and are left out of the checksums.
+_UNSUMMED = {CHECKSUMS, "_CHECKPOINT_METADATA", "commit_success.txt"}
+
+
+class DamagedCheckpoint(ValueError):
+    """A step whose files do not match their checksums, or that orbax cannot read."""
+
+
+class _QuietReadOnly(logging.Filter):
+    """Drops orbax's notices about read-only managers: they describe our own choice, not a fault."""
+
+    NOTICES = ("read_only=True, setting save_interval_steps=0", "Given directory is read only")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(n in str(record.msg) for n in self.NOTICES)
+
+
+logging.getLogger("absl").addFilter(_QuietReadOnly())
 
 
 def _path_name(path) -> str:
@@ -56,6 +85,41 @@ def shape_mismatches(stored: dict[str, tuple], wanted: dict[str, tuple]) -> list
     return problems
 
 
+def _sha256(path: pathlib.Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_checksums(step_dir: pathlib.Path) -> None:
+    """Records the size and sha256 of every file under `step_dir` in its checksums.json."""
+    files = {p.relative_to(step_dir).as_posix(): [p.stat().st_size, _sha256(p)]
+             for p in sorted(step_dir.rglob("*"))
+             if p.is_file() and p.relative_to(step_dir).as_posix() not in _UNSUMMED}
+    tmp = step_dir / (CHECKSUMS + ".tmp")
+    tmp.write_text(json.dumps({"sha256": files}, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, step_dir / CHECKSUMS)
+
+
+def checksum_problems(step_dir: pathlib.Path) -> list[str] | None:
+    """What in `step_dir` differs from its checksums.json; None when it has none (an older cnnjax)."""
+    path = step_dir / CHECKSUMS
+    if not path.exists():
+        return None
+    try:
+        files = json.loads(path.read_text(encoding="utf-8"))["sha256"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return [f"{CHECKSUMS} is unreadable ({err})"]
+    problems = []
+    for name, (size, digest) in files.items():
+        p = step_dir / name
+        if not p.is_file():
+            problems.append(f"{name} is missing")
+        elif p.stat().st_size != size:
+            problems.append(f"{name} has {p.stat().st_size} bytes, {size} were written")
+        elif _sha256(p) != digest:
+            problems.append(f"{name} does not match its checksum")
+    return problems
+
+
 class Checkpointer:
     """The orbax CheckpointManager of one run directory."""
 
@@ -64,6 +128,8 @@ class Checkpointer:
         if keep < 1:
             raise ValueError(f"train.keep_checkpoints must be at least 1, got {keep}.")
         self.directory = (pathlib.Path(run_dir) / CKPT_DIR).absolute()
+        self.read_only, self.async_save = read_only, async_save
+        self._saving: int | None = None  # the step whose save is in flight
         preservation = policies.AnyPreservationPolicy([
             policies.LatestN(keep),
             # Only epochs that improved the validation loss carry metrics, so the best of them is
@@ -71,8 +137,11 @@ class Checkpointer:
             policies.BestN(get_metric_fn=lambda m: m["val_loss"], reverse=True, n=1,
                            keep_checkpoints_without_metrics=False),
         ])
+        # Saves always go through orbax's async checkpointer, whose finalization hook writes the
+        # checksums before the rename; a synchronous save waits for it at once.
         options = ocp.CheckpointManagerOptions(
-            preservation_policy=preservation, enable_async_checkpointing=async_save,
+            preservation_policy=preservation, enable_async_checkpointing=True,
+            async_options=ocp.AsyncOptions(post_finalization_callback=self._record_checksums),
             cleanup_tmp_directories=not read_only, read_only=read_only, create=not read_only)
         self.manager = ocp.CheckpointManager(
             self.directory, options=options,
@@ -86,11 +155,23 @@ class Checkpointer:
     def save(self, step: int, state, loop: dict[str, Any], val_loss: float | None = None) -> None:
         """Starts saving (asynchronously where enabled); `val_loss` marks a best-so-far candidate."""
         t0 = time.perf_counter()
+        self.manager.wait_until_finished()  # one save in flight, so `_saving` names it
+        self._saving = step
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                         loop=ocp.args.JsonSave(loop)),
                           metrics=None if val_loss is None else {"val_loss": float(val_loss)},
                           force=True)
+        if not self.async_save:
+            self.manager.wait_until_finished()
         self.seconds_blocked += time.perf_counter() - t0
+
+    def _record_checksums(self) -> None:
+        """Orbax's post-finalization hook: the step's files are complete, not yet renamed."""
+        if jax.process_index() != 0:
+            return
+        final = self.directory / str(self._saving)
+        tmp = final.with_name(final.name + _TMP_SUFFIX)
+        write_checksums(tmp if tmp.is_dir() else final)
 
     def wait(self) -> None:
         t0 = time.perf_counter()
@@ -99,7 +180,12 @@ class Checkpointer:
 
     def check_fits(self, step: int, abstract_state) -> None:
         """Raises ValueError naming every parameter path whose shape differs from the model's."""
-        stored = shapes(self.manager.item_metadata(step)["state"])
+        try:
+            stored = shapes(self.manager.item_metadata(step)["state"])
+        except Exception as err:  # orbax raises many types for unreadable metadata
+            raise DamagedCheckpoint(f"its metadata is unreadable ({_first_line(err)})") from err
+        if not stored:
+            raise DamagedCheckpoint("its array metadata is missing")
         problems = shape_mismatches(stored, shapes(abstract_state))
         if problems:
             raise ValueError(f"checkpoint {self.directory / str(step)} does not fit the model:\n"
@@ -107,10 +193,10 @@ class Checkpointer:
                              "with (its run's config.json).")
 
     def restore(self, abstract_state, step: int | None = None) -> tuple[Any, dict[str, Any], int]:
-        """(state, loop, step) of `step`, or of the newest readable checkpoint.
+        """(state, loop, step) of `step`, or of the newest intact checkpoint.
 
-        Without `step`, a damaged checkpoint (unreadable metadata or array files) is skipped with a
-        warning naming it and the next older one is tried.
+        Without `step`, a damaged checkpoint is skipped with a warning naming it, moved aside unless
+        the checkpointer is read-only, and the next older one is tried.
         """
         steps = self.steps()
         if not steps:
@@ -120,30 +206,56 @@ class Checkpointer:
             if step not in steps:
                 raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; "
                                         f"available steps: {steps}.")
-            return self._restore(abstract_state, step) + (step,)
+            try:
+                return self._restore(abstract_state, step) + (step,)
+            except DamagedCheckpoint as err:
+                raise DamagedCheckpoint(f"checkpoint {self.directory / str(step)} is damaged: {err}; "
+                                        f"choose another step of {steps}.") from None
+        moved = []
         for candidate in reversed(steps):
             try:
                 return self._restore(abstract_state, candidate) + (candidate,)
-            except ValueError as err:
-                if "does not fit the model" in str(err):
-                    raise
-                self._skip(candidate, err)
-            except Exception as err:  # orbax/tensorstore raise many types for damaged files
-                self._skip(candidate, err)
-        raise FileNotFoundError(f"every checkpoint in {self.directory} ({steps}) is damaged; "
-                                f"the run cannot be resumed.")
+            except DamagedCheckpoint as err:
+                moved.append(self._set_aside(candidate, err))
+        where = f" (moved aside as {', '.join(moved)})" if not self.read_only else ""
+        raise FileNotFoundError(f"every checkpoint in {self.directory} ({steps}) is damaged{where}; "
+                                f"the run cannot be resumed: train it again into a new --run-dir.")
 
-    def _skip(self, step: int, err: Exception) -> None:
-        warnings.warn(f"checkpoint {self.directory / str(step)} is damaged or incomplete and was "
-                      f"skipped ({type(err).__name__}: {str(err).splitlines()[0][:200]})",
-                      RuntimeWarning, stacklevel=3)
+    def _set_aside(self, step: int, err: Exception) -> str:
+        """Warns that `step` is damaged and, when writable, renames it so it is never taken again."""
+        source, note = self.directory / str(step), "skipped"
+        if not self.read_only and jax.process_index() == 0:
+            n, target = 1, self.directory / f"damaged-{step}"
+            while target.exists():
+                n += 1
+                target = self.directory / f"damaged-{step}-{n}"
+            source.rename(target)
+            self.manager.reload()
+            note = f"moved aside to {target}"
+        warnings.warn(f"checkpoint {source} is damaged ({err}) and was {note}; trying the previous "
+                      f"one.", RuntimeWarning, stacklevel=4)
+        return note.removeprefix("moved aside to ")
 
     def _restore(self, abstract_state, step: int) -> tuple[Any, dict[str, Any]]:
+        step_dir = self.directory / str(step)
+        problems = checksum_problems(step_dir)
+        if problems:
+            raise DamagedCheckpoint("; ".join(problems[:3]) + (" ..." if len(problems) > 3 else ""))
         self.check_fits(step, abstract_state)
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), loop=ocp.args.JsonRestore()))
+        if problems is None:
+            warnings.warn(f"checkpoint {step_dir} has no {CHECKSUMS} (written by an older cnnjax): "
+                          f"restored without verifying it.", RuntimeWarning, stacklevel=4)
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), loop=ocp.args.JsonRestore()))
+        except Exception as err:  # orbax/tensorstore raise many types for damaged files
+            raise DamagedCheckpoint(f"orbax cannot read it ({_first_line(err)})") from err
         return restored["state"], restored["loop"]
 
     def close(self) -> None:
         self.wait()
         self.manager.close()
+
+
+def _first_line(err: Exception) -> str:
+    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
