@@ -161,12 +161,15 @@ def _run_eval(args) -> int:
     run = load_run(args.run, step=args.step)
     name = args.dataset or run.config.data.dataset
     spec = datasets.get_spec(name)
-    if spec.image_shape != run.spec.image_shape or spec.num_classes != run.spec.num_classes:
-        raise ValueError(f"dataset {name!r} ({spec.image_shape}, {spec.num_classes} classes) does not "
+    classes = tuple(run.config.data.classes)  # a run trained on a class subset is scored on it
+    num_classes = len(classes) if classes else spec.num_classes
+    if spec.image_shape != run.spec.image_shape or num_classes != run.spec.num_classes:
+        raise ValueError(f"dataset {name!r} ({spec.image_shape}, {num_classes} classes) does not "
                          f"fit the run's model ({run.spec.image_shape}, {run.spec.num_classes} classes).")
     images, labels = datasets.load(name, args.split, data_dir=args.data_dir or run.config.data.data_dir,
                                    manual_dir=args.manual_dir or run.config.data.manual_dir)
-    eval_step = make_eval_step(run.model, run.spec.mean, run.spec.std, spec.num_classes)
+    images, labels = input_pipeline.select_classes(images, labels, classes)
+    eval_step = make_eval_step(run.model, run.spec.mean, run.spec.std, num_classes)
     result = evaluate(eval_step, inference_state(run.variables),
                       input_pipeline.eval_batches(images, labels, args.batch_size))
     print(json.dumps({"run": str(args.run), "dataset": name, "split": args.split, **result}))
@@ -193,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"train": _run_train, "eval": _run_eval, "visualize": _run_visualize,
                 "sweep": _run_sweep}[args.command](args)
-    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as err:
+    # The user's errors: bad input (ValueError), paths and files (OSError), a missing optional
+    # package (ImportError), a diverging run (FloatingPointError); each already names the fix.
+    except (ValueError, OSError, ImportError, FloatingPointError) as err:
         print(f"cnnjax {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from typing import Any, Union
@@ -174,6 +175,9 @@ def _coerce(value: Any, hint, key: str) -> Any:
             (item,) = {a for a in typing.get_args(option) if a is not Ellipsis}
             return tuple(_coerce(v, item, key) for v in value)
         if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ValueError(f"config {key}: {value!r} is not a finite number; give a finite "
+                                 f"value (e.g. {key}=0.001).")
             return float(value)
         if option in (int, str, bool) and type(value) is option:
             return value

@@ -23,6 +23,7 @@ Nothing is ever downloaded.
 from __future__ import annotations
 
 import pathlib
+import pickle
 from typing import Any, Iterable, Mapping
 
 import jax
@@ -55,7 +56,17 @@ def read_state_dict(path: pathlib.Path | str) -> dict[str, np.ndarray]:
         except ImportError as err:
             raise ImportError(f"reading {path} needs PyTorch (pip install 'cnnjax[torch]'), or "
                               f"convert the file to .safetensors first.") from err
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:  # weights_only refused the pickle, or not a pickle
+            reason = (str(err).split("WeightsUnpickler error:")[-1].strip().splitlines() or [""])[0]
+            raise ValueError(f"{path} was not loaded: it is not a torch.save file, or it pickles "
+                             f"more than tensors, whose code is never run ({reason[:160]}); save "
+                             f"`model.state_dict()` with torch.save, or convert it to "
+                             f".safetensors.") from None
+        except (RuntimeError, EOFError) as err:  # not a torch file, or a truncated one
+            raise ValueError(f"{path} is not a readable torch.save file ({err}); download or save "
+                             f"it again.") from None
     else:
         raise ValueError(f"{path}: unknown weights format {path.suffix!r}; expected .pth, .pt, "
                          f".bin (torch.save of a state_dict) or .safetensors.")

@@ -45,10 +45,24 @@ class SeedCNN(nn.Module):
 
     def feature_shape(self, image_hw: Sequence[int]) -> tuple[int, int, int]:
         """(H, W, C) after the last pool, from the output-size arithmetic; raises on bad geometry."""
+        if not self.features or any(not isinstance(f, int) or f <= 0 for f in self.features):
+            raise ValueError(f"model.features must list one positive conv width per block, got "
+                             f"{list(self.features)}; e.g. model.features=32,64.")
         hw = tuple(image_hw)
         for i, _ in enumerate(self.features, start=1):
+            conv_in = hw
             hw = output_shape(hw, self.kernel_size, self.stride, self.padding, f"conv{i}")
-            hw = output_shape(hw, self.pool_size, self.pool_stride or self.pool_size, 0, f"pool{i}")
+            try:
+                hw = output_shape(hw, self.pool_size, self.pool_stride or self.pool_size, 0, f"pool{i}")
+            except ValueError as err:
+                if hw == conv_in:
+                    raise
+                raise ValueError(f"conv{i} (model.kernel_size={self.kernel_size}, model.stride="
+                                 f"{self.stride}, model.padding={self.padding!r}) shrinks "
+                                 f"{conv_in[0]}x{conv_in[1]} to {hw[0]}x{hw[1]}, too small for "
+                                 f"pool{i}'s window {self.pool_size}: use a smaller "
+                                 f"model.kernel_size or model.stride, more model.padding, fewer "
+                                 f"model.features, or a smaller model.pool_size.") from err
         return (*hw, self.features[-1])
 
     @nn.compact
@@ -109,6 +123,9 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
         return model
     if cfg.pool not in POOLS:
         raise ValueError(f"model.pool must be one of {sorted(POOLS)}, got {cfg.pool!r}.")
+    if any(width <= 0 for width in cfg.dense):
+        raise ValueError(f"model.dense must list positive layer widths (or nothing), got "
+                         f"{list(cfg.dense)}; e.g. model.dense=128.")
     return MODELS[cfg.name](
         num_classes=num_classes, features=tuple(cfg.features), kernel_size=cfg.kernel_size,
         stride=cfg.stride, padding=cfg.padding, pool=cfg.pool, pool_size=cfg.pool_size,

@@ -36,10 +36,12 @@ class JsonlWriter:
         self.path, self.lines, self._file = path, keep_lines, None
         if not enabled:
             return
-        kept = path.read_text(encoding="utf-8").splitlines(True)[:keep_lines] if path.exists() else []
+        kept = path.read_text(encoding="utf-8", errors="replace").splitlines(True)[:keep_lines] if path.exists() else []
         if len(kept) < keep_lines:
             raise ValueError(f"{path} has {len(kept)} lines, the checkpoint expects {keep_lines}; "
                              f"the log was altered after the checkpoint was written.")
+        for number, line in enumerate(kept, start=1):
+            _parse_line(path, number, line)
         self._file = open(path, "w", encoding="utf-8")
         self._file.writelines(kept)
         self._file.flush()
@@ -55,9 +57,22 @@ class JsonlWriter:
             self._file.close()
 
 
+def _parse_line(path: pathlib.Path, number: int, line: str) -> dict[str, Any]:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        record = err
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}, line {number}, is not a JSON object ({line.strip()[:60]!r}); the "
+                         f"log was edited or damaged: restore it from a copy, or train again into "
+                         f"a new --run-dir.")
+    return record
+
+
 def read_jsonl(path: pathlib.Path) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The records of a JSON-lines file; a line that does not parse is named by its number."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return [_parse_line(path, n, line) for n, line in enumerate(f, start=1) if line.strip()]
 
 
 def write_json(path: pathlib.Path, obj: Any) -> None:

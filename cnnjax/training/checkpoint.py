@@ -236,15 +236,19 @@ class Checkpointer:
                       f"one.", RuntimeWarning, stacklevel=4)
         return note.removeprefix("moved aside to ")
 
-    def _restore(self, abstract_state, step: int) -> tuple[Any, dict[str, Any]]:
+    def verify(self, step: int) -> None:
+        """Raises DamagedCheckpoint if a file of `step` differs from its checksums."""
         step_dir = self.directory / str(step)
         problems = checksum_problems(step_dir)
         if problems:
             raise DamagedCheckpoint("; ".join(problems[:3]) + (" ..." if len(problems) > 3 else ""))
-        self.check_fits(step, abstract_state)
         if problems is None:
             warnings.warn(f"checkpoint {step_dir} has no {CHECKSUMS} (written by an older cnnjax): "
                           f"restored without verifying it.", RuntimeWarning, stacklevel=4)
+
+    def _restore(self, abstract_state, step: int) -> tuple[Any, dict[str, Any]]:
+        self.verify(step)
+        self.check_fits(step, abstract_state)
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state), loop=ocp.args.JsonRestore()))

@@ -1,24 +1,61 @@
-"""The run directory: its default name, creating it, and checking that a run can be resumed.
+"""The run directory: its default name, creating it, locking it, and checking a run can be resumed.
 
 A run directory holds config.json, metrics.jsonl, timing.jsonl, summary.json, ckpt/ and plots;
-it is created by the first (primary) process only.
+it is created by the first (primary) process only, which holds an exclusive lock on its `.lock`
+file while it writes: a second writer is refused with the holder's pid. The lock is an `flock`, so
+the kernel drops it when its holder dies, and a killed run never blocks its own resume.
 """
 
 from __future__ import annotations
 
 import datetime
+import fcntl
 import json
+import os
 import pathlib
 
 from cnnjax.config import Config
 from cnnjax.training import checkpoint
 
 DEFAULT_ROOT = pathlib.Path("checkpoints")
+LOCK_FILE = ".lock"
+_held: dict[pathlib.Path, int] = {}  # run directories this process writes -> their lock's fd
+
+
+class RunDirInUse(FileExistsError):
+    """Another process holds the run directory's lock."""
 
 
 def default_run_dir(cfg: Config, root: pathlib.Path = DEFAULT_ROOT) -> pathlib.Path:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     return root / f"{cfg.data.dataset}-{cfg.model.name}-s{cfg.train.seed}-{stamp}"
+
+
+def read_config(run_dir: pathlib.Path) -> Config:
+    """The run's config.json, with its path named in every way it can fail to read."""
+    path = pathlib.Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {run_dir} is not a cnnjax run directory "
+                                f"(expected config.json written by `cnnjax train`).")
+    try:
+        return Config.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); restore it from a copy, or train "
+                         f"into a new --run-dir.") from None
+    except ValueError as err:
+        raise ValueError(f"{path}: {err} Restore the file from a copy, or train into a new "
+                         f"--run-dir.") from None
+
+
+def read_summary(run_dir: pathlib.Path) -> dict:
+    """The finished run's summary.json; a damaged one is named with the way out."""
+    path = pathlib.Path(run_dir) / "summary.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); restore it from a copy, or delete it "
+                         f"and resume the run (cnnjax train --resume {run_dir}) to write it "
+                         f"again.") from None
 
 
 # Fields that change how a run is displayed, not what it computes: a resumed run may differ in them.
@@ -36,14 +73,58 @@ def config_differences(saved: Config, wanted: Config) -> list[str]:
     return diffs
 
 
-def open_run_dir(run_dir: pathlib.Path, cfg: Config, primary: bool = True) -> bool:
-    """Creates the run directory or checks it can be resumed with `cfg`; True when resuming.
+def lock_run_dir(run_dir: pathlib.Path) -> None:
+    """Takes the run directory's lock for this process (again: a no-op) or raises RunDirInUse."""
+    key = run_dir.resolve()
+    if key in _held:
+        return
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise RunDirInUse(f"run directory {run_dir} is being written by another cnnjax process "
+                          f"(pid {holder}); wait for it to end or stop it, or choose another "
+                          f"--run-dir.") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _held[key] = fd
 
-    Only the primary process creates files; the others only read what is already there.
+
+def close_run_dir(run_dir: pathlib.Path) -> None:
+    """Releases the lock `open_run_dir` took (the end of the process releases it too)."""
+    fd = _held.pop(pathlib.Path(run_dir).resolve(), None)
+    if fd is not None:
+        os.close(fd)  # closing the descriptor drops its flock
+
+
+def open_run_dir(run_dir: pathlib.Path, cfg: Config, primary: bool = True) -> bool:
+    """Creates and locks the run directory, or checks it can be resumed with `cfg`; True when
+    resuming.
+
+    Only the primary process creates files and takes the lock; the others only read what is there.
     """
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FileExistsError(f"--run-dir {run_dir} is a file, not a directory; give the path of a "
+                              f"new directory, or of a run to resume.")
     if (run_dir / "summary.json").exists():
         raise FileExistsError(f"run directory {run_dir} already holds a finished run; choose another "
                               f"--run-dir or delete it.")
+    if not primary:
+        return _check_run_dir(run_dir, cfg, primary)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fresh = run_dir.resolve() not in _held
+    lock_run_dir(run_dir)
+    try:
+        return _check_run_dir(run_dir, cfg, primary)
+    except BaseException:
+        if fresh:  # a refused run leaves no lock behind
+            close_run_dir(run_dir)
+        raise
+
+
+def _check_run_dir(run_dir: pathlib.Path, cfg: Config, primary: bool) -> bool:
     saved_path = run_dir / "config.json"
     has_checkpoint = (run_dir / checkpoint.CKPT_DIR).is_dir() and any(
         p.name.isdigit() for p in (run_dir / checkpoint.CKPT_DIR).iterdir())
@@ -53,10 +134,9 @@ def open_run_dir(run_dir: pathlib.Path, cfg: Config, primary: bool = True) -> bo
         if (run_dir / "metrics.jsonl").exists():
             raise FileExistsError(f"run directory {run_dir} holds a run with no checkpoint to resume "
                                   f"from; choose another --run-dir or delete it.")
-        run_dir.mkdir(parents=True, exist_ok=True)
         saved_path.write_text(cfg.to_json() + "\n", encoding="utf-8")
         return False
-    diffs = config_differences(Config.from_dict(json.loads(saved_path.read_text())), cfg)
+    diffs = config_differences(read_config(run_dir), cfg)
     if diffs:
         raise ValueError(f"refusing to resume {run_dir} with a different config:\n  "
                          + "\n  ".join(diffs) + "\nResume with the run's own config "

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnnjax.training import checkpoint, transfer
+from cnnjax.training import checkpoint, rundir, transfer
 from cnnjax.data import datasets, input_pipeline
 from cnnjax.config import Config
 from cnnjax.data.input_pipeline import as_nhwc, normalize
@@ -43,11 +43,14 @@ class Run:
 
     @property
     def summary(self) -> dict[str, Any]:
-        return json.loads((self.run_dir / "summary.json").read_text())
+        return rundir.read_summary(self.run_dir)
 
     def logits(self, images) -> np.ndarray:
-        """uint8 (N, 28, 28) or (N, 28, 28, 1) -> float32 (N, num_classes)."""
-        return np.asarray(self._logits(self.variables, jnp.asarray(as_nhwc(images, self.spec.image_shape))))
+        """uint8 (N, 28, 28) or (N, 28, 28, 1) -> float32 (N, num_classes); N may be 0."""
+        images = as_nhwc(images, self.spec.image_shape)
+        if not len(images):  # nothing to shard or compile for
+            return np.zeros((0, self.spec.num_classes), np.float32)
+        return np.asarray(self._logits(self.variables, jnp.asarray(images)))
 
     def predict(self, images) -> np.ndarray:
         """uint8 images -> int class indices (N,)."""
@@ -55,11 +58,7 @@ class Run:
 
 
 def load_config(run_dir: pathlib.Path | str) -> Config:
-    path = pathlib.Path(run_dir) / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: {run_dir} is not a cnnjax run directory "
-                                f"(expected config.json written by `cnnjax train`).")
-    return Config.from_dict(json.loads(path.read_text()))
+    return rundir.read_config(pathlib.Path(run_dir))
 
 
 def load_run(run_dir: pathlib.Path | str, step: int | None = None) -> Run:
@@ -75,7 +74,7 @@ def load_run(run_dir: pathlib.Path | str, step: int | None = None) -> Run:
     if step is None:
         summary = run_dir / "summary.json"
         if summary.exists():
-            step = json.loads(summary.read_text())["best_step"]
+            step = rundir.read_summary(run_dir)["best_step"]
         else:  # an unfinished run: its latest readable checkpoint knows the best step so far
             _, loop, _ = ckpt.restore(abstract)
             step = loop["best_step"] or None

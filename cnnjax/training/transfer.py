@@ -36,7 +36,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from cnnjax.training import checkpoint
+from cnnjax.training import checkpoint, rundir
 from cnnjax.nn import convert
 from cnnjax.config import Config, ModelConfig, TransferConfig
 from cnnjax.training.optim import make_optimizer
@@ -214,7 +214,7 @@ class EpochSteps:
 def _best_step(run_dir: pathlib.Path, ckpt: checkpoint.Checkpointer) -> int:
     summary = run_dir / "summary.json"
     if summary.exists():
-        return int(json.loads(summary.read_text())["best_step"])
+        return int(rundir.read_summary(run_dir)["best_step"])
     steps = ckpt.steps()
     if not steps:
         raise FileNotFoundError(f"no checkpoint in {ckpt.directory}: {run_dir} has nothing to load.")
@@ -239,6 +239,7 @@ def run_variables(run_dir: pathlib.Path | str, step: int | None = None) -> dict[
         if step not in ckpt.steps():
             raise FileNotFoundError(f"no checkpoint for step {step} in {ckpt.directory}; available "
                                     f"steps: {ckpt.steps()}.")
+        ckpt.verify(step)
         meta = ckpt.manager.item_metadata(step)["state"]
         # Restore into numpy arrays of the stored shapes: no model or optimizer needed.
         target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), meta,
