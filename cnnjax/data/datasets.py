@@ -20,7 +20,8 @@ instead of after TFDS's minutes of download retries. Checksums: downloads are ch
 against TFDS's registered sizes and sha256 (`_CHECKSUMS`, the values of TFDS's
 `url_checksums/{mnist,fashion_mnist}.txt`); files from a manual dir are *not* checksummed, so that a
 re-compressed copy or a small test fixture can stand in for them. Their IDX headers (magic number,
-counts, 28x28 shape, byte length) and label ranges are checked instead.
+counts, 28x28 shape, byte length) and label ranges are checked instead; train images identical to
+the test images are refused, and a file whose count is not the official one is warned about.
 
 Prepared data lives in `<data_dir>/cnnjax_<name>/1.0.0/` (array_record files). Records are written
 in source order (TFDS's key shuffling is off), so `load(...)[i]` is the i-th example of the source
@@ -41,6 +42,7 @@ import pathlib
 import socket
 import threading
 import urllib.parse
+import warnings
 import zlib
 from typing import ClassVar, Iterator
 
@@ -200,6 +202,27 @@ def _read_idx_pair(images_path, labels_path) -> tuple[np.ndarray, np.ndarray]:
     return images[..., None], labels
 
 
+_OFFICIAL_COUNTS = {"train": 60_000, "test": 10_000}  # both MNIST and Fashion-MNIST
+
+
+def _check_manual_splits(name: str, paths: dict, arrays: dict) -> None:
+    """Refuses test images under the train names; warns on a file of an unofficial size.
+
+    Manual files are not checksummed (mirrors re-compress them), so these content checks are
+    what stands between a mix-up and a run that trains on its own test set.
+    """
+    (train_images, _), (test_images, _) = arrays["train"], arrays["test"]
+    if train_images.shape == test_images.shape and np.array_equal(train_images, test_images):
+        raise ValueError(f"Dataset {name!r}: {paths['train_images']} and {paths['test_images']} hold "
+                         f"the same images, so the run would train on its test set; put the "
+                         f"official train and t10k files under their own names.")
+    for split, (images, _) in arrays.items():
+        if len(images) != _OFFICIAL_COUNTS[split]:
+            warnings.warn(f"Dataset {name!r}: {paths[f'{split}_images']} holds {len(images)} "
+                          f"images, the official {split} file {_OFFICIAL_COUNTS[split]}; check that "
+                          f"it is the right file under the right name.", RuntimeWarning, stacklevel=2)
+
+
 def _missing_manual_files(manual_dir: os.PathLike) -> list[str]:
     return [f for f in _IDX_FILES.values() if not os.path.exists(os.path.join(manual_dir, f))]
 
@@ -319,9 +342,11 @@ class _IdxBuilder(_Builder, skip_registration=True):
             _check_reachable(self.DATASET, dl_manager.download_dir / "manual")
             paths = dl_manager.download({k: _IDX_URLS[self.DATASET] + f
                                          for k, f in _IDX_FILES.items()})
-        return {split: self._generate_examples(*_read_idx_pair(paths[f"{split}_images"],
-                                                               paths[f"{split}_labels"]))
-                for split in ("train", "test")}
+        arrays = {split: _read_idx_pair(paths[f"{split}_images"], paths[f"{split}_labels"])
+                  for split in ("train", "test")}
+        if manual_dir is not None:
+            _check_manual_splits(self.DATASET, paths, arrays)
+        return {split: self._generate_examples(*pair) for split, pair in arrays.items()}
 
 
 class CnnjaxMnist(_IdxBuilder, skip_registration=True):

@@ -1,0 +1,376 @@
+"""Fault injection: damaged checkpoints, two writers, damaged run files and bad user input.
+
+Each case does what a user (or a crash) would do to a run directory, then checks that cnnjax goes
+on where it can and otherwise stops with one message that names the thing and the fix. The
+reference for a resumed run is the run as first written: its metrics.jsonl lines must come back
+byte for byte.
+"""
+
+import gzip
+import json
+import os
+import pathlib
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from cnnjax import Config, load_run, train_and_evaluate
+from cnnjax.config import ModelConfig
+from cnnjax.data import datasets
+from cnnjax.nn.models import build_model, check_geometry
+from cnnjax.training import rundir
+from cnnjax.training.checkpoint import CHECKSUMS, Checkpointer, DamagedCheckpoint
+
+# 5 of the 10 classes keep it small, and let `cnnjax eval --run` be tried on a class subset.
+CFG = ["model.features=4", "model.dense=8", "data.classes=0,1,2,3,4", "train.epochs=2",
+       "train.progress=false", "train.log_every=5", "train.checkpoint_every_steps=5"]
+CLI_CFG = [arg for item in CFG for arg in ("--set", item)]
+
+
+def config(*extra):
+    return Config().override(CFG + list(extra))
+
+
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory):
+    """A run stopped mid-way with three checkpoints; tests damage copies of it."""
+    path = tmp_path_factory.mktemp("faults") / "stopped"
+    train_and_evaluate(config(), path, stop_at_step=25)
+    return path
+
+
+@pytest.fixture
+def run(stopped, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(stopped, copy)
+    return copy
+
+
+def steps(run):
+    return Checkpointer(run, read_only=True).steps()
+
+
+def abstract(run):
+    """The state's shapes, from an intact checkpoint's own metadata (the model is not rebuilt)."""
+    ckpt = Checkpointer(run, read_only=True)
+    meta = ckpt.manager.item_metadata(ckpt.steps()[0])["state"]
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), meta,
+                        is_leaf=lambda x: hasattr(x, "shape"))
+
+
+def array_files(step_dir):
+    return sorted(p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d")
+
+
+def truncate(step_dir):
+    for p in array_files(step_dir):
+        p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+
+
+def garble(step_dir):
+    p = array_files(step_dir)[0]
+    p.write_bytes(np.random.default_rng(0).integers(0, 256, p.stat().st_size, np.uint8).tobytes())
+
+
+def flip_bit(step_dir):
+    p = array_files(step_dir)[-1]
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    p.write_bytes(bytes(data))
+
+
+DAMAGE = {
+    "truncated arrays": truncate,
+    "garbled array": garble,
+    "flipped bit": flip_bit,
+    "deleted state/": lambda d: shutil.rmtree(d / "state"),
+    "deleted loop JSON": lambda d: (d / "loop" / "metadata").unlink(),
+    "deleted orbax metadata": lambda d: (d / "state" / "_METADATA").unlink(),
+    "garbled checksums": lambda d: (d / CHECKSUMS).write_text("{not json"),
+    "checksums of other files": lambda d: (d / CHECKSUMS).write_text(
+        json.dumps({"sha256": {"state/_METADATA": [1, "0" * 64]}})),
+}
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_damaged_newest_step_is_moved_aside_and_the_previous_restored(run, how):
+    before = steps(run)
+    DAMAGE[how](run / "ckpt" / str(before[-1]))
+    with pytest.warns(RuntimeWarning, match=rf"ckpt/{before[-1]} is damaged .* moved aside to "
+                                            rf".*damaged-{before[-1]}"):
+        _, loop, step = Checkpointer(run).restore(abstract(run))
+    assert step == before[-2] and steps(run) == before[:-1]
+    assert (run / "ckpt" / f"damaged-{before[-1]}").is_dir()  # kept for inspection
+
+
+def test_every_step_damaged_is_one_clear_error(run):
+    target = abstract(run)
+    for step in steps(run):
+        flip_bit(run / "ckpt" / str(step))
+    with pytest.warns(RuntimeWarning), pytest.raises(FileNotFoundError, match="every checkpoint"):
+        Checkpointer(run).restore(target)
+    assert steps(run) == [] and len(list((run / "ckpt").glob("damaged-*"))) == 3
+
+
+def test_read_only_restore_skips_a_damaged_step_without_moving_it(run):
+    before = steps(run)
+    flip_bit(run / "ckpt" / str(before[-1]))
+    with pytest.warns(RuntimeWarning, match="was skipped"):
+        assert Checkpointer(run, read_only=True).restore(abstract(run))[2] == before[-2]
+    assert steps(run) == before
+
+
+def test_asking_for_a_damaged_step_names_it(run):
+    last = steps(run)[-1]
+    flip_bit(run / "ckpt" / str(last))
+    with pytest.raises(DamagedCheckpoint, match=rf"ckpt/{last} is damaged: .* does not match"):
+        load_run(run, step=last)
+
+
+def test_step_without_checksums_restores_with_a_warning(run):
+    last = steps(run)[-1]
+    (run / "ckpt" / str(last) / CHECKSUMS).unlink()
+    with pytest.warns(RuntimeWarning, match="no checksums.json"):
+        assert Checkpointer(run, read_only=True).restore(abstract(run))[2] == last
+
+
+def test_damaged_step_is_saved_again_after_the_fallback(tmp_path):
+    ckpt = Checkpointer(tmp_path, async_save=False)
+    state = {"w": np.arange(100, dtype=np.float32)}
+    for step in (1, 2):
+        ckpt.save(step, state, {"step": step})
+    flip_bit(tmp_path / "ckpt" / "2")
+    target = jax.eval_shape(lambda: state)
+    with pytest.warns(RuntimeWarning, match="damaged"):
+        assert ckpt.restore(target)[2] == 1
+    ckpt.save(2, state, {"step": 2})
+    assert ckpt.restore(target)[1] == {"step": 2}
+    ckpt.close()
+
+
+def test_resume_after_damage_runs_to_completion_and_replays_the_log(stopped, run):
+    written = (stopped / "metrics.jsonl").read_bytes()
+    flip_bit(run / "ckpt" / str(steps(run)[-1]))
+    with pytest.warns(RuntimeWarning, match="damaged"):
+        train_and_evaluate(config(), run)
+    assert (run / "summary.json").exists()
+    assert (run / "metrics.jsonl").read_bytes().startswith(written)
+    assert list((run / "ckpt").glob("damaged-*"))
+
+
+def test_orbax_read_only_notices_are_silenced(stopped, capfd):
+    load_run(stopped)
+    assert "read only" not in capfd.readouterr().err.replace("_", " ")
+
+
+# ------------------------------------------------------------------- the run directory's lock
+
+
+def test_the_lock_refuses_a_second_holder_until_the_first_dies(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import pathlib, sys, time; from cnnjax.training import rundir; "
+        f"rundir.lock_run_dir(pathlib.Path({str(tmp_path)!r})); print('locked', flush=True); "
+        "time.sleep(60)")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(rundir.RunDirInUse, match=rf"{tmp_path} .*pid {holder.pid}"):
+            rundir.lock_run_dir(tmp_path)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    rundir.lock_run_dir(tmp_path)  # the dead holder's lock file is left, its lock is not
+    rundir.close_run_dir(tmp_path)
+
+
+def test_a_refused_run_leaves_no_lock(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("")
+    with pytest.raises(FileExistsError, match="no checkpoint"):
+        rundir.open_run_dir(tmp_path, Config())
+    assert tmp_path.resolve() not in rundir._held
+
+
+def test_second_writer_is_refused_and_a_killed_writer_resumes(tmp_path):
+    run = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", "cnnjax", "train", "--quiet", "--run-dir",
+                              str(run), *CLI_CFG, "--set", "train.epochs=30"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(run.glob("ckpt/[0-9]*")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        second = cli(["train", "--quiet", "--run-dir", str(run), *CLI_CFG, "--set", "train.epochs=30"])
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert second.rc == 2 and f"pid {first.pid}" in second.out and "Traceback" not in second.out
+    last = steps(run)[-1]
+    train_and_evaluate(config("train.epochs=30"), run, stop_at_step=last + 1)
+    assert steps(run)[-1] > last
+
+
+# ----------------------------------------------------- the CLI: one line, no traceback, exit 2
+
+
+class CliResult:
+    def __init__(self, rc: int, out: str):
+        self.rc, self.out = rc, out
+
+
+_DRIVER = """
+import json, sys, traceback
+from cnnjax.cli import main
+for argv in json.loads(sys.argv[1]):
+    print("@@case", flush=True); print("@@case", file=sys.stderr, flush=True)
+    try:
+        rc = main(argv)
+    except BaseException:
+        traceback.print_exc()
+        rc = 99
+    sys.stderr.flush()
+    print(f"@@rc {rc}", flush=True)
+"""
+
+
+def cli_many(cases: list[list[str]]) -> list[CliResult]:
+    """Runs `cnnjax.cli.main` on each argv in one fresh interpreter (as the `cnnjax` command)."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+    proc = subprocess.run([sys.executable, "-c", _DRIVER, json.dumps(cases)], capture_output=True,
+                          text=True, timeout=600, env=env)
+    outs = proc.stdout.split("@@case\n")[1:]
+    errs = proc.stderr.split("@@case\n")[1:]
+    assert len(outs) == len(cases), proc.stdout[-2000:] + proc.stderr[-2000:]
+    results = []
+    for out, err in zip(outs, errs):
+        body, _, rc = out.rpartition("@@rc ")
+        results.append(CliResult(int(rc), body + err))
+    return results
+
+
+def cli(argv: list[str]) -> CliResult:
+    return cli_many([argv])[0]
+
+
+def write_gz(path, array, magic):
+    header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.tobytes())
+
+
+def test_every_user_error_is_one_line_without_traceback(stopped, tmp_path):
+    torch = pytest.importorskip("torch")
+    train = ["train", "--quiet", "--epochs", "1", "--set", "model.features=4", "--set", "model.dense=8"]
+
+    truncated_config = tmp_path / "truncated_config"
+    shutil.copytree(stopped, truncated_config)
+    (truncated_config / "config.json").write_text((stopped / "config.json").read_text()[:40])
+    garbled_log = tmp_path / "garbled_log"
+    shutil.copytree(stopped, garbled_log)
+    lines = (garbled_log / "metrics.jsonl").read_text().splitlines(True)
+    lines[1] = lines[1][:15] + "\n"
+    (garbled_log / "metrics.jsonl").write_text("".join(lines))
+    all_damaged = tmp_path / "all_damaged"
+    shutil.copytree(stopped, all_damaged)
+    for step in steps(all_damaged):
+        truncate(all_damaged / "ckpt" / str(step))
+    subset = tmp_path / "subset"
+    shutil.copytree(stopped, subset)
+    garbled_summary = tmp_path / "garbled_summary"
+    shutil.copytree(stopped, garbled_summary)
+    (garbled_summary / "summary.json").write_text('{"best_step": ')
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("PAYLOAD RAN",))
+
+    pickled = tmp_path / "pickled.pth"
+    torch.save({"model": Payload()}, pickled)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a directory")
+
+    manual = tmp_path / "manual"  # the test files copied under the train names
+    manual.mkdir()
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (20, 28, 28), np.uint8)
+    labels = rng.integers(0, 10, 20).astype(np.uint8)
+    for prefix in ("train", "t10k"):
+        write_gz(manual / f"{prefix}-images-idx3-ubyte.gz", images, 2051)
+        write_gz(manual / f"{prefix}-labels-idx1-ubyte.gz", labels, 2049)
+
+    cases = {  # argv -> what the one message must name
+        "empty features": (train + ["--set", "model.features=[]"], "model.features"),
+        "NaN learning rate": (train + ["--set", "optim.learning_rate=NaN"], "finite"),
+        "infinite weight decay": (train + ["--set", "optim.weight_decay=Infinity"], "finite"),
+        "kernel too large": (train + ["--set", "model.kernel_size=30"], "model.kernel_size=30"),
+        "zero-width dense": (train + ["--set", "model.dense=0"], "model.dense"),
+        "file as run dir": (train + ["--run-dir", str(a_file)], "is a file"),
+        "truncated config.json": (["train", "--resume", str(truncated_config)],
+                                  f"{truncated_config / 'config.json'}"),
+        "garbled metrics line": (["train", "--quiet", "--resume", str(garbled_log)],
+                                 "metrics.jsonl, line 2"),
+        "every checkpoint damaged": (["train", "--quiet", "--resume", str(all_damaged)],
+                                     "every checkpoint"),
+        "pickled backbone": (train + ["--set", f"transfer.backbone={pickled}"], "state_dict"),
+        "garbled summary.json": (["eval", "--run", str(garbled_summary)], "summary.json"),
+        "not a run": (["eval", "--run", str(tmp_path)], "config.json"),
+        "unknown key": (train + ["--set", "optim.lr=1"], "optim.lr"),
+        "test files as train files": (train + ["--dataset", "mnist", "--manual-dir", str(manual),
+                                               "--data-dir", str(tmp_path / "tfds")],
+                                      "same images"),
+    }
+    results = cli_many([argv for argv, _ in cases.values()] + [["eval", "--run", str(subset)]])
+    for (name, (_, expected)), result in zip(cases.items(), results):
+        errors = [line for line in result.out.splitlines() if "error:" in line]
+        assert result.rc == 2, (name, result.out[-3000:])
+        assert "Traceback" not in result.out and "PAYLOAD RAN" not in result.out, (name, result.out)
+        assert len(errors) == 1 and expected in errors[0], (name, result.out)
+    evaluated = results[-1]
+    assert evaluated.rc == 0, evaluated.out
+    assert json.loads(evaluated.out.splitlines()[-1])["count"] > 0
+    assert "read only" not in evaluated.out.replace("_", " ")
+
+
+# --------------------------------------------------------------- inputs checked before compiling
+
+
+def test_run_predict_takes_an_empty_batch(stopped):
+    run = load_run(stopped)
+    empty = np.zeros((0, 28, 28), np.uint8)
+    assert run.logits(empty).shape == (0, 5) and run.predict(empty).shape == (0,)
+
+
+@pytest.mark.parametrize("kernel_size, layer", [(30, "conv1 (model.kernel_size=30"), (31, "conv1:")])
+def test_kernel_that_does_not_fit_is_named(kernel_size, layer):
+    model = build_model(ModelConfig(kernel_size=kernel_size), 10)
+    with pytest.raises(ValueError, match="^" + re.escape(layer)):
+        check_geometry(model, (28, 28, 1))
+
+
+def test_garbled_log_is_refused_before_training(stopped, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(stopped, run)
+    with open(run / "metrics.jsonl", "r+b") as f:
+        f.seek(3)
+        f.write(b"\x00")
+    with pytest.raises(ValueError, match=r"metrics\.jsonl, line 1, is not a JSON object"):
+        train_and_evaluate(config(), run)
+    assert not (run / "summary.json").exists()
+
+
+def test_manual_file_of_an_unofficial_size_is_warned_about(tmp_path, monkeypatch):
+    rng = np.random.default_rng(1)
+    for prefix, n in (("train", 12), ("t10k", 10)):
+        write_gz(tmp_path / f"{prefix}-images-idx3-ubyte.gz",
+                 rng.integers(0, 256, (n, 28, 28), np.uint8), 2051)
+        write_gz(tmp_path / f"{prefix}-labels-idx1-ubyte.gz",
+                 rng.integers(0, 10, n).astype(np.uint8), 2049)
+    with pytest.warns(RuntimeWarning, match=r"train-images-idx3-ubyte\.gz holds 12 images, the "
+                                            r"official train file 60000"):
+        images, _ = datasets.load("mnist", "train", data_dir=tmp_path / "tfds", manual_dir=tmp_path)
+    assert len(images) == 12
