@@ -1,15 +1,45 @@
 """cnnjax: a JAX functional research framework for convolutional neural networks.
 
+What an experiment script needs is here: the config, the whole training job and its stages,
+callbacks, evaluating and predicting with a finished run, sweeping seeds, visualizing, and a
+plotting helper. The subpackages follow the data's path and import only down it:
+`cnnjax.data` -> `cnnjax.nn` -> `cnnjax.training` -> `cnnjax.visualize`, with `cnnjax.report`
+(logs and plots) beneath them all and `cnnjax.lab` (the teaching code) aside.
+
 Names are imported lazily so that `cnnjax --help` and config handling do not pay for importing JAX.
 """
 
 import importlib
 
 _EXPORTS = {
-    "Config": "cnnjax.config", "DataConfig": "cnnjax.config", "ModelConfig": "cnnjax.config",
-    "OptimConfig": "cnnjax.config", "TrainConfig": "cnnjax.config",
-    "Run": "cnnjax.training.runs", "load_run": "cnnjax.training.runs",
-    "train_and_evaluate": "cnnjax.training.loop",
+    # configuration
+    **dict.fromkeys(("Config", "DataConfig", "ModelConfig", "AugmentConfig", "OptimConfig",
+                     "TrainConfig", "TransferConfig"), "cnnjax.config"),
+    # training: the whole job, its stages and what they return
+    **dict.fromkeys(("train_and_evaluate", "setup", "start", "train_epoch", "end_epoch", "finish",
+                     "save", "close_epoch", "RunSetup", "RunResult", "Progress", "StepLog",
+                     "EarlyStop", "seed_keys"), "cnnjax.training.loop"),
+    # callbacks
+    **dict.fromkeys(("Callback", "CallbackList", "Control", "Event", "StepEvent", "LogEvent",
+                     "EpochEvent", "EndEvent", "Periodic", "StopAtStep", "CheckpointEvery",
+                     "MetricsLog", "TimingLog", "TensorBoard", "ProgressBar", "AugmentationGrid",
+                     "DeadFilterCount", "default_callbacks", "is_due"),
+                    "cnnjax.training.callbacks"),
+    # steps and the optimizer, for scripts that write their own loop
+    **dict.fromkeys(("TrainState", "create_train_state", "make_train_step", "make_eval_step",
+                     "evaluate", "inference_state"), "cnnjax.training.steps"),
+    **dict.fromkeys(("make_optimizer", "make_plateau"), "cnnjax.training.optim"),
+    # models and data
+    **dict.fromkeys(("build_model", "SeedCNN", "count_params"), "cnnjax.nn.models"),
+    **dict.fromkeys(("load_data", "steps_per_epoch", "train_batches", "eval_batches",
+                     "normalize"),
+                    "cnnjax.data.input_pipeline"),
+    # finished runs, seeds, pictures
+    **dict.fromkeys(("Run", "load_run", "load_config"), "cnnjax.training.runs"),
+    "run_sweep": "cnnjax.training.sweep",
+    "visualize_run": "cnnjax.visualize",
+    **dict.fromkeys(("new_figure", "save_figure", "plot_run"), "cnnjax.report.plots"),
+    **dict.fromkeys(("read_jsonl", "write_json"), "cnnjax.report.logs"),
 }
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
@@ -19,3 +49,7 @@ def __getattr__(name):
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'cnnjax' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -81,8 +81,13 @@ def _visualize_parser(sub) -> None:
                         "of the first four classes)")
     p.add_argument("--layer", nargs="+", help="layers for channel grids and act-max (default: "
                                               "grids of the top-level maps, act-max of the last "
-                                              "feature layer, e.g. conv2)")
-    p.add_argument("--cam-layer", help="Grad-CAM's layer (default: the last feature layer)")
+                                              "feature layer, e.g. conv2, and of 'logits')")
+    p.add_argument("--cam-layer", help="Grad-CAM's layer (default: the last feature layer's "
+                                       "rectified map, e.g. 'pool2:in' = ReLU(conv2), the map "
+                                       "pool2 reads)")
+    p.add_argument("--recognizer", type=pathlib.Path,
+                   help="another run directory (e.g. another seed) whose model classifies the "
+                        "act-max class images")
     p.add_argument("--scale", choices=("channel", "shared"), default="channel",
                    help="feature-map colour scale: per channel or shared by a layer's channels")
     p.add_argument("--seed", type=int, help="act-max, SmoothGrad and re-init key (default: the run's)")
@@ -115,14 +120,15 @@ def _run_train(args) -> int:
     if args.resume and args.run_dir and args.resume != args.run_dir:
         raise ValueError("give either --resume DIR or --run-dir DIR, not two different directories.")
     base = load_config(args.resume) if args.resume else None
-    summary = train_and_evaluate(config_from_args(args, base), run_dir, stop_at_step=args.stop_at_step)
-    if "stopped_at_step" in summary:
-        print(f"run {summary['run_dir']}: stopped at step {summary['stopped_at_step']}; "
-              f"continue with: cnnjax train --resume {summary['run_dir']}")
+    result = train_and_evaluate(config_from_args(args, base), run_dir, stop_at_step=args.stop_at_step)
+    if not result.finished:
+        print(f"run {result.run_dir}: {result.stop_reason}; "
+              f"continue with: cnnjax train --resume {result.run_dir}")
         return 0
-    if "best_epoch" not in summary:  # processes other than the first report nothing
+    if result.summary is None:  # processes other than the first report nothing
         return 0
-    print(f"run {summary['run_dir']}: best epoch {summary['best_epoch']}, "
+    summary = result.summary
+    print(f"run {result.run_dir}: best epoch {summary['best_epoch']}, "
           f"val accuracy {summary['val']['accuracy']:.4f}, test accuracy "
           f"{summary['test']['accuracy']:.4f}, {summary['train_images_per_s']:.0f} images/s, "
           f"{summary['wall_time_s']:.1f}s")
@@ -154,24 +160,12 @@ def _run_sweep(args) -> int:
 
 
 def _run_eval(args) -> int:
-    from cnnjax.data import datasets, input_pipeline
     from cnnjax.training.runs import load_run
-    from cnnjax.training.steps import evaluate, inference_state, make_eval_step
 
     run = load_run(args.run, step=args.step)
+    result = run.evaluate(split=args.split, dataset=args.dataset, batch_size=args.batch_size,
+                          data_dir=args.data_dir, manual_dir=args.manual_dir)
     name = args.dataset or run.config.data.dataset
-    spec = datasets.get_spec(name)
-    classes = tuple(run.config.data.classes)  # a run trained on a class subset is scored on it
-    num_classes = len(classes) if classes else spec.num_classes
-    if spec.image_shape != run.spec.image_shape or num_classes != run.spec.num_classes:
-        raise ValueError(f"dataset {name!r} ({spec.image_shape}, {num_classes} classes) does not "
-                         f"fit the run's model ({run.spec.image_shape}, {run.spec.num_classes} classes).")
-    images, labels = datasets.load(name, args.split, data_dir=args.data_dir or run.config.data.data_dir,
-                                   manual_dir=args.manual_dir or run.config.data.manual_dir)
-    images, labels = input_pipeline.select_classes(images, labels, classes)
-    eval_step = make_eval_step(run.model, run.spec.mean, run.spec.std, num_classes)
-    result = evaluate(eval_step, inference_state(run.variables),
-                      input_pipeline.eval_batches(images, labels, args.batch_size))
     print(json.dumps({"run": str(args.run), "dataset": name, "split": args.split, **result}))
     return 0
 
@@ -180,7 +174,8 @@ def _run_visualize(args) -> int:
     from cnnjax.visualize import ActMaxConfig, visualize_run
 
     path = visualize_run(args.run, images=args.images, layers=args.layer, cam_layer=args.cam_layer,
-                         scale=args.scale, seed=args.seed, actmax=ActMaxConfig(steps=args.actmax_steps))
+                         scale=args.scale, seed=args.seed, actmax=ActMaxConfig(steps=args.actmax_steps),
+                         recognizer=args.recognizer)
     print(f"wrote {path}")
     return 0
 

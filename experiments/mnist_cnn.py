@@ -26,8 +26,10 @@ def main() -> None:
     cfg = Config().override([f"data.dataset={args.dataset}", f"train.seed={args.seed}"])
     if args.manual_dir:
         cfg = cfg.set("data.manual_dir", args.manual_dir)
-    summary = train_and_evaluate(cfg, args.run_dir)
-    print(json.dumps({k: summary[k] for k in ("run_dir", "best_epoch", "val", "wall_time_s")}, indent=2))
+    result = train_and_evaluate(cfg, args.run_dir)
+    summary = result.summary
+    print(json.dumps({"run_dir": str(result.run_dir),
+                      **{k: summary[k] for k in ("best_epoch", "val", "wall_time_s")}}, indent=2))
     print(f"test accuracy {summary['test']['accuracy']:.4f}")
 
 

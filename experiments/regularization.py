@@ -14,11 +14,7 @@ import csv
 import pathlib
 import time
 
-from cnnjax import Config, load_run, train_and_evaluate
-from cnnjax.data import input_pipeline
-from cnnjax.report.plots import new_figure
-from cnnjax.report.logs import read_jsonl
-from cnnjax.training.steps import evaluate, inference_state, make_eval_step
+from cnnjax import Config, load_data, load_run, new_figure, read_jsonl, train_and_evaluate
 
 AUGMENT = ["augment.rotate=10", "augment.translate=2", "augment.scale=0.1"]
 VARIANTS = {
@@ -28,12 +24,6 @@ VARIANTS = {
     "augment": AUGMENT,
     "all": ["model.dropout=0.5", "model.batch_norm=true", *AUGMENT],
 }
-
-
-def eval_loss(run, images, labels) -> float:
-    step = make_eval_step(run.model, run.spec.mean, run.spec.std, run.spec.num_classes)
-    return evaluate(step, inference_state(run.variables),
-                    input_pipeline.eval_batches(images, labels, 1000))["loss"]
 
 
 def main() -> None:
@@ -49,13 +39,13 @@ def main() -> None:
         cfg = Config().override([f"train.epochs={args.epochs}", f"train.seed={args.seed}",
                                  "train.progress=false", *VARIANTS[name]])
         t0 = time.perf_counter()
-        summary = train_and_evaluate(cfg, args.out / f"{args.seed}-{name}-{int(time.time())}")
+        result = train_and_evaluate(cfg, args.out / f"{args.seed}-{name}-{int(time.time())}")
+        summary, run_dir = result.summary, result.run_dir
         wall = time.perf_counter() - t0
-        run_dir = pathlib.Path(summary["run_dir"])
         epochs = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["kind"] == "epoch"]
         curves[name] = ([r["epoch"] for r in epochs], [r["val_accuracy"] for r in epochs])
-        data = input_pipeline.load_data(cfg.data, cfg.train.seed)
-        train_loss = eval_loss(load_run(run_dir), *data.train)
+        data = load_data(cfg.data, cfg.train.seed)
+        train_loss = load_run(run_dir).evaluate(*data.train)["loss"]  # in evaluation mode
         rows.append({"variant": name, "best_val_accuracy": summary["val"]["accuracy"],
                      "test_accuracy": summary["test"]["accuracy"], "best_epoch": summary["best_epoch"],
                      "epochs_run": summary["epochs_run"], "train_loss": train_loss,

@@ -22,7 +22,8 @@ from hypothesis import assume, given, settings, strategies as st
 from cnnjax.lab import backprop, descent
 from cnnjax.lab.gradcheck import check_gradients
 from cnnjax.nn.geometry import output_size
-from cnnjax.nn.models import SeedCNN, TinySeedCNN
+from cnnjax.nn.models import SeedCNN
+from fixtures import TinySeedCNN
 
 TOL = 1e-5
 PROPERTY = settings(max_examples=6, deadline=None)

@@ -33,9 +33,9 @@ def uninterrupted(tmp_path_factory):
 def test_resume_after_epoch_and_mid_epoch_is_byte_identical(uninterrupted, tmp_path):
     run = tmp_path / "interrupted"
     first = train_and_evaluate(config(), run, stop_at_step=25)  # mid-epoch 1, at the step-30 log line
-    assert first == {"stopped_at_step": 30, "run_dir": str(run)}
-    assert train_and_evaluate(config(), run, stop_at_step=50)["stopped_at_step"] == 50  # end of epoch 1
-    summary = train_and_evaluate(config(), run)
+    assert (first.stopped_at_step, first.run_dir, first.summary) == (30, run, None)
+    assert train_and_evaluate(config(), run, stop_at_step=50).stopped_at_step == 50  # end of epoch 1
+    summary = train_and_evaluate(config(), run).summary
     assert summary["resumed"]
     assert (run / "metrics.jsonl").read_bytes() == (uninterrupted / "metrics.jsonl").read_bytes()
     whole = json.loads((uninterrupted / "summary.json").read_text())
@@ -139,6 +139,6 @@ def test_sigkill_while_saving_loses_nothing(uninterrupted, tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert seen_tmp, "never caught a checkpoint being written"
-    summary = train_and_evaluate(config("train.checkpoint_every_steps=10"), run)
+    summary = train_and_evaluate(config("train.checkpoint_every_steps=10"), run).summary
     assert summary["resumed"]
     assert (run / "metrics.jsonl").read_bytes() == (uninterrupted / "metrics.jsonl").read_bytes()

@@ -157,7 +157,7 @@ ALL_ON = ["model.features=8,16", "model.dense=32", "train.epochs=2", "train.prog
 
 def test_all_regularizers_train_reproducibly(tmp_path):
     cfg = Config().override(ALL_ON)
-    first = train_and_evaluate(cfg, tmp_path / "a")
+    first = train_and_evaluate(cfg, tmp_path / "a").summary
     train_and_evaluate(cfg, tmp_path / "b")
     a, b = (tmp_path / "a" / "metrics.jsonl").read_bytes(), (tmp_path / "b" / "metrics.jsonl").read_bytes()
     assert a == b

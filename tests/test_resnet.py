@@ -24,7 +24,8 @@ from torch import nn  # noqa: E402
 from cnnjax.nn import convert
 from cnnjax.config import ModelConfig  # noqa: E402
 from cnnjax.nn.models import build_model  # noqa: E402
-from cnnjax.nn.resnet import ResNet18, ResNet34, TinyResNet  # noqa: E402
+from cnnjax.nn.resnet import ResNet18, ResNet34  # noqa: E402
+from fixtures import TinyResNet  # noqa: E402
 
 
 # --- torchvision.models.resnet, BasicBlock only ------------------------------------------------

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cnnjax.config import Config, OptimConfig
-from cnnjax.nn.models import TinySeedCNN
+from fixtures import TinySeedCNN
 from cnnjax.training.optim import make_optimizer, make_plateau
 from cnnjax.training.steps import create_train_state, make_train_step, train_step_fn
 from cnnjax.training.sweep import init_states, loop_step, make_sweep_step, run_sweep, unstack
@@ -67,7 +67,7 @@ def single_runs(tmp_path_factory):
     cfg, runs = Config().override(SWEEP_CFG), {}
     for seed in SWEEP_SEEDS:
         run_dir = tmp_path_factory.mktemp("single") / f"run{seed}"
-        runs[seed] = train_and_evaluate(cfg.set("train.seed", seed), run_dir), run_dir
+        runs[seed] = train_and_evaluate(cfg.set("train.seed", seed), run_dir).summary, run_dir
     return runs
 
 

@@ -90,7 +90,7 @@ def test_cli_eval_matches_summary(run_dir, capsys):
 
 def test_best_parameters_are_the_ones_kept(tmp_path):
     summary = train_and_evaluate(small_config("train.epochs=6", "train.early_stopping_patience=2",
-                                              "optim.learning_rate=3e-3"), tmp_path / "es")
+                                              "optim.learning_rate=3e-3"), tmp_path / "es").summary
     epochs = [r for r in read_jsonl(tmp_path / "es" / "metrics.jsonl") if r["kind"] == "epoch"]
     best = min(epochs, key=lambda r: r["val_loss"])
     assert summary["best_epoch"] == best["epoch"]

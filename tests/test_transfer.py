@@ -18,7 +18,7 @@ from cnnjax.config import Config, DataConfig
 from cnnjax.data.input_pipeline import data_spec, select_classes
 from cnnjax.nn.models import SeedCNN
 from cnnjax.training.optim import make_optimizer, make_plateau
-from cnnjax.nn.resnet import TinyResNet
+from fixtures import TinyResNet
 from cnnjax.training.steps import create_train_state, make_train_step
 
 IMAGE_SHAPE = (28, 28, 1)
@@ -265,7 +265,7 @@ def test_cnnjax_train_fine_tunes_a_frozen_backbone_from_an_earlier_run(tmp_path)
     train_and_evaluate(Config().override(base + ["data.classes=0,1,2,3,4"]), tmp_path / "pre")
     summary = train_and_evaluate(Config().override(base + [
         "data.classes=5,6,7,8,9", f"transfer.backbone={tmp_path / 'pre'}", "transfer.freeze=backbone"]),
-        tmp_path / "post")
+        tmp_path / "post").summary
     assert summary["test"]["count"] == 500
     pre, post = load_run(tmp_path / "pre").variables, load_run(tmp_path / "post").variables
     for collection in ("params", "batch_stats"):

@@ -221,8 +221,6 @@ class ResNet(nn.Module):
 
 ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2))
 ResNet34 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3))
-# For tests: one block per stage, 8 channels wide, the small-image stem.
-TinyResNet = functools.partial(ResNet, stage_sizes=(1, 1, 1, 1), width=8, stem="small")
 
 # Name -> (preset, its default width); model.width in a config overrides the width.
-RESNETS = {"resnet18": (ResNet18, 64), "resnet34": (ResNet34, 64), "resnet_tiny": (TinyResNet, 8)}
+RESNETS = {"resnet18": (ResNet18, 64), "resnet34": (ResNet34, 64)}

@@ -36,8 +36,10 @@ def _series(records: Iterable[dict], kind: str, key: str) -> tuple[list, list]:
     return xs, ys
 
 
-def plot_run(run_dir: pathlib.Path, class_names: list[str] | None = None) -> list[pathlib.Path]:
-    """Writes loss, accuracy, learning-rate, gradient-norm and confusion-matrix PNGs of a run."""
+def plot_run(run_dir: pathlib.Path, class_names: list[str] | None = None,
+             confusion: list | None = None) -> list[pathlib.Path]:
+    """Writes loss, accuracy, learning-rate, gradient-norm and confusion-matrix PNGs of a run;
+    the test confusion matrix is `confusion`, or summary.json's when not given."""
     records = read_jsonl(run_dir / "metrics.jsonl")
     written = []
 
@@ -73,10 +75,10 @@ def plot_run(run_dir: pathlib.Path, class_names: list[str] | None = None) -> lis
     save(fig, "grad_norm.png")
 
     summary_path = run_dir / "summary.json"
-    if summary_path.exists():
+    if confusion is None and summary_path.exists():
         confusion = json.loads(summary_path.read_text()).get("test", {}).get("confusion")
-        if confusion:
-            save(confusion_figure(np.asarray(confusion), class_names), "confusion_matrix.png")
+    if confusion:
+        save(confusion_figure(np.asarray(confusion), class_names), "confusion_matrix.png")
     return written
 
 

@@ -1,14 +1,19 @@
-"""The training loop: data -> model -> compiled steps -> plateau rule and early stopping ->
-checkpoints -> run directory.
+"""The training loop as four stages a script can call, in the order one batch goes through them:
 
-`train_and_evaluate(config, run_dir)` is the whole job; the CLI and experiment scripts call it.
-Every check that can fail on the user's input (dataset, geometry, batch size, run directory, a
-resumed run's config) runs before anything is compiled.
+    run, state = setup(cfg, run_dir)              # data, model, state, run directory, resume
+    for epoch in run.epochs():
+        state, stop = train_epoch(run, state, epoch, callbacks)   # the epoch's steps
+        state, stop = end_epoch(run, state, epoch, callbacks)     # eval, plateau, early stop, ckpt
+    result = finish(run, state, callbacks)        # best parameters, test, summary.json
+
+`train_and_evaluate(cfg, run_dir, callbacks=[...])` is exactly that, with `default_callbacks`
+(logs, TensorBoard, progress bar, checkpoints, ...) before the caller's own. Every check that can
+fail on the user's input runs in `setup`, before anything is compiled.
 
 Resume is exact: a checkpoint holds the train state and the loop's `Progress` (epoch, batch within
-it, early-stopping state, log line counts); batch order is a function of (seed, epoch) and every
-random draw of (key, step, example), so a resumed run writes the same metrics.jsonl, byte for
-byte, as one that never stopped.
+it, early-stopping state, the callbacks' state); batch order is a function of (seed, epoch) and
+every random draw of (key, step, example), so a resumed run writes the same metrics.jsonl, byte
+for byte, as one that never stopped.
 """
 
 from __future__ import annotations
@@ -17,22 +22,23 @@ import dataclasses
 import pathlib
 import statistics
 import time
-from typing import Any
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import numpy as np
 from flax.training.early_stopping import EarlyStopping
-from tqdm.auto import tqdm
 
-from cnnjax.data import augment, input_pipeline
-from cnnjax.training import checkpoint, parallel, rundir, transfer
-from cnnjax.report import logs as report, plots
 from cnnjax.config import Config
+from cnnjax.data import augment, input_pipeline
 from cnnjax.nn.models import build_model, check_geometry, count_params, has_batch_stats
+from cnnjax.report import logs, plots
+from cnnjax.training import checkpoint, parallel, rundir, transfer
+from cnnjax.training.callbacks import (Callback, CallbackList, EndEvent, EpochEvent, Event,
+                                       LogEvent, StepEvent, default_callbacks)
 from cnnjax.training.optim import make_plateau, plateau_step
-from cnnjax.nn.health import dead_filter_count
-from cnnjax.training.steps import (AUGMENT_STREAM, create_train_state, evaluate, grad_passes, make_eval_step,
-                          make_train_step)
+from cnnjax.training.steps import (TrainState, create_train_state, evaluate, grad_passes,
+                                   make_eval_step, make_train_step)
+
 
 @dataclasses.dataclass
 class Progress:
@@ -45,16 +51,14 @@ class Progress:
     best_val_loss: float | None = None  # None until the first evaluation
     patience_count: int = 0
     epoch_steps: list = dataclasses.field(default_factory=list)  # [loss, accuracy] so far this epoch
-    metrics_lines: int = 0
-    timing_lines: int = 0
     epoch_rates: list = dataclasses.field(default_factory=list)
+    epoch_seconds: list = dataclasses.field(default_factory=list)
+    checkpoint_seconds: float = 0.0  # blocked on saves, as counted in the epochs' timing lines
     first_step_s: float | None = None
     stopped_early: bool = False
+    last_checkpoint_step: int = 0
     root_key: list = dataclasses.field(default_factory=list)  # jax.random.key_data of the run key
-
-    def early_stopping(self, patience: int) -> EarlyStopping:
-        best = float("inf") if self.best_val_loss is None else self.best_val_loss
-        return EarlyStopping(patience=patience, best_metric=best, patience_count=self.patience_count)
+    callbacks: dict = dataclasses.field(default_factory=dict)  # each callback's state_dict()
 
 
 def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
@@ -64,15 +68,18 @@ def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
 
 
 class StepLog:
-    """Collects per-step metrics on device and pulls them to the host once per `every` steps."""
+    """Collects per-step metrics on device and pulls them to the host once per `every` steps.
 
-    def __init__(self, every: int):
+    Pulled [loss, accuracy] pairs go to `epoch_steps` (a list the caller may own, such as the
+    saved `Progress.epoch_steps`) until `epoch_means` empties it."""
+
+    def __init__(self, every: int, epoch_steps: list | None = None):
         if every <= 0:
             raise ValueError(f"train.log_every must be positive, got {every}.")
         self.every = every
         self.first_step = 1  # the step number of the first pending metrics; see `start`
         self.pending: list[dict] = []
-        self.epoch_steps: list[list[float]] = []  # [loss, accuracy] of each pulled step this epoch
+        self.epoch_steps = [] if epoch_steps is None else epoch_steps
 
     def add(self, metrics: dict) -> bool:
         self.pending.append(metrics)
@@ -104,25 +111,113 @@ class StepLog:
     def epoch_means(self) -> tuple[float, float]:
         """Mean train loss and accuracy over every step pulled since the last call."""
         loss, acc = np.mean(self.epoch_steps, axis=0)
-        self.epoch_steps = []
+        del self.epoch_steps[:]
         return float(loss), float(acc)
 
 
-def train_and_evaluate(cfg: Config, run_dir: pathlib.Path | str | None = None, *,
-                       stop_at_step: int | None = None) -> dict[str, Any]:
-    """Trains `cfg`'s model into `run_dir`, resuming from its latest checkpoint if it has one.
+@dataclasses.dataclass
+class EarlyStop:
+    """The best epoch so far and the patience count: what the end of an epoch updates."""
 
-    Ends with the best-validation parameters evaluated on validation and test, and returns the run
-    summary (also saved as summary.json). With `stop_at_step`, training stops at the first log line
-    at or after that step, checkpoints and returns {'stopped_at_step': ...}: a later call continues.
-    """
-    t_start = time.perf_counter()
+    best_epoch: int = 0
+    best_step: int = 0
+    best_val_loss: float | None = None
+    patience_count: int = 0
+
+    def flax(self, patience: int) -> EarlyStopping:
+        best = float("inf") if self.best_val_loss is None else self.best_val_loss
+        return EarlyStopping(patience=patience, best_metric=best, patience_count=self.patience_count)
+
+
+def close_epoch(state: TrainState, plateau, early: EarlyStop, patience: int, epoch: int,
+                val: dict[str, Any], train_means: tuple[float, float], learning_rate: float
+                ) -> tuple[TrainState, dict[str, Any], bool]:
+    """The end of an epoch given its validation result: early stopping (updates `early`), the
+    plateau rule (the returned state) and the epoch's metrics.jsonl record; `cnnjax train` and
+    `cnnjax sweep` both end each epoch (each seed's) with it. Returns (state, record, stop)."""
+    rule = early.flax(patience).update(val["loss"])
+    if rule.has_improved:
+        early.best_epoch, early.best_step = epoch, int(state.step)
+    early.best_val_loss, early.patience_count = float(rule.best_metric), rule.patience_count
+    record = {"kind": "epoch", "epoch": epoch, "step": int(state.step),
+              "train_loss": train_means[0], "train_accuracy": train_means[1],
+              "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+              "learning_rate": learning_rate, "improved": bool(rule.has_improved)}
+    state = state.replace(plateau_state=plateau_step(plateau, state.plateau_state, val["loss"]))
+    return state, record, bool(rule.should_stop)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSetup:
+    """What `setup` built for a run: read by every later stage, changed by none (the
+    checkpointer and the progress record are the two mutable parts, and say so)."""
+
+    cfg: Config
+    run_dir: pathlib.Path
+    data: input_pipeline.Data
+    model: Any
+    tx: Any
+    plateau: Any
+    augmenter: augment.Compose
+    par: parallel.DataParallel
+    grad_passes: int
+    steps_per_epoch: int
+    resuming: bool
+    train_rng: jax.Array
+    train_steps: transfer.EpochSteps  # the compiled train step of each epoch
+    eval_step: Callable
+    eval_sizes: dict[str, int]
+    ckpt: checkpoint.Checkpointer  # mutable: saves
+    progress: Progress  # mutable: the loop's position, saved with every checkpoint
+    started: float  # time.perf_counter() at setup
+    blocked_logged: list = dataclasses.field(default_factory=lambda: [0.0])  # mutable: save time
+    # already counted in a timing line, of this process's checkpointer
+
+    def evaluate(self, state: TrainState, split: str) -> dict[str, Any]:
+        """Loss, accuracy, count and confusion matrix on 'val' or 'test' (one pass, one sync)."""
+        if split not in self.eval_sizes:
+            raise ValueError(f"split must be one of {sorted(self.eval_sizes)}, got {split!r}.")
+        batches = input_pipeline.eval_batches(*getattr(self.data, split), self.eval_sizes[split],
+                                              self.par.part)
+        return evaluate(self.eval_step, state, map(self.par.shard_batch, batches))
+
+    def epochs(self) -> Iterator[int]:
+        """The epochs left to train (none once early stopping has ended the run)."""
+        if not self.progress.stopped_early:
+            yield from range(self.progress.epoch, self.cfg.train.epochs + 1)
+
+    def learning_rate(self, state: TrainState) -> float:
+        return self.cfg.optim.learning_rate * float(state.plateau_state.scale)
+
+    def patience(self) -> int:
+        return self.cfg.train.early_stopping_patience or self.cfg.train.epochs + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+    """What a run ended with. `stopped_at_step` is set when a callback (or --stop-at-step)
+    stopped it: a later `train_and_evaluate` of the same directory continues. `summary` is
+    summary.json's content on the process that writes the run directory, else None."""
+
+    run_dir: pathlib.Path
+    stopped_at_step: int | None = None
+    stop_reason: str | None = None
+    summary: dict[str, Any] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.stopped_at_step is None
+
+
+def setup(cfg: Config, run_dir: pathlib.Path | str | None = None) -> tuple[RunSetup, TrainState]:
+    """Loads the data, builds the model, optimizer and compiled steps, checks every user input,
+    then creates the run directory (or opens it to resume) and the initial (or restored) state."""
+    started = time.perf_counter()
     tc = cfg.train
     data = input_pipeline.load_data(cfg.data, tc.seed)
     model = build_model(cfg.model, data.spec.num_classes)
     check_geometry(model, data.spec.image_shape)
-    train_images, train_labels = data.train
-    n_steps = input_pipeline.steps_per_epoch(len(train_labels), tc.batch_size)
+    n_steps = input_pipeline.steps_per_epoch(len(data.train[1]), tc.batch_size)
     for key in ("epochs", "log_every"):
         if getattr(tc, key) <= 0:
             raise ValueError(f"train.{key} must be positive, got {getattr(tc, key)}.")
@@ -134,156 +229,189 @@ def train_and_evaluate(cfg: Config, run_dir: pathlib.Path | str | None = None, *
     par.check_batch_size(tc.batch_size)
     passes = grad_passes(tc.batch_size // par.num_devices, tc.microbatch,
                          has_batch_stats(model, data.spec.image_shape))
-    primary = par.is_primary
     if run_dir is None and jax.process_count() > 1:
         raise ValueError("a multi-process run needs an explicit --run-dir shared by every process.")
     run_dir = pathlib.Path(run_dir if run_dir is not None else rundir.default_run_dir(cfg))
-    resuming = rundir.open_run_dir(run_dir, cfg, primary)
+    resuming = rundir.open_run_dir(run_dir, cfg, par.is_primary)
     ckpt = checkpoint.Checkpointer(run_dir, tc.keep_checkpoints, tc.async_checkpointing)
 
     init_rng, train_rng = seed_keys(tc.seed)
     state = jax.jit(lambda rng: create_train_state(model, tx, plateau, data.spec.image_shape, rng),
                     out_shardings=par.replicated)(init_rng)
     del init_rng
-    if not resuming:
-        state = jax.device_put(transfer.initialize(state, cfg), par.replicated)
     progress = Progress(root_key=jax.random.key_data(train_rng).tolist())
     if resuming:
         state, loop, step = ckpt.restore(par.abstract(state))
         progress = Progress(**loop)
         train_rng = jax.random.wrap_key_data(np.asarray(progress.root_key, np.uint32))
-        if primary:
+        if par.is_primary:
             print(f"resuming {run_dir} from step {step} (epoch {progress.epoch}, batch {progress.batch})")
+    else:
+        state = jax.device_put(transfer.initialize(state, cfg), par.replicated)
+    progress.last_checkpoint_step = int(state.step)
     # One compiled step per set of frozen layers (transfer learning): a recompile at unfreezing only.
-    epoch_steps = transfer.EpochSteps(model, cfg.transfer, lambda m: make_train_step(
+    train_steps = transfer.EpochSteps(model, cfg.transfer, lambda m: make_train_step(
         m, tx, data.spec.mean, data.spec.std, augmenter, tc.microbatch))
     eval_step = make_eval_step(model, data.spec.mean, data.spec.std, data.spec.num_classes)
-    if augmenter.transforms and not resuming and primary:
-        sample = np.linspace(0, len(train_labels) - 1, 16).astype(np.int32)
-        plots.augmentation_grid(run_dir / "augmentations.png", augmenter, train_images[sample],
-                                 jax.random.fold_in(jax.random.fold_in(train_rng, 0), AUGMENT_STREAM),
-                                 sample)
-    metrics_log = report.JsonlWriter(run_dir / "metrics.jsonl", progress.metrics_lines, primary)
-    timing_log = report.JsonlWriter(run_dir / "timing.jsonl", progress.timing_lines, primary)
-    eval_size = {split: par.eval_batch_size(tc.eval_batch_size, len(getattr(data, split)[1]))
-                 for split in ("val", "test")}
+    eval_sizes = {split: par.eval_batch_size(tc.eval_batch_size, len(getattr(data, split)[1]))
+                  for split in ("val", "test")}
+    run = RunSetup(cfg=cfg, run_dir=run_dir, data=data, model=model, tx=tx, plateau=plateau,
+                   augmenter=augmenter, par=par, grad_passes=passes, steps_per_epoch=n_steps,
+                   resuming=resuming, train_rng=train_rng, train_steps=train_steps,
+                   eval_step=eval_step, eval_sizes=eval_sizes, ckpt=ckpt, progress=progress,
+                   started=started)
+    return run, state
 
-    def eval_split(state, split: str) -> dict[str, Any]:
-        batches = input_pipeline.eval_batches(*getattr(data, split), eval_size[split], par.part)
-        return evaluate(eval_step, state, map(par.shard_batch, batches))
 
-    patience = tc.early_stopping_patience or tc.epochs + 1
-    early = progress.early_stopping(patience)
-    step_log = StepLog(tc.log_every)
-    step_log.epoch_steps = list(progress.epoch_steps)
-    last_save, logged_blocked = int(state.step), 0.0
+def start(run: RunSetup, state: TrainState, callbacks: CallbackList) -> None:
+    """Hands the callbacks their saved state (when resuming) and calls `on_train_start`."""
+    callbacks.load_state_dict(run.progress.callbacks)
+    callbacks.call("on_train_start", Event(run, run.progress, state, callbacks.control))
 
-    def save(val_loss: float | None = None) -> None:
-        progress.epoch_steps = list(step_log.epoch_steps)
-        progress.metrics_lines, progress.timing_lines = metrics_log.lines, timing_log.lines
-        ckpt.save(int(state.step), state, dataclasses.asdict(progress), val_loss)
 
-    bar = tqdm(total=tc.epochs * n_steps, initial=(progress.epoch - 1) * n_steps + progress.batch,
-               disable=not (tc.progress and primary), unit="step", dynamic_ncols=True)
-    try:
-        for epoch in range(progress.epoch, 0 if progress.stopped_early else tc.epochs + 1):
-            train_step = epoch_steps(state, epoch)
-            t_epoch, first_batch = time.perf_counter(), progress.batch
-            lr = cfg.optim.learning_rate * float(state.plateau_state.scale)
-            step_log.start(int(state.step) + 1)
-            for batch in input_pipeline.train_batches(train_images, train_labels, tc.batch_size,
-                                                      tc.seed, epoch, first_batch, par.part):
-                t_step = time.perf_counter()
-                state, metrics = train_step(state, par.shard_batch(batch), train_rng)
-                if progress.first_step_s is None:
-                    jax.block_until_ready(state)
-                    progress.first_step_s = time.perf_counter() - t_step
-                progress.batch += 1
-                bar.update(1)
-                if not step_log.add(metrics):
-                    continue
-                record = step_log.pull(epoch)
-                metrics_log.write(record)
-                bar.set_postfix(epoch=epoch, loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.3f}")
-                if progress.batch < n_steps:
-                    step = int(state.step)
-                    every = tc.checkpoint_every_steps
-                    stopping = stop_at_step is not None and step >= stop_at_step
-                    if stopping or (every and step - last_save >= every):
-                        save()
-                        last_save = step
-                    if stopping:
-                        return {"stopped_at_step": step, "run_dir": str(run_dir)}
-            record = step_log.pull(epoch)  # syncs: the epoch's steps are done
-            if record is not None:
-                metrics_log.write(record)
-            train_seconds = time.perf_counter() - t_epoch
-            progress.epoch_rates.append((n_steps - first_batch) * tc.batch_size / train_seconds)
-            val = eval_split(state, "val")
-            train_loss, train_acc = step_log.epoch_means()
-            early = early.update(val["loss"])
-            if early.has_improved:
-                progress.best_epoch, progress.best_step = epoch, int(state.step)
-            progress.best_val_loss, progress.patience_count = float(early.best_metric), early.patience_count
-            state = state.replace(plateau_state=plateau_step(plateau, state.plateau_state, val["loss"]))
-            metrics_log.write({"kind": "epoch", "epoch": epoch, "step": int(state.step),
-                               "train_loss": train_loss, "train_accuracy": train_acc,
-                               "val_loss": val["loss"], "val_accuracy": val["accuracy"],
-                               "learning_rate": lr, "improved": bool(early.has_improved)})
-            seconds = time.perf_counter() - t_epoch
-            timing_log.write({"epoch": epoch, "seconds": seconds, "train_seconds": train_seconds,
-                              "train_images_per_s": progress.epoch_rates[-1],
-                              "checkpoint_seconds": ckpt.seconds_blocked - logged_blocked})
-            logged_blocked = ckpt.seconds_blocked
-            if tc.progress and primary:
-                bar.write(f"epoch {epoch:3d}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
-                          f"val loss {val['loss']:.4f} acc {val['accuracy']:.4f}  lr {lr:.2e}  "
-                          f"{seconds:.1f}s")
-            progress.epoch, progress.batch = epoch + 1, 0
-            progress.stopped_early = bool(early.should_stop)
-            save(val["loss"] if early.has_improved else None)
-            last_save = int(state.step)
-            if progress.stopped_early:
-                break
-            if stop_at_step is not None and int(state.step) >= stop_at_step:
-                return {"stopped_at_step": int(state.step), "run_dir": str(run_dir)}
-    except FloatingPointError as err:
-        ckpt.wait()
-        steps = ckpt.steps()
-        raise FloatingPointError(f"{err} Last good checkpoint: "
-                                 f"{f'step {steps[-1]} in {ckpt.directory}' if steps else 'none yet'}.") from err
-    finally:
-        bar.close()
-        metrics_log.close()
-        timing_log.close()
-        ckpt.close()
-        ckpt_blocked_after_log = ckpt.seconds_blocked - logged_blocked
+def save(run: RunSetup, state: TrainState, callbacks: CallbackList,
+         val_loss: float | None = None) -> None:
+    """Checkpoints the state with the loop's position and the callbacks' state."""
+    progress = run.progress
+    progress.callbacks = callbacks.state_dict()
+    progress.last_checkpoint_step = int(state.step)
+    run.ckpt.save(int(state.step), state, dataclasses.asdict(progress), val_loss)
 
-    ckpt = checkpoint.Checkpointer(run_dir, tc.keep_checkpoints, read_only=True)
-    best_state, _, _ = ckpt.restore(par.abstract(state), step=progress.best_step)
-    val, test = eval_split(best_state, "val"), eval_split(best_state, "test")
-    summary_extra = {"devices": par.num_devices, "processes": jax.process_count(),
-                     "grad_passes_per_step": passes}
-    if not primary:
-        return {"run_dir": str(run_dir), **summary_extra}
-    timing = report.read_jsonl(run_dir / "timing.jsonl")
-    epoch_seconds = sum(t["seconds"] for t in timing)
-    checkpoint_seconds = sum(t["checkpoint_seconds"] for t in timing) + ckpt_blocked_after_log
+
+def train_epoch(run: RunSetup, state: TrainState, epoch: int, callbacks: CallbackList
+                ) -> tuple[TrainState, bool]:
+    """The epoch's train steps (from where a resumed run left off), with the step and log hooks.
+
+    Returns (state, stopped): stopped when a callback asked to stop, at a log line, after a
+    checkpoint. The state is the caller's no more (the step donates it)."""
+    progress, control, tc = run.progress, callbacks.control, run.cfg.train
+    train_step = run.train_steps(state, epoch)
+    t_epoch, first_batch = time.perf_counter(), progress.batch
+    step_log = StepLog(tc.log_every, progress.epoch_steps)
+    step_log.start(int(state.step) + 1)
+    for batch in input_pipeline.train_batches(*run.data.train, tc.batch_size, tc.seed, epoch,
+                                              first_batch, run.par.part):
+        t_step = time.perf_counter()
+        state, metrics = train_step(state, run.par.shard_batch(batch), run.train_rng)
+        if progress.first_step_s is None:
+            jax.block_until_ready(state)
+            progress.first_step_s = time.perf_counter() - t_step
+        progress.batch += 1
+        callbacks.call("on_step", StepEvent(run, progress, state, control, metrics))
+        if not step_log.add(metrics):
+            continue
+        record = step_log.pull(epoch)
+        callbacks.call("on_log", LogEvent(run, progress, state, control, record))
+        if progress.batch < run.steps_per_epoch:  # the epoch's end checkpoints anyway
+            if control.checkpoint_requested or control.stop_reason:
+                save(run, state, callbacks)
+                control.checkpoint_requested = False
+            if control.stop_reason:
+                return state, True
+    record = step_log.pull(epoch)  # syncs: the epoch's steps are done
+    if record is not None:
+        callbacks.call("on_log", LogEvent(run, progress, state, control, record))
+    train_seconds = time.perf_counter() - t_epoch
+    progress.epoch_rates.append((run.steps_per_epoch - first_batch) * tc.batch_size / train_seconds)
+    progress.epoch_seconds.append(train_seconds)  # end_epoch adds the evaluation's time
+    return state, False
+
+
+def end_epoch(run: RunSetup, state: TrainState, epoch: int, callbacks: CallbackList
+              ) -> tuple[TrainState, bool]:
+    """Validation, early stopping, the plateau rule, the epoch hooks and a checkpoint.
+
+    Returns (state, stop): stop when early stopping ends the run or a callback asked to stop."""
+    progress, control = run.progress, callbacks.control
+    t_eval = time.perf_counter()
+    lr = run.learning_rate(state)
+    val = run.evaluate(state, "val")
+    train_means = StepLog(1, progress.epoch_steps).epoch_means()
+    early = EarlyStop(progress.best_epoch, progress.best_step, progress.best_val_loss,
+                      progress.patience_count)
+    state, record, stop_early = close_epoch(state, run.plateau, early, run.patience(), epoch, val,
+                                            train_means, lr)
+    progress.best_epoch, progress.best_step = early.best_epoch, early.best_step
+    progress.best_val_loss, progress.patience_count = early.best_val_loss, early.patience_count
+    train_seconds = progress.epoch_seconds[-1]
+    progress.epoch_seconds[-1] += time.perf_counter() - t_eval
+    blocked = run.ckpt.seconds_blocked - run.blocked_logged[0]
+    run.blocked_logged[0] = run.ckpt.seconds_blocked
+    timing = {"epoch": epoch, "seconds": progress.epoch_seconds[-1], "train_seconds": train_seconds,
+              "train_images_per_s": progress.epoch_rates[-1], "checkpoint_seconds": blocked}
+    progress.checkpoint_seconds += blocked
+    callbacks.call("on_epoch_end", EpochEvent(run, progress, state, control, record, timing))
+    progress.epoch, progress.batch = epoch + 1, 0
+    progress.stopped_early = stop_early
+    save(run, state, callbacks, val["loss"] if record["improved"] else None)
+    return state, stop_early or bool(control.stop_reason)
+
+
+def finish(run: RunSetup, state: TrainState, callbacks: CallbackList) -> RunResult:
+    """Restores the best-validation parameters, evaluates them on validation and test, lets the
+    callbacks add to the summary, then writes the plots and, last, summary.json: a run directory
+    with summary.json is complete."""
+    progress, tc = run.progress, run.cfg.train
+    run.ckpt.close()  # waits for the last save
+    blocked_after_log = run.ckpt.seconds_blocked - run.blocked_logged[0]
+    ckpt = checkpoint.Checkpointer(run.run_dir, tc.keep_checkpoints, read_only=True)
+    best_state, _, _ = ckpt.restore(run.par.abstract(state), step=progress.best_step)
+    val, test = run.evaluate(best_state, "val"), run.evaluate(best_state, "test")
+    if not run.par.is_primary:
+        return RunResult(run.run_dir)
+    epoch_seconds = sum(progress.epoch_seconds)
+    checkpoint_seconds = progress.checkpoint_seconds + blocked_after_log
     summary = {
-        "dataset": cfg.data.dataset, "seed": tc.seed, "num_params": count_params(best_state.params),
+        "dataset": run.cfg.data.dataset, "seed": tc.seed,
+        "num_params": count_params(best_state.params),
         "best_epoch": progress.best_epoch, "best_step": progress.best_step,
         "epochs_run": progress.epoch - 1, "stopped_early": progress.stopped_early,
         "steps": int(state.step),
         "val": {"loss": val["loss"], "accuracy": val["accuracy"], "count": val["count"]},
         "test": test,
         "train_images_per_s": statistics.median(progress.epoch_rates[1:] or progress.epoch_rates),
-        "first_step_s": progress.first_step_s, "wall_time_s": time.perf_counter() - t_start,
-        "resumed": resuming, **summary_extra,
+        "first_step_s": progress.first_step_s, "wall_time_s": time.perf_counter() - run.started,
+        "resumed": run.resuming, "devices": run.par.num_devices,
+        "processes": jax.process_count(), "grad_passes_per_step": run.grad_passes,
         "checkpoint_seconds": checkpoint_seconds,
         "checkpoint_fraction_of_epoch_time": checkpoint_seconds / epoch_seconds if epoch_seconds else 0.0,
     }
-    summary["dead_filters"] = dead_filter_count(
-        model, {"params": best_state.params, "batch_stats": best_state.batch_stats}, data.val[0], data.spec)
-    report.write_json(run_dir / "summary.json", summary)
-    plots.plot_run(run_dir)
-    return {**summary, "run_dir": str(run_dir)}
+    callbacks.call("on_train_end", EndEvent(run, progress, best_state, callbacks.control, summary))
+    plots.plot_run(run.run_dir, confusion=test["confusion"])
+    logs.write_json(run.run_dir / "summary.json", summary)
+    rundir.close_run_dir(run.run_dir)
+    return RunResult(run.run_dir, summary=summary)
+
+
+def train_and_evaluate(cfg: Config, run_dir: pathlib.Path | str | None = None, *,
+                       callbacks: Sequence[Callback] = (), stop_at_step: int | None = None
+                       ) -> RunResult:
+    """Trains `cfg`'s model into `run_dir`, resuming from its latest checkpoint if it has one.
+
+    Ends with the best-validation parameters evaluated on validation and test (summary.json).
+    `callbacks` run after `default_callbacks(cfg, stop_at_step)`; with `stop_at_step`, or when a
+    callback stops the run, it checkpoints and returns a stopped result: a later call continues.
+    """
+    hooks = CallbackList(default_callbacks(cfg, stop_at_step) + list(callbacks))
+    run, state = setup(cfg, run_dir)
+    try:
+        start(run, state, hooks)
+        for epoch in run.epochs():
+            state, stopped = train_epoch(run, state, epoch, hooks)
+            if not stopped:
+                state, stopped = end_epoch(run, state, epoch, hooks)
+            if run.progress.stopped_early:
+                break
+            if stopped:
+                return RunResult(run.run_dir, int(state.step), hooks.control.stop_reason)
+        return finish(run, state, hooks)
+    except FloatingPointError as err:
+        run.ckpt.wait()
+        steps = run.ckpt.steps()
+        raise FloatingPointError(f"{err} Last good checkpoint: "
+                                 f"{f'step {steps[-1]} in {run.ckpt.directory}' if steps else 'none yet'}."
+                                 ) from err
+    finally:
+        hooks.close()
+        run.ckpt.close()
+        rundir.close_run_dir(run.run_dir)

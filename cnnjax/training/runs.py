@@ -19,7 +19,7 @@ from cnnjax.data.input_pipeline import as_nhwc, normalize
 from cnnjax.nn.models import build_model
 from cnnjax.training.optim import make_plateau
 from cnnjax.training.parallel import DataParallel
-from cnnjax.training.steps import create_train_state
+from cnnjax.training.steps import create_train_state, evaluate, inference_state, make_eval_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +55,39 @@ class Run:
     def predict(self, images) -> np.ndarray:
         """uint8 images -> int class indices (N,)."""
         return self.logits(images).argmax(-1)
+
+    def evaluate(self, images=None, labels=None, *, split: str = "test", dataset: str | None = None,
+                 batch_size: int = 1000, data_dir: str | None = None,
+                 manual_dir: str | None = None) -> dict[str, Any]:
+        """Loss, accuracy, count and confusion matrix of the run's parameters, on raw `images`
+        and `labels` (in the run's class numbering) or, without them, on `split` of the run's
+        dataset (or of `dataset`, of the same image shape); a run trained on a class subset
+        (`data.classes`) is scored on those classes, relabelled as in training."""
+        if images is None:
+            name = dataset or self.config.data.dataset
+            spec = datasets.get_spec(name)
+            if spec.image_shape != self.spec.image_shape:
+                raise ValueError(f"dataset {name!r} has {spec.image_shape} images; the run's model "
+                                 f"takes {self.spec.image_shape}.")
+            images, labels = datasets.load(name, split, data_dir=data_dir or self.config.data.data_dir,
+                                           manual_dir=manual_dir or self.config.data.manual_dir)
+            images, labels = input_pipeline.select_classes(images, labels,
+                                                           tuple(self.config.data.classes))
+        elif labels is None or len(labels) != len(images):
+            raise ValueError(f"Run.evaluate takes images with one label each, got "
+                             f"{len(images)} images and {None if labels is None else len(labels)} labels.")
+        labels = np.asarray(labels, np.int32)
+        if len(labels) == 0:
+            raise ValueError("Run.evaluate needs at least one image.")
+        if labels.min() < 0 or labels.max() >= self.spec.num_classes:
+            raise ValueError(f"labels must lie in 0..{self.spec.num_classes - 1} (the run's "
+                             f"classes), got {labels.min()}..{labels.max()}.")
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}.")
+        images = as_nhwc(images, self.spec.image_shape)
+        step = make_eval_step(self.model, self.spec.mean, self.spec.std, self.spec.num_classes)
+        return evaluate(step, inference_state(self.variables),
+                        input_pipeline.eval_batches(images, labels, min(batch_size, len(labels))))
 
 
 def load_config(run_dir: pathlib.Path | str) -> Config:

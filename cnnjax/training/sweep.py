@@ -30,16 +30,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax.training.early_stopping import EarlyStopping
-
 from cnnjax.data import augment, input_pipeline
 from cnnjax.report import logs as report
 from cnnjax.config import Config
 from cnnjax.nn.models import build_model, check_geometry, has_batch_stats
-from cnnjax.training.optim import make_optimizer, make_plateau, plateau_step
+from cnnjax.training.optim import make_optimizer, make_plateau
 from cnnjax.training.steps import (create_train_state, evaluate, grad_passes, make_eval_step,
                           make_train_step, train_compiler_options, train_step_fn)
-from cnnjax.training.loop import StepLog, seed_keys
+from cnnjax.training import loop
 from cnnjax.training.transfer import is_plain
 
 
@@ -54,7 +52,7 @@ def unstack(tree: Any, n: int) -> list[Any]:
 
 def init_states(model, tx, plateau, image_shape, seeds: Sequence[int]):
     """The stacked train states (each from its seed's init key) and the stacked train keys."""
-    keys = [seed_keys(s) for s in seeds]
+    keys = [loop.seed_keys(s) for s in seeds]
     init = jax.jit(lambda rng: create_train_state(model, tx, plateau, image_shape, rng))
     return stack([init(k[0]) for k in keys]), jnp.stack([k[1] for k in keys])
 
@@ -183,8 +181,7 @@ def run_sweep(cfg: Config, seeds: Sequence[int], out_dir: pathlib.Path | str,
 
     stacked, keys = init_states(model, tx, plateau, spec.image_shape, seeds)
     states, train_keys = unstack(stacked, len(seeds)), list(keys)
-    patience = tc.early_stopping_patience or tc.epochs + 1
-    early = [EarlyStopping(patience=patience) for _ in seeds]
+    early = [loop.EarlyStop() for _ in seeds]
     best = [{"epoch": 0, "step": 0, "state": None} for _ in seeds]
     for s in seeds:
         (out_dir / f"seed_{s}").mkdir(exist_ok=True)
@@ -213,7 +210,7 @@ def run_sweep(cfg: Config, seeds: Sequence[int], out_dir: pathlib.Path | str,
                 if stopped:
                     active.remove(i)
             if tc.progress:
-                losses = [float(early[i].best_metric) for i in stepped]
+                losses = [early[i].best_val_loss for i in stepped]
                 print(f"epoch {epoch:3d}  {len(stepped)} seeds  best val loss "
                       f"{statistics.mean(losses):.4f} (mean)  {rates[-1]:.0f} images/s"
                       + (f"  stopped: {[seeds[i] for i in stepped if i not in active]}"
@@ -245,10 +242,10 @@ def _short(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def _seed_epoch(i, j, epoch, window, state, plateau, cfg, early, best, log, eval_split):
-    """Seed i's (stack position j) end of epoch, as `train_and_evaluate` does it: step records,
-    validation, early stopping, best parameters, plateau rule, epoch record. Returns the seed's
-    state with its plateau rule updated, and whether it stops."""
-    step_log = StepLog(cfg.train.log_every)
+    """Seed i's (stack position j) end of epoch, as `cnnjax train` ends it (`loop.StepLog` and
+    `loop.close_epoch`): step records, validation, early stopping, best parameters, plateau rule,
+    epoch record. Returns the seed's state with its plateau rule updated, and whether it stops."""
+    step_log = loop.StepLog(cfg.train.log_every)
     last = int(state.step)
     step_log.start(last - len(window) + 1)
     for metrics in window:
@@ -257,16 +254,12 @@ def _seed_epoch(i, j, epoch, window, state, plateau, cfg, early, best, log, eval
     record = step_log.pull(epoch)
     if record is not None:
         log.write(record)
-    train_loss, train_acc = step_log.epoch_means()
     lr = cfg.optim.learning_rate * float(state.plateau_state.scale)
-    val = eval_split(state, i, "val")
-    early[i] = early[i].update(val["loss"])
-    if early[i].has_improved:
+    patience = cfg.train.early_stopping_patience or cfg.train.epochs + 1
+    new_state, record, stop = loop.close_epoch(state, plateau, early[i], patience, epoch,
+                                               eval_split(state, i, "val"), step_log.epoch_means(), lr)
+    if record["improved"]:
         best[i].update(epoch=epoch, step=last, state=state)
     best[i]["epochs_run"] = epoch
-    state = state.replace(plateau_state=plateau_step(plateau, state.plateau_state, val["loss"]))
-    log.write({"kind": "epoch", "epoch": epoch, "step": last, "train_loss": train_loss,
-                   "train_accuracy": train_acc, "val_loss": val["loss"],
-                   "val_accuracy": val["accuracy"], "learning_rate": lr,
-                   "improved": bool(early[i].has_improved)})
-    return state, bool(early[i].should_stop)
+    log.write(record)
+    return new_state, stop

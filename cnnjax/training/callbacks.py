@@ -1,0 +1,395 @@
+"""Callbacks: what the loop calls at each step, log line, epoch end and at the end of training.
+
+In the idiom of CLU's `periodic_actions` and Keras callbacks. A callback is any object with some of
+the hooks below (subclass `Callback` and override what you need); it sees the state and metrics
+and can ask the loop to checkpoint or to stop through `event.control`. The loop's own behaviours
+(the metrics and timing logs, TensorBoard, the progress bar, mid-epoch checkpoints, --stop-at-step,
+the augmentation grid, the dead-filter count) are callbacks too, built by `default_callbacks`.
+
+A stop asked for at any hook takes effect at the next log line or epoch end, after a checkpoint:
+a stopped run resumes exactly (`cnnjax train --resume DIR`). A callback that keeps state across
+a resume returns it from `state_dict` (JSON) and gets it back in `load_state_dict`; it is saved in
+every checkpoint under the callback's `name`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+
+import jax
+import numpy as np
+
+from cnnjax.report import logs, plots
+
+if TYPE_CHECKING:  # the loop imports this module; these names are only annotations here
+    from cnnjax.training.loop import Progress, RunSetup
+
+
+@dataclasses.dataclass
+class Control:
+    """What the callbacks ask of the loop; it reads and clears it after each hook."""
+
+    stop_reason: str | None = None
+    checkpoint_requested: bool = False
+
+    def stop(self, reason: str = "a callback stopped the run") -> None:
+        self.stop_reason = self.stop_reason or reason
+
+    def checkpoint(self) -> None:
+        self.checkpoint_requested = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """What every hook gets: the run's setup, its position, the state, and the control."""
+
+    run: "RunSetup"
+    progress: "Progress"
+    state: Any
+    control: Control
+
+    @property
+    def step(self) -> int:
+        return int(self.state.step)
+
+    @property
+    def epoch(self) -> int:
+        return self.progress.epoch
+
+    def evaluate(self, split: str = "val", state: Any = None) -> dict[str, Any]:
+        """Loss, accuracy, count and confusion matrix of `state` (default: the current one) on
+        the 'val' or 'test' split; costs one pass over the split."""
+        return self.run.evaluate(self.state if state is None else state, split)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepEvent(Event):
+    """After each train step. `metrics` are device arrays: reading one waits for the step."""
+
+    metrics: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class LogEvent(Event):
+    """Every `train.log_every` steps: `record` is the metrics.jsonl line (window means)."""
+
+    record: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochEvent(Event):
+    """At the end of an epoch, after evaluation, the plateau rule and early stopping.
+
+    `record` is the epoch's metrics.jsonl line, `timing` its timing.jsonl line."""
+
+    record: dict[str, Any] = dataclasses.field(default_factory=dict)
+    timing: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class EndEvent(Event):
+    """After the final evaluation, on the process that writes the run directory, before
+    summary.json is written: a callback may add fields to `summary`. `state` holds the best
+    parameters."""
+
+    summary: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+class Callback:
+    """Base class with every hook a no-op."""
+
+    name: str | None = None  # key of the state saved with checkpoints (see `state_dict`)
+
+    def on_train_start(self, event: Event) -> None: ...
+    def on_step(self, event: StepEvent) -> None: ...
+    def on_log(self, event: LogEvent) -> None: ...
+    def on_epoch_end(self, event: EpochEvent) -> None: ...
+    def on_train_end(self, event: EndEvent) -> None: ...
+    def close(self) -> None: ...
+
+    def state_dict(self) -> dict[str, Any] | None:
+        return None
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def is_due(count: int, every: int | None = None, at: Iterable[int] = ()) -> bool:
+    """The one rule for "is it time": `count` is a multiple of `every`, or one of `at`."""
+    return bool(every) and count % every == 0 or count in set(at)
+
+
+class Periodic(Callback):
+    """Calls `fn(event)` every N steps, every N epochs, at given steps and/or at the end, as
+    CLU's `PeriodicCallback`. Step triggers fire after that step (`StepEvent`; step 0 before
+    training starts), epoch triggers
+    after the epoch's evaluation (`EpochEvent`), `at_end` with the best parameters (`EndEvent`).
+    `fn` may return a value; they are kept in `results` as (step, value)."""
+
+    def __init__(self, fn: Callable[[Event], Any], *, every_steps: int | None = None,
+                 every_epochs: int | None = None, at_steps: Sequence[int] = (),
+                 at_end: bool = False):
+        for field, value in (("every_steps", every_steps), ("every_epochs", every_epochs)):
+            if value is not None and value <= 0:
+                raise ValueError(f"Periodic({field}={value}): give a positive count or None.")
+        if not (every_steps or every_epochs or at_steps or at_end):
+            raise ValueError("Periodic needs a trigger: every_steps, every_epochs, at_steps or at_end.")
+        self.fn, self.every_steps, self.every_epochs = fn, every_steps, every_epochs
+        self.at_steps, self.at_end = tuple(int(s) for s in at_steps), at_end
+        self.results: list[tuple[int, Any]] = []
+
+    def _call(self, event: Event) -> None:
+        self.results.append((event.step, self.fn(event)))
+
+    def on_train_start(self, event: Event) -> None:
+        if event.step == 0 and 0 in self.at_steps:  # step 0: before the first step
+            self._call(event)
+
+    def on_step(self, event: StepEvent) -> None:
+        if is_due(event.step, self.every_steps, self.at_steps):
+            self._call(event)
+
+    def on_epoch_end(self, event: EpochEvent) -> None:
+        if is_due(event.record["epoch"], self.every_epochs):
+            self._call(event)
+
+    def on_train_end(self, event: EndEvent) -> None:
+        if self.at_end:
+            self._call(event)
+
+
+class StopAtStep(Callback):
+    """Stops (after a checkpoint) at the first log line or epoch end at or after `step`: for
+    time-sliced jobs (`cnnjax train --stop-at-step N`)."""
+
+    def __init__(self, step: int):
+        if step <= 0:
+            raise ValueError(f"--stop-at-step must be positive, got {step}.")
+        self.at = step
+
+    def on_log(self, event: LogEvent) -> None:
+        if event.step >= self.at:
+            event.control.stop(f"stopped at step {event.step} (--stop-at-step {self.at})")
+
+    on_epoch_end = on_log
+
+
+class CheckpointEvery(Callback):
+    """Checkpoints mid-epoch at the first log line `every` or more steps after the last save
+    (`train.checkpoint_every_steps`); every epoch end checkpoints anyway."""
+
+    def __init__(self, every: int):
+        if every < 0:
+            raise ValueError(f"train.checkpoint_every_steps must be >= 0, got {every}.")
+        self.every = every
+
+    def on_log(self, event: LogEvent) -> None:
+        if self.every and event.step - event.progress.last_checkpoint_step >= self.every:
+            event.control.checkpoint()
+
+
+class JsonlLog(Callback):
+    """Base of the JSON-lines logs: a resumed run keeps the lines written up to its checkpoint
+    and drops the rest, so the log replays exactly. Only the primary process writes."""
+
+    filename = ""
+
+    def __init__(self):
+        self.writer: logs.JsonlWriter | None = None
+        self._keep = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"lines": self.writer.lines if self.writer else self._keep}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._keep = int(state["lines"])
+
+    def on_train_start(self, event: Event) -> None:
+        self.writer = logs.JsonlWriter(event.run.run_dir / self.filename, self._keep,
+                                       event.run.par.is_primary)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class MetricsLog(JsonlLog):
+    """metrics.jsonl, the run's deterministic record: step windows and epoch lines."""
+
+    name, filename = "metrics_log", "metrics.jsonl"
+
+    def on_log(self, event: LogEvent) -> None:
+        self.writer.write(event.record)
+
+    def on_epoch_end(self, event: EpochEvent) -> None:
+        self.writer.write(event.record)
+
+
+class TimingLog(JsonlLog):
+    """timing.jsonl: the wall-clock figures, kept apart from the deterministic metrics."""
+
+    name, filename = "timing_log", "timing.jsonl"
+
+    def on_epoch_end(self, event: EpochEvent) -> None:
+        self.writer.write(event.timing)
+
+
+class TensorBoard(Callback):
+    """TensorBoard event files in <run>/tensorboard (tensorboardX; no TensorFlow): every number
+    of metrics.jsonl as a scalar at its step, tagged `train/<name>` for step windows and
+    `epoch/<name>` for epoch lines. A resumed run purges events after its checkpoint's step."""
+
+    name = "tensorboard"
+    SKIP = {"kind", "epoch", "step"}
+
+    def __init__(self, subdir: str = "tensorboard"):
+        self.subdir, self.writer, self._purge = subdir, None, None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._purge = True
+
+    def on_train_start(self, event: Event) -> None:
+        if event.run.par.is_primary:
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(str(event.run.run_dir / self.subdir), flush_secs=30,
+                                        purge_step=event.step + 1 if self._purge else None)
+
+    def _scalars(self, prefix: str, record: dict[str, Any]) -> None:
+        if self.writer is None:
+            return
+        for key, value in record.items():
+            if key not in self.SKIP and isinstance(value, (int, float)):
+                self.writer.add_scalar(f"{prefix}/{key}", float(value), record["step"])
+
+    def on_log(self, event: LogEvent) -> None:
+        self._scalars("train", event.record)
+
+    def on_epoch_end(self, event: EpochEvent) -> None:
+        self._scalars("epoch", event.record)
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class ProgressBar(Callback):
+    """A tqdm bar over all steps of the run and one line per epoch (`train.progress`)."""
+
+    def __init__(self):
+        self.bar = None
+
+    def on_train_start(self, event: Event) -> None:
+        from tqdm.auto import tqdm
+
+        run, p = event.run, event.progress
+        self.bar = tqdm(total=run.cfg.train.epochs * run.steps_per_epoch,
+                        initial=(p.epoch - 1) * run.steps_per_epoch + p.batch,
+                        disable=not (run.cfg.train.progress and run.par.is_primary), unit="step",
+                        dynamic_ncols=True)
+
+    def on_step(self, event: StepEvent) -> None:
+        self.bar.update(1)
+
+    def on_log(self, event: LogEvent) -> None:
+        r = event.record
+        self.bar.set_postfix(epoch=r["epoch"], loss=f"{r['loss']:.4f}", acc=f"{r['accuracy']:.3f}")
+
+    def on_epoch_end(self, event: EpochEvent) -> None:
+        r, t = event.record, event.timing
+        if not self.bar.disable:
+            self.bar.write(f"epoch {r['epoch']:3d}  train loss {r['train_loss']:.4f} acc "
+                           f"{r['train_accuracy']:.4f}  val loss {r['val_loss']:.4f} acc "
+                           f"{r['val_accuracy']:.4f}  lr {r['learning_rate']:.2e}  {t['seconds']:.1f}s")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class AugmentationGrid(Callback):
+    """augmentations.png: 16 training images over four augmented draws, as the step draws them."""
+
+    def on_train_start(self, event: Event) -> None:
+        run = event.run
+        if not run.augmenter.transforms or run.resuming or not run.par.is_primary:
+            return
+        from cnnjax.training.steps import AUGMENT_STREAM
+
+        images = run.data.train[0]
+        sample = np.linspace(0, len(images) - 1, 16).astype(np.int32)
+        key = jax.random.fold_in(jax.random.fold_in(run.train_rng, 0), AUGMENT_STREAM)
+        plots.augmentation_grid(run.run_dir / "augmentations.png", run.augmenter, images[sample],
+                                key, sample)
+
+
+class DeadFilterCount(Callback):
+    """summary.json's `dead_filters`: conv filters of the best parameters that never fire on the
+    validation images (`cnnjax.nn.health`)."""
+
+    def on_train_end(self, event: EndEvent) -> None:
+        from cnnjax.nn.health import dead_filter_count
+
+        run = event.run
+        variables = {"params": event.state.params, "batch_stats": event.state.batch_stats}
+        event.summary["dead_filters"] = dead_filter_count(run.model, variables, run.data.val[0],
+                                                          run.data.spec)
+
+
+def default_callbacks(cfg, stop_at_step: int | None = None) -> list[Callback]:
+    """What `cnnjax train` runs with: the logs, TensorBoard, the progress bar, mid-epoch
+    checkpoints, the augmentation grid, the dead-filter count, and --stop-at-step if given."""
+    callbacks = [MetricsLog(), TimingLog(), TensorBoard(), ProgressBar(),
+                 CheckpointEvery(cfg.train.checkpoint_every_steps), AugmentationGrid(),
+                 DeadFilterCount()]
+    if stop_at_step is not None:
+        callbacks.append(StopAtStep(stop_at_step))
+    return callbacks
+
+
+class CallbackList:
+    """Calls each hook of every callback in order, on one shared `Control`."""
+
+    HOOKS = ("on_train_start", "on_step", "on_log", "on_epoch_end", "on_train_end")
+
+    def __init__(self, callbacks: Sequence[Any]):
+        self.callbacks, self.control = list(callbacks), Control()
+        names = [c.name for c in self.callbacks if getattr(c, "name", None)]
+        if len(names) != len(set(names)):
+            raise ValueError(f"two callbacks share a state name in {names}; give each its own "
+                             f"`name`.")
+        for c in self.callbacks:
+            if not any(hasattr(c, h) for h in self.HOOKS):
+                raise TypeError(f"{c!r} is not a callback: it has none of the hooks {self.HOOKS}.")
+
+    def call(self, hook: str, event: Event) -> None:
+        for c in self.callbacks:
+            fn = getattr(c, hook, None)
+            if fn is not None:
+                fn(event)
+
+    def state_dict(self) -> dict[str, Any]:
+        out = {}
+        for c in self.callbacks:
+            name = getattr(c, "name", None)
+            state = c.state_dict() if name and hasattr(c, "state_dict") else None
+            if state is not None:
+                out[name] = state
+        return out
+
+    def load_state_dict(self, states: dict[str, Any]) -> None:
+        for c in self.callbacks:
+            name = getattr(c, "name", None)
+            if name in states and hasattr(c, "load_state_dict"):
+                c.load_state_dict(states[name])
+
+    def close(self) -> None:
+        for c in self.callbacks:
+            if hasattr(c, "close"):
+                c.close()
+
