@@ -55,18 +55,47 @@ class AugmentConfig:
     order: tuple[str, ...] = ("scale", "rotate", "translate", "flip")  # first acts first
 
 
+# The values of OptimConfig.name and .schedule (what each means: cnnjax/training/optim.py).
+OPTIMIZERS = ("torch_adam", "adam", "adamw", "sgd")
+SCHEDULES = ("plateau", "constant", "cosine", "warmup_cosine", "onecycle")
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
     learning_rate: float = 1e-3
-    weight_decay: float = 1e-5  # coupled L2, as torch.optim.Adam(weight_decay=...)
-    amsgrad: bool = True
+    weight_decay: float = 1e-5  # coupled L2 as torch's Adam and SGD do; adamw: decoupled, as AdamW
+    amsgrad: bool = True  # torch_adam only (torch's AMSGrad; optax's differs)
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-8
     plateau_factor: float = 0.5  # ReduceLROnPlateau on the validation loss, once per epoch
     plateau_patience: int = 3  # in torch's convention
     plateau_threshold: float = 1e-4  # torch's relative threshold
-    min_lr: float = 1e-6
+    min_lr: float = 1e-6  # the plateau rule's floor; where cosine and warmup_cosine end
+    name: str = "torch_adam"  # one of OPTIMIZERS (cnnjax/training/optim.py)
+    schedule: str = "plateau"  # one of SCHEDULES; all but plateau are per step, over epochs x steps
+    warmup_steps: int = 0  # warmup_cosine's linear rise from 0; onecycle's rise (0: torch's 30%)
+    momentum: float = 0.9  # sgd only
+    nesterov: bool = False  # sgd only
+    clip_norm: float | None = None  # global gradient norm limit, as torch.nn.utils.clip_grad_norm_
+    ema_decay: float | None = None  # an EMA of the parameters (torch's AveragedModel), e.g. 0.999
+
+    def __post_init__(self):
+        checks = [
+            ("name", self.name in OPTIMIZERS, f"choose one of {', '.join(OPTIMIZERS)}"),
+            ("schedule", self.schedule in SCHEDULES, f"choose one of {', '.join(SCHEDULES)}"),
+            ("warmup_steps", self.warmup_steps >= 0, "use 0 or a positive number of steps"),
+            ("momentum", 0.0 <= self.momentum < 1.0, "use a value in [0, 1)"),
+            ("nesterov", not self.nesterov or self.momentum > 0,
+             "Nesterov needs momentum: set optim.momentum > 0"),
+            ("clip_norm", self.clip_norm is None or self.clip_norm > 0,
+             "use a positive norm, or null for no clipping"),
+            ("ema_decay", self.ema_decay is None or 0.0 <= self.ema_decay < 1.0,
+             "use a value in [0, 1), or null for no EMA"),
+        ]
+        for field, ok, fix in checks:
+            if not ok:
+                raise ValueError(f"optim.{field}={getattr(self, field)!r} is not valid: {fix}.")
 
 
 @dataclasses.dataclass(frozen=True)

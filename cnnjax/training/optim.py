@@ -1,20 +1,40 @@
-"""The optimizer: one function composing optax pieces to reproduce the seed's torch.optim.Adam.
+"""The optimizer: optax pieces composed from `OptimConfig`; by default the seed's torch.optim.Adam.
 
-torch.optim.Adam(lr, weight_decay, amsgrad=True) differs from optax's stock transforms twice:
-- weight decay is coupled L2 (decay * param added to the gradient before the moments), which is
-  `optax.add_decayed_weights` placed before the Adam scaling, not `optax.adamw`;
-- AMSGrad keeps the running max of the raw second moment and bias-corrects after the max, while
+`optim.name` picks the update rule, each the torch optimizer it reproduces (tests/test_optim.py):
+- `torch_adam` (default): torch.optim.Adam(lr, weight_decay, amsgrad). It differs from optax's stock
+  transforms twice: weight decay is coupled L2 (decay * param added to the gradient before the
+  moments), which is `optax.add_decayed_weights` placed before the Adam scaling, not `optax.adamw`;
+  and AMSGrad keeps the running max of the raw second moment and bias-corrects after the max, while
   `optax.scale_by_amsgrad` takes the max of the bias-corrected moment; the two drift apart within a
   few steps, hence `scale_by_torch_adam` below.
+- `adam`: `optax.adam` after coupled decay: torch.optim.Adam without AMSGrad (`optim.amsgrad` is
+  torch_adam's alone).
+- `adamw`: `optax.adamw`: torch.optim.AdamW, decay decoupled and multiplied by the learning rate.
+- `sgd`: coupled decay then `optax.sgd(momentum, nesterov)`: torch.optim.SGD with dampening 0
+  (optax's trace starts from zero, so its first step equals torch's buffer = gradient).
 
-The learning rate is scaled on validation-loss plateaus by `optax.contrib.reduce_on_plateau`, kept
-as a separate transform whose state the loop updates once per epoch (torch's scheduler.step(val_loss));
-the train step multiplies its updates by that state's `scale`.
+`optim.schedule` sets the learning rate. `plateau` (default) is the constant rate scaled on
+validation-loss plateaus by `optax.contrib.reduce_on_plateau`, a separate transform whose state the
+loop updates once per epoch (torch's scheduler.step(val_loss)); the train step multiplies its updates
+by that state's `scale`. The others are optax schedules of the step count over the run's
+epochs x steps_per_epoch steps, torch's schedulers stepped after every optimizer step:
+`constant`; `cosine`, CosineAnnealingLR(T_max=steps, eta_min=min_lr); `warmup_cosine`, a linear
+rise from 0 over `warmup_steps` then cosine to min_lr (LinearLR then CosineAnnealingLR under
+SequentialLR); `onecycle`, OneCycleLR(max_lr=learning_rate) with torch's defaults (cosine, 30% rise
+unless `warmup_steps`, div_factor 25, final_div_factor 1e4; learning rate only, no momentum cycle).
+optax's own `cosine_onecycle_schedule` ends each phase one step later than torch, so `onecycle` is
+`optax.piecewise_interpolate_schedule` at torch's phase ends.
+
+`optim.clip_norm` clips the raw gradient's global norm first (torch.nn.utils.clip_grad_norm_ before
+optimizer.step(), which divides by norm + 1e-6 where optax divides by the norm: 1e-6 relative).
+`optim.ema_decay` keeps an exponential moving average of the parameters in the optimizer state
+(`track_params_ema`, read with `ema_params`), so checkpoints hold it and resume restores it.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +42,9 @@ import optax
 from optax import tree_utils as otu
 
 from cnnjax.config import OptimConfig
+
+# torch.optim.lr_scheduler.OneCycleLR's defaults.
+ONECYCLE_PCT_START, ONECYCLE_DIV_FACTOR, ONECYCLE_FINAL_DIV_FACTOR = 0.3, 25.0, 1e4
 
 
 class ScaleByTorchAdamState(NamedTuple):
@@ -63,25 +86,173 @@ def scale_by_torch_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
-    """Coupled weight decay -> torch-style Adam/AMSGrad -> -learning_rate."""
+def make_schedule(cfg: OptimConfig, steps_per_epoch: int | None = None,
+                  epochs: int | None = None) -> float | optax.Schedule:
+    """The learning rate by step count: a float for `plateau` and `constant`, else an optax schedule.
+
+    Schedules other than those two span the run, so they need its `steps_per_epoch` and `epochs`.
+    """
     if cfg.learning_rate <= 0:
         raise ValueError(f"optim.learning_rate must be positive, got {cfg.learning_rate}.")
+    warmup = cfg.warmup_steps
+    if warmup and cfg.schedule not in ("warmup_cosine", "onecycle"):
+        raise ValueError(f"optim.warmup_steps={warmup} applies to warmup_cosine and onecycle, not "
+                         f"optim.schedule={cfg.schedule}; set optim.warmup_steps=0 or choose one "
+                         f"of those schedules.")
+    if cfg.schedule in ("plateau", "constant"):
+        return cfg.learning_rate
+    if (steps_per_epoch or 0) <= 0 or (epochs or 0) <= 0:
+        raise ValueError(f"optim.schedule={cfg.schedule} spans the run: make_optimizer needs its "
+                         f"steps_per_epoch and epochs (positive), got {steps_per_epoch} and {epochs}.")
+    total = steps_per_epoch * epochs
+    if cfg.min_lr < 0 or cfg.min_lr > cfg.learning_rate:
+        raise ValueError(f"optim.min_lr={cfg.min_lr} is where optim.schedule={cfg.schedule} ends: "
+                         f"use a value in [0, optim.learning_rate={cfg.learning_rate}].")
+    if cfg.schedule == "cosine":
+        return optax.cosine_decay_schedule(cfg.learning_rate, total, cfg.min_lr / cfg.learning_rate)
+    if cfg.schedule == "warmup_cosine":
+        if not 0 < warmup < total:
+            raise ValueError(f"optim.schedule=warmup_cosine needs 0 < optim.warmup_steps < the "
+                             f"run's {total} steps, got {warmup}.")
+        return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup, total, cfg.min_lr)
+    # onecycle: torch's first phase ends (peaks) at step pct_start * total - 1, the second at total - 1.
+    peak_step = warmup - 1 if warmup else ONECYCLE_PCT_START * total - 1
+    if not 1 <= peak_step < total - 1:
+        raise ValueError(f"optim.schedule=onecycle rises over optim.warmup_steps (0: 30% of the "
+                         f"run's {total} steps) and then falls: it needs at least 2 steps each, got "
+                         f"a rise of {peak_step + 1:g} steps; lengthen the run or set "
+                         f"optim.warmup_steps in [2, {total - 2}].")
+    return optax.piecewise_interpolate_schedule(
+        "cosine", cfg.learning_rate / ONECYCLE_DIV_FACTOR,
+        {peak_step: ONECYCLE_DIV_FACTOR,
+         total - 1: 1.0 / (ONECYCLE_DIV_FACTOR * ONECYCLE_FINAL_DIV_FACTOR)})
+
+
+def make_base_optimizer(cfg: OptimConfig, steps_per_epoch: int | None = None,
+                        epochs: int | None = None) -> optax.GradientTransformation:
+    """Weight decay, the update rule and the learning rate: the part that may differ per parameter
+    group (transfer learning labels parameters and builds one of these per label)."""
     if cfg.weight_decay < 0:
         raise ValueError(f"optim.weight_decay must be non-negative, got {cfg.weight_decay}.")
-    return optax.chain(
-        optax.add_decayed_weights(cfg.weight_decay),
-        scale_by_torch_adam(cfg.b1, cfg.b2, cfg.eps, cfg.amsgrad),
-        optax.scale_by_learning_rate(cfg.learning_rate),
-    )
+    if cfg.nesterov and cfg.name != "sgd":
+        raise ValueError(f"optim.nesterov applies to sgd, not optim.name={cfg.name}; set "
+                         f"optim.name=sgd or optim.nesterov=false.")
+    lr = make_schedule(cfg, steps_per_epoch, epochs)
+    if cfg.name == "torch_adam":
+        return optax.chain(
+            optax.add_decayed_weights(cfg.weight_decay),
+            scale_by_torch_adam(cfg.b1, cfg.b2, cfg.eps, cfg.amsgrad),
+            optax.scale_by_learning_rate(lr),
+        )
+    if cfg.name == "adam":
+        return optax.chain(optax.add_decayed_weights(cfg.weight_decay),
+                           optax.adam(lr, cfg.b1, cfg.b2, cfg.eps))
+    if cfg.name == "adamw":
+        return optax.adamw(lr, cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay)
+    return optax.chain(optax.add_decayed_weights(cfg.weight_decay),
+                       optax.sgd(lr, cfg.momentum or None, cfg.nesterov))
 
+
+def wrap_optimizer(cfg: OptimConfig, tx: optax.GradientTransformation
+                   ) -> optax.GradientTransformation:
+    """Gradient clipping before `tx` and the parameter EMA after it: both over the whole parameter
+    tree, so they wrap transfer learning's per-label optimizers from outside. `tx` itself when
+    neither is set (the default's state is the seed's, unchanged)."""
+    parts = [tx]
+    if cfg.clip_norm is not None:
+        parts.insert(0, optax.clip_by_global_norm(cfg.clip_norm))
+    if cfg.ema_decay is not None:
+        parts.append(track_params_ema(cfg.ema_decay))
+    return tx if len(parts) == 1 else optax.chain(*parts)
+
+
+def make_optimizer(cfg: OptimConfig, steps_per_epoch: int | None = None,
+                   epochs: int | None = None) -> optax.GradientTransformation:
+    """The run's optimizer; `steps_per_epoch` and `epochs` are needed by per-step schedules only.
+
+    The default: coupled weight decay -> torch-style Adam/AMSGrad -> -learning_rate.
+    """
+    return wrap_optimizer(cfg, make_base_optimizer(cfg, steps_per_epoch, epochs))
+
+
+def learning_rate_at(cfg: OptimConfig, step: int, plateau_scale: float = 1.0,
+                     steps_per_epoch: int | None = None, epochs: int | None = None) -> float:
+    """The learning rate of the update from `step` (`TrainState.step`, updates applied so far):
+    the schedule's value there times the plateau rule's scale (1.0 for schedules but `plateau`)."""
+    return float(_compiled_schedule(cfg, steps_per_epoch, epochs)(step)) * float(plateau_scale)
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_schedule(cfg: OptimConfig, steps_per_epoch: int | None, epochs: int | None):
+    """One compiled call per lookup: an optax schedule run op by op costs milliseconds."""
+    lr = make_schedule(cfg, steps_per_epoch, epochs)
+    return jax.jit(lr) if callable(lr) else lambda step: lr
+
+
+# --- the parameter EMA ----------------------------------------------------------------------------
+
+class ParamsEmaState(NamedTuple):
+    count: jax.Array  # updates seen
+    ema: optax.Params  # the EMA through the parameters the last update was given (see ema_params)
+    weight: jax.Array  # 1 - decay, rounded once from Python's double, as torch's lerp weight is
+
+
+def track_params_ema(decay: float) -> optax.GradientTransformation:
+    """Passes updates through and keeps torch's AveragedModel EMA of the parameters
+    (get_ema_multi_avg_fn(decay), update_parameters after every optimizer step): the first step's
+    parameters, then ema <- ema + (1 - decay) * (params - ema).
+
+    A transform sees the parameters before the update, and the train step scales the updates after
+    the optimizer (the plateau rule), so the parameters after the step are unknown here. The state
+    therefore holds the EMA through the previous step's parameters, which is exact whatever the
+    scale; `ema_params(opt_state, params)` adds the current ones.
+    """
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"track_params_ema: decay must be in [0, 1), got {decay}.")
+
+    def init_fn(params):
+        return ParamsEmaState(count=jnp.zeros([], jnp.int32), ema=otu.tree_zeros_like(params),
+                              weight=jnp.asarray(1.0 - decay, jnp.float32))
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("track_params_ema needs the parameters: tx.update(grads, state, params).")
+        return updates, state._replace(count=optax.safe_increment(state.count),
+                                       ema=_ema_with(state, params))
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _ema_with(state: ParamsEmaState, params):
+    """The EMA once `params` are averaged in: `params` themselves after at most one update (torch
+    copies the first step's parameters; before any step there is nothing else to show)."""
+    first = state.count <= 1
+    return jax.tree.map(
+        lambda e, p: jnp.where(first, p, e + state.weight.astype(e.dtype) * (p - e)),
+        state.ema, params)
+
+
+def ema_params(opt_state: Any, params) -> Any | None:
+    """The EMA of the parameters through `params` (the state's current ones), or None when the
+    optimizer keeps none (`optim.ema_decay` unset, or an inference state without one)."""
+    states = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, ParamsEmaState))
+              if isinstance(s, ParamsEmaState)]
+    if len(states) > 1:
+        raise ValueError(f"the optimizer state holds {len(states)} parameter EMAs; build the EMA "
+                         f"once, around the whole optimizer (wrap_optimizer).")
+    return _ema_with(states[0], params) if states else None
+
+
+# --- the plateau rule -----------------------------------------------------------------------------
 
 def make_plateau(cfg: OptimConfig) -> optax.GradientTransformationExtraArgs:
     """ReduceLROnPlateau(mode='min', threshold_mode='rel') in optax's terms.
 
     torch improves when loss < best * (1 - threshold): rtol = threshold, atol = 0. torch counts
     `patience` bad epochs before cutting, optax cuts when its counter reaches `patience`, hence +1.
-    torch's min_lr is absolute, optax's min_scale relative to the base rate.
+    torch's min_lr is absolute, optax's min_scale relative to the base rate. Under any other
+    `optim.schedule` the rule is the same transform with min_scale 1: its state (the train state's
+    structure) is unchanged and its scale stays 1.0.
     """
     if not 0 < cfg.plateau_factor < 1:
         raise ValueError(f"optim.plateau_factor must be in (0, 1), got {cfg.plateau_factor}.")
@@ -89,7 +260,8 @@ def make_plateau(cfg: OptimConfig) -> optax.GradientTransformationExtraArgs:
         raise ValueError(f"optim.plateau_patience must be >= 0, got {cfg.plateau_patience}.")
     return optax.contrib.reduce_on_plateau(
         factor=cfg.plateau_factor, patience=cfg.plateau_patience + 1, rtol=cfg.plateau_threshold,
-        atol=0.0, cooldown=0, accumulation_size=1, min_scale=cfg.min_lr / cfg.learning_rate)
+        atol=0.0, cooldown=0, accumulation_size=1,
+        min_scale=cfg.min_lr / cfg.learning_rate if cfg.schedule == "plateau" else 1.0)
 
 
 def plateau_step(plateau: optax.GradientTransformationExtraArgs, state, val_loss: float):

@@ -39,7 +39,7 @@ import orbax.checkpoint as ocp
 from cnnjax.training import checkpoint, rundir
 from cnnjax.nn import convert
 from cnnjax.config import Config, ModelConfig, TransferConfig
-from cnnjax.training.optim import make_optimizer
+from cnnjax.training.optim import make_base_optimizer, make_optimizer, wrap_optimizer
 from cnnjax.nn.resnet import RESNETS, is_frozen
 
 BACKBONE = "backbone"  # in transfer.freeze: every top-level module outside transfer.head
@@ -142,22 +142,24 @@ def is_plain(tc: TransferConfig) -> bool:
 
 def make_transfer_optimizer(cfg: Config, steps_per_epoch: int) -> optax.GradientTransformation:
     """`make_optimizer(cfg.optim)` per label (see the module docstring); unchanged when `is_plain`.
+    Gradient clipping and the parameter EMA (`wrap_optimizer`) act once, on the whole tree.
 
     Labels are computed from the parameters when the optimizer is initialized, so this needs no
     parameters; a bad prefix raises then, before anything compiles.
     """
     tc = cfg.transfer
     if is_plain(tc):
-        return make_optimizer(cfg.optim)
+        return make_optimizer(cfg.optim, steps_per_epoch, cfg.train.epochs)
     if steps_per_epoch <= 0:
         raise ValueError(f"steps_per_epoch must be positive, got {steps_per_epoch}.")
 
     def backbone():
-        tx = make_optimizer(cfg.optim)
+        tx = make_base_optimizer(cfg.optim, steps_per_epoch, cfg.train.epochs)
         return tx if tc.backbone_lr_scale == 1.0 else optax.chain(tx, optax.scale(tc.backbone_lr_scale))
 
     unfreeze_step = tc.unfreeze_after_epochs * steps_per_epoch
-    transforms = {"head": make_optimizer(cfg.optim), "backbone": backbone(),
+    transforms = {"head": make_base_optimizer(cfg.optim, steps_per_epoch, cfg.train.epochs),
+                  "backbone": backbone(),
                   "frozen": optax.set_to_zero(),
                   "late": optax.transforms.conditionally_mask(
                       backbone(), lambda count: count >= unfreeze_step)}
@@ -166,7 +168,7 @@ def make_transfer_optimizer(cfg: Config, steps_per_epoch: int) -> optax.Gradient
         check_transfer(tc, params)
         return param_labels(params, tc)
 
-    return optax.multi_transform(transforms, labels)
+    return wrap_optimizer(cfg.optim, optax.multi_transform(transforms, labels))
 
 
 def model_for_epoch(model: nn.Module, tc: TransferConfig, variables: dict[str, Any],
