@@ -61,10 +61,13 @@ class DatasetSpec:
     name: str
     num_classes: int
     image_shape: tuple[int, int, int]
-    mean: float  # normalization constants, applied after scaling pixels to [0, 1]
-    std: float
+    # Normalization constants, applied after scaling pixels to [0, 1]: one for all channels (the
+    # built-ins) or one per channel (datasets of cnnjax/data/sources.py).
+    mean: float | tuple[float, ...]
+    std: float | tuple[float, ...]
     splits: tuple[str, ...]
     needs_download: bool
+    class_names: tuple[str, ...] = ()  # one per class, when the dataset names them
 
 
 DATASETS: dict[str, DatasetSpec] = {

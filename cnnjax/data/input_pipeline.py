@@ -1,10 +1,11 @@
 """From dataset splits to batches: seeded train/validation split, replayable shuffles, normalization.
 
 Images stay uint8 on the host (4x less to copy than float32) and are scaled and normalized inside
-the compiled step by `normalize`. Batch order is a function of (seed, epoch) alone, so any epoch can
-be replayed without running the ones before it. Training drops the last partial batch (a different
-one each epoch, since the order is reshuffled); evaluation pads it and masks the padding, so every
-example is counted exactly once.
+the compiled step by `normalize`; a dataset of float images (cnnjax/data/sources.py) is held as
+float32 in the same 0..255 units, so one `normalize` serves both. Batch order is a function of
+(seed, epoch) alone, so any epoch can be replayed without running the ones before it. Training
+drops the last partial batch (a different one each epoch, since the order is reshuffled);
+evaluation pads it and masks the padding, so every example is counted exactly once.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnnjax.data import datasets
+from cnnjax.data import datasets, sources
 from cnnjax.config import DataConfig
 
 _SPLIT_STREAM = 0x5EED  # keeps the validation split's draw apart from the epoch shuffles
@@ -24,7 +25,8 @@ _SPLIT_STREAM = 0x5EED  # keeps the validation split's draw apart from the epoch
 
 @dataclasses.dataclass(frozen=True)
 class Data:
-    """The three splits of a run, in memory: uint8 (N, H, W, C) images and int32 labels."""
+    """The three splits of a run, in memory: (N, H, W, C) images, uint8 or float32 in 0..255
+    units, and int32 labels."""
 
     spec: datasets.DatasetSpec
     train: tuple[np.ndarray, np.ndarray]
@@ -43,16 +45,38 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, n
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
+def is_builtin(dataset: str) -> bool:
+    return dataset in datasets.DATASETS
+
+
+def dataset_spec(dataset: str) -> datasets.DatasetSpec:
+    """The spec of a built-in, registered or import-path dataset (the last two are loaded)."""
+    return datasets.get_spec(dataset) if is_builtin(dataset) else sources.load(dataset).spec
+
+
+def load_split(dataset: str, split: str, *, data_dir: str | None = None,
+               manual_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """One whole split of any dataset: images in host units (see the module docstring), labels."""
+    if is_builtin(dataset):
+        return datasets.load(dataset, split, data_dir=data_dir, manual_dir=manual_dir)
+    source = sources.load(dataset)
+    if split not in sources.SPLITS:
+        raise ValueError(f"Dataset {dataset!r} has no split {split!r}; choose one of "
+                         f"{', '.join(map(repr, sources.SPLITS))}.")
+    return getattr(source, split)
+
+
 def data_spec(cfg: DataConfig) -> datasets.DatasetSpec:
     """The dataset's spec; with `data.classes` its num_classes is the number of classes kept."""
-    spec = datasets.get_spec(cfg.dataset)
+    spec = dataset_spec(cfg.dataset)
     classes = tuple(cfg.classes)
     if not classes:
         return spec
     if len(set(classes)) != len(classes) or not all(0 <= c < spec.num_classes for c in classes):
         raise ValueError(f"data.classes must be distinct labels of {cfg.dataset} (0..."
                          f"{spec.num_classes - 1}), got {classes}.")
-    return dataclasses.replace(spec, num_classes=len(classes))
+    names = tuple(spec.class_names[c] for c in classes) if spec.class_names else ()
+    return dataclasses.replace(spec, num_classes=len(classes), class_names=names)
 
 
 def select_classes(images: np.ndarray, labels: np.ndarray, classes: tuple[int, ...]
@@ -73,9 +97,9 @@ def load_data(cfg: DataConfig, seed: int) -> Data:
     subset exactly when it is for the whole dataset (with the same seed).
     """
     spec = data_spec(cfg)
-    images, labels = datasets.load(cfg.dataset, "train", data_dir=cfg.data_dir,
-                                   manual_dir=cfg.manual_dir)
-    test = datasets.load(cfg.dataset, "test", data_dir=cfg.data_dir, manual_dir=cfg.manual_dir)
+    images, labels = load_split(cfg.dataset, "train", data_dir=cfg.data_dir,
+                                manual_dir=cfg.manual_dir)
+    test = load_split(cfg.dataset, "test", data_dir=cfg.data_dir, manual_dir=cfg.manual_dir)
     train_idx, val_idx = split_indices(len(labels), cfg.val_fraction, seed)
     pick = lambda x, y: select_classes(x, y, tuple(cfg.classes))
     return Data(spec=spec, train=pick(images[train_idx], labels[train_idx]),
@@ -141,20 +165,35 @@ def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int,
         yield {"image": x[rows], "label": y[rows], "mask": mask[rows]}
 
 
-def normalize(images: jax.Array, mean: float, std: float) -> jax.Array:
-    """uint8 [0, 255] -> float32 scaled to [0, 1], then (x - mean) / std, as the seed's transforms."""
+def normalize(images: jax.Array, mean: float | tuple[float, ...],
+              std: float | tuple[float, ...]) -> jax.Array:
+    """Pixels in 0..255 units -> float32 scaled to [0, 1], then (x - mean) / std, as the seed's
+    transforms; `mean` and `std` are one number or one per channel (the last axis)."""
+    mean, std = (_per_channel(v, images.shape[-1], k) for k, v in (("mean", mean), ("std", std)))
     return (images.astype(jnp.float32) / 255.0 - mean) / std
 
 
+def _per_channel(value, channels: int, what: str):
+    """A number as it is; a 1-tuple as its number (so it computes exactly as the number does);
+    one value per channel as a float32 vector, broadcast over the last axis."""
+    if np.ndim(value) == 0:
+        return value
+    value = tuple(value)
+    if len(value) == 1:
+        return value[0]
+    if len(value) != channels:
+        raise ValueError(f"normalize: {what} has {len(value)} values for {channels}-channel "
+                         f"images; give one number or one per channel.")
+    return np.asarray(value, np.float32)
+
+
 def as_nhwc(images, image_shape: tuple[int, int, int]) -> np.ndarray:
-    """Accepts uint8 (N, H, W) or (N, H, W, C) matching `image_shape`; returns (N, H, W, C)."""
+    """Accepts uint8 pixels or floats in [0, 1], (N, H, W) or (N, H, W, C) matching
+    `image_shape`; returns (N, H, W, C) in host units (uint8, or float32 in 0..255)."""
     images = np.asarray(images)
-    if images.dtype != np.uint8:
-        raise ValueError(f"images must be uint8 pixels in [0, 255], got dtype {images.dtype}; "
-                         f"pass the raw pixels, normalization is applied for you.")
     if images.ndim == 3 and image_shape[-1] == 1:
         images = images[..., None]
     if images.ndim != 4 or tuple(images.shape[1:]) != tuple(image_shape):
         raise ValueError(f"images must be shaped (N, {image_shape[0]}, {image_shape[1]}) or "
                          f"(N, {', '.join(map(str, image_shape))}), got {images.shape}.")
-    return images
+    return sources.host_pixels(images, "images")
