@@ -5,11 +5,13 @@
     python benchmarks/actmax.py --repeats 5 --steps 256 --json out.json
 
 One call of `activation_maximization` optimizes all 64 filters at once (vmap over channels around a
-lax.scan over Adam steps: one compiled program). The first call (trace + compile + run) is timed
-apart from the warm calls; the budget is about the first, since that is what `cnnjax visualize`
-pays. Weights do not change the cost, so by default the seed's initialization is used and no
-training is needed; --run measures a trained model's weights (and reports how many filters rose
-10x over their start). This machine is shared and noisy: read medians.
+lax.scan over Adam steps on the image's Fourier spectrum, each step through a random affine: one
+compiled program). The first call (trace + compile + run) is timed apart from the warm calls; the
+budget is about the first, since that is what `cnnjax visualize` pays. Weights do not change the
+cost, so by default the seed's initialization is used and no training is needed; --run measures a
+trained model's weights (and reports how many filters rose 10x over their start, and how readable
+the images are: saturated pixels and high-frequency share, see `cnnjax.visualize.checks`). This
+machine is shared and noisy: read medians.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import numpy as np
 
 from cnnjax.config import ModelConfig
 from cnnjax.nn.models import build_model
+from cnnjax.visualize import checks
 from cnnjax.visualize.actmax import ActMaxConfig, activation_maximization
 
 MEAN, STD = 0.1307, 0.3081
@@ -80,9 +83,14 @@ def main(argv=None) -> dict:
     if args.run:  # the seed init's activations are ~1e-3, below the penalties: no gain to report
         fired = result.final > 0
         gain = np.where(result.start > 0, result.final / np.maximum(result.start, 1e-30), np.inf)
+        saturated = checks.saturation(result.images, bounds)
         figures.update(channels_fired_at_end=int(fired.sum()),
                        channels_gain_10x=int(((gain >= 10) & fired).sum()),
-                       median_gain=float(np.median(gain[fired])) if fired.any() else None)
+                       median_gain=float(np.median(gain[fired])) if fired.any() else None,
+                       saturated_fraction_mean=round(float(saturated.mean()), 4),
+                       images_at_most_10pct_saturated=int((saturated <= 0.1).sum()),
+                       high_frequency_share_mean=round(float(
+                           checks.high_frequency_share(result.images).mean()), 4))
     print(json.dumps(figures, indent=2))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

@@ -1,10 +1,11 @@
 """Seeing inside the CNN: each method checked against something it cannot fake.
 
 Captured shapes against the output-size arithmetic; Integrated Gradients against its completeness
-axiom; Grad-CAM against a PyTorch hook on the same weights; saliency against the
-model-randomization sanity check (Adebayo et al., 2018); filter health against a hand-built dead
-filter and a plain NumPy recount; the report against a headless browser that must decode every
-image.
+axiom; Grad-CAM and Grad-CAM++ against PyTorch forward/backward hooks on the same rectified layer;
+saliency against the model-randomization sanity check (Adebayo et al., 2018); the localization,
+saturation and spectrum checks against hand-made maps and images; filter health against a
+hand-built dead filter and a plain NumPy recount; the report against a headless browser that must
+decode every image.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ from cnnjax.data.datasets import load
 from cnnjax.nn.geometry import output_shape
 from cnnjax.data.input_pipeline import load_data, normalize
 from cnnjax.nn.models import SeedCNN
-from cnnjax.visualize import (ActMaxConfig, activation_maximization, attribution, capture,
+from cnnjax.visualize import (ActMaxConfig, activation_maximization, attribution, capture, checks,
                               dead_filter_count, filter_health, list_layers)
-from cnnjax.nn.capture import last_feature_layer, preactivation, top_level
+from cnnjax.nn.capture import last_feature_layer, preactivation, rectified_feature_layer, top_level
 from cnnjax.visualize.feature_maps import normalize_channels, tile
 
 SMALL = ["model.features=8,16", "model.dense=32", "train.epochs=1", "train.progress=false"]
@@ -93,20 +94,30 @@ def test_capture_follows_batch_norm_and_names_unknown_layers():
     names = [l.name for l in table]
     assert names == ["conv1", "bn1", "pool1", "conv2", "bn2", "pool2", "fc1", "fc2", "logits"]
     assert preactivation(table, "conv2").name == "bn2"  # the ReLU reads the norm's output
-    assert last_feature_layer(table) == "bn2"  # Grad-CAM's and act-max's default, not pool2
+    assert last_feature_layer(table) == "bn2"  # act-max's default, not pool2
+    # Grad-CAM's default is the map after bn2's ReLU: what pool2 reads
+    with_inputs = list_layers(model, variables, (28, 28, 1), inputs=True)
+    assert [l.name for l in with_inputs if l.kind == "input"] == ["pool1:in", "pool2:in"]
+    assert rectified_feature_layer(with_inputs) == "pool2:in"
+    relu_bn2 = jax.eval_shape(lambda v: capture(model, v, jnp.zeros((1, 28, 28, 1)),
+                                                ["bn2", "pool2:in"]), variables)
+    assert relu_bn2["pool2:in"].shape == relu_bn2["bn2"].shape == (1, 14, 14, 6)
     with pytest.raises(ValueError, match="no layer named 'conv3'.*conv1, bn1"):
         jax.eval_shape(lambda v: capture(model, v, jnp.zeros((1, 28, 28, 1)), ["conv3"]), variables)
 
 
 def test_capture_and_grad_cam_reach_inside_a_resnet():
-    resnet = pytest.importorskip("cnnjax.nn.resnet")
-    model = resnet.TinyResNet(num_classes=10)
+    from fixtures import TinyResNet
+
+    model = TinyResNet(num_classes=10)
     x = jnp.zeros((2, 28, 28, 1))
     variables = jax.eval_shape(model.init, jax.random.key(0), x)
     table = list_layers(model, variables, (28, 28, 1))
     assert [l.name for l in top_level(table)] == ["conv1", "bn1", "layer1", "layer2", "layer3",
                                                   "layer4"]
     assert last_feature_layer(table) == "layer4"
+    # a ResNet block ends in its ReLU: layer4's output is already the rectified map
+    assert rectified_feature_layer(list_layers(model, variables, (28, 28, 1), inputs=True)) == "layer4"
     assert next(l for l in table if l.name == "layer4").shape == model.feature_shape((28, 28))
     assert preactivation(table, "layer2/0/conv1").name == "layer2/0/bn1"  # nested paths
     cam = jax.eval_shape(lambda v: attribution.grad_cam(model, v, x, jnp.array([0, 1]), "layer4"),
@@ -129,26 +140,32 @@ def test_channel_grid_scales():
 
 # --- activation maximization --------------------------------------------------------------------
 
-def test_activation_maximization_raises_its_target_tenfold(trained):
+def test_activation_maximization_raises_its_target_and_stays_readable(trained):
     model, variables, spec = trained.model, trained.variables, trained.spec
     cfg = ActMaxConfig(steps=64)
-    conv = activation_maximization(model, variables, "conv2", spec.image_shape, jax.random.key(0),
-                                   bounds=_bounds(spec), cfg=cfg)
-    assert conv.images.shape == (16, 28, 28, 1)
     lo, hi = _bounds(spec)
-    assert conv.images.min() >= lo - 1e-6 and conv.images.max() <= hi + 1e-6
+    conv = activation_maximization(model, variables, "conv2", spec.image_shape, jax.random.key(0),
+                                   bounds=(lo, hi), cfg=cfg)
+    assert conv.images.shape == (16, 28, 28, 1)
+    assert conv.images.min() >= lo and conv.images.max() <= hi
+    # the start is mid-grey, where most filters already respond: a gain, not a tenfold one
     gain = np.where(conv.start > 0, conv.final / np.maximum(conv.start, 1e-30), np.inf)
-    assert np.median(gain[conv.final > 0]) >= 10, gain
+    assert np.median(gain[conv.final > 0]) >= 1.4, gain
     assert np.all(conv.final >= conv.start - 1e-6)  # none is driven down
-    # A channel's mean is bounded over the pixel range: a filter that likes plain background is
-    # near its maximum on the grey start already, so the 10x is asked of the median filter and of
-    # every class logit.
+    # the old pixel ascent ran most pixels to the bounds; the spectrum, sigmoid and L2 do not
+    assert np.all(checks.saturation(conv.images, (lo, hi)) <= 0.1)
     classes = activation_maximization(model, variables, "logits", spec.image_shape,
-                                      jax.random.key(0), bounds=_bounds(spec), cfg=cfg)
-    assert np.all(classes.final >= 10 * np.abs(classes.start)), (classes.start, classes.final)
+                                      jax.random.key(0), bounds=(lo, hi), cfg=cfg)
+    assert np.all(classes.final > classes.start + 1.0), (classes.start, classes.final)
+    predicted = attribution.logits_fn(model, variables)(jnp.asarray(classes.images)).argmax(-1)
+    assert np.array_equal(np.asarray(predicted), np.arange(10))  # each image is its class
+    # one key stream per channel id: a channel alone gets the image it gets among the others
+    alone = activation_maximization(model, variables, "conv2", spec.image_shape, jax.random.key(0),
+                                    bounds=(lo, hi), channels=[5], cfg=cfg)
+    np.testing.assert_allclose(alone.images[0], conv.images[5], atol=1e-4)
     with pytest.raises(ValueError, match=r"channels of 'conv2' must be .* \[0, 16\)"):
         activation_maximization(model, variables, "conv2", spec.image_shape, jax.random.key(0),
-                                bounds=_bounds(spec), channels=[16])
+                                bounds=(lo, hi), channels=[16])
 
 
 # --- attribution --------------------------------------------------------------------------------
@@ -186,33 +203,79 @@ def test_saliency_fails_to_survive_model_randomization(trained, digits):
     assert vs_nudged > 0.8, vs_nudged  # while the metric does see agreement where there is some
 
 
-def test_grad_cam_matches_a_pytorch_hook(trained, digits):
+def test_grad_cam_matches_pytorch_hooks_on_the_rectified_layer(trained, digits):
+    """pytorch-grad-cam's recipe on a torch copy of the model: a forward hook keeps the target
+    layer's output, a backward hook its gradient, on the ReLU after conv2."""
     torch = pytest.importorskip("torch")
     x, _ = digits
     x = x[:3]
     targets = jnp.array([0, 1, 7])
-    cam = np.asarray(jax.jit(lambda v: attribution.grad_cam(trained.model, v, x, targets, "conv2"))(
-        trained.variables))
+    model = trained.model
+    layer = rectified_feature_layer(list_layers(model, trained.variables, (28, 28, 1), inputs=True))
+    assert layer == "pool2:in"  # ReLU(conv2), what pool2 reads
+    cams = jax.jit(lambda v: {m: attribution.grad_cam(model, v, x, targets, layer, m)
+                              for m in attribution.CAM_METHODS})(trained.variables)
 
     p = jax.tree.map(lambda a: torch.tensor(np.asarray(a)), trained.variables["params"])
-    h, w, c = 7, 7, 16
-    xt = torch.tensor(np.asarray(x)).permute(0, 3, 1, 2).requires_grad_(True)  # so A has a grad
 
-    def conv(t, name):
-        weight = p[name]["kernel"].permute(3, 2, 0, 1)  # HWIO -> OIHW
-        return torch.nn.functional.conv2d(t, weight, p[name]["bias"], padding=1)
+    def pool(t):
+        """2x2 max pool whose gradient ties share equally (torch's amax), as cnnjax's pool and
+        jax's max do; max_pool2d hands a tie's gradient to one input, which Grad-CAM's mean
+        over positions does not see and Grad-CAM++'s per-position weights do."""
+        n, c, h, w = t.shape
+        return t.reshape(n, c, h // 2, 2, w // 2, 2).amax(dim=(3, 5))
 
-    a = conv(torch.nn.functional.max_pool2d(torch.relu(conv(xt, "conv1")), 2), "conv2")
-    a.retain_grad()
-    flat = torch.nn.functional.max_pool2d(torch.relu(a), 2).permute(0, 2, 3, 1).reshape(3, h * w * c)
-    hidden = torch.relu(flat @ p["fc1"]["kernel"] + p["fc1"]["bias"])
-    logits = hidden @ p["fc2"]["kernel"] + p["fc2"]["bias"]
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.conv2 = (torch.nn.Conv2d(i, o, 3, padding=1) for i, o in ((1, 8), (8, 16)))
+            self.relu1, self.relu2 = torch.nn.ReLU(), torch.nn.ReLU()
+            self.fc1, self.fc2 = torch.nn.Linear(7 * 7 * 16, 32), torch.nn.Linear(32, 10)
+            with torch.no_grad():
+                for name in ("conv1", "conv2"):
+                    getattr(self, name).weight.copy_(p[name]["kernel"].permute(3, 2, 0, 1))
+                    getattr(self, name).bias.copy_(p[name]["bias"])
+                for name in ("fc1", "fc2"):
+                    getattr(self, name).weight.copy_(p[name]["kernel"].T)
+                    getattr(self, name).bias.copy_(p[name]["bias"])
+
+        def forward(self, t):
+            t = pool(self.relu1(self.conv1(t)))
+            t = pool(self.relu2(self.conv2(t)))
+            t = t.permute(0, 2, 3, 1).flatten(1)  # NHWC order, as the Flax model flattens
+            return self.fc2(torch.relu(self.fc1(t)))
+
+    net, kept = Net(), {}
+    net.relu2.register_forward_hook(lambda m, i, o: kept.update(a=o.detach()))
+    net.relu2.register_full_backward_hook(lambda m, gi, go: kept.update(g=go[0].detach()))
+    logits = net(torch.tensor(np.asarray(x)).permute(0, 3, 1, 2))
     logits[torch.arange(3), torch.tensor(np.asarray(targets))].sum().backward()
-    weights = a.grad.mean(dim=(2, 3), keepdim=True)
-    ref = torch.relu((weights * a).sum(1, keepdim=True))
-    ref = torch.nn.functional.interpolate(ref, size=(28, 28), mode="bilinear", align_corners=False)
-    ref = ref[:, 0].detach().numpy()
-    np.testing.assert_allclose(cam, ref, rtol=1e-3, atol=1e-4 * ref.max())  # float32 sums differ
+    a, g = kept["a"].numpy().astype(np.float64), kept["g"].numpy().astype(np.float64)
+    g2 = g ** 2
+    alpha = np.where(g != 0, g2 / (2 * g2 + a.sum(axis=(2, 3))[:, :, None, None] * g2 * g + 1e-6), 0)
+    weights = {"gradcam": g.mean(axis=(2, 3)), "gradcam++": (np.maximum(g, 0) * alpha).sum(axis=(2, 3))}
+    for method, w in weights.items():
+        ref = torch.relu(torch.tensor((w[:, :, None, None] * a).sum(1, keepdims=True)))
+        ref = torch.nn.functional.interpolate(ref, size=(28, 28), mode="bilinear",
+                                              align_corners=False)[:, 0].numpy()
+        assert ref.max() > 0, method  # a map to compare, not two zeros
+        np.testing.assert_allclose(np.asarray(cams[method]), ref, rtol=1e-3,
+                                   atol=1e-4 * ref.max(), err_msg=method)  # float32 sums differ
+
+
+def test_grad_cam_on_the_rectified_map_lands_on_the_digits(trained):
+    images, _ = load("mnist5k", "test")
+    pixels = images[:20].reshape(-1, 28, 28, 1)
+    x = normalize(jnp.asarray(pixels), trained.spec.mean, trained.spec.std)
+    model = trained.model
+
+    @jax.jit
+    def cam(v):
+        return attribution.grad_cam(model, v, x, attribution.logits_fn(model, v)(x).argmax(-1),
+                                    "pool2:in")
+
+    found = checks.localization(np.asarray(cam(trained.variables)), checks.stroke_mask(pixels / 255))
+    assert found.pointing >= 0.9 and found.mass > found.uniform_mass + 0.15, found
 
 
 # --- filter health ------------------------------------------------------------------------------
@@ -243,17 +306,24 @@ def test_a_hand_built_dead_filter_is_flagged_and_a_live_one_is_not(trained):
 @pytest.fixture(scope="module")
 def report(run_dir):
     assert main(["visualize", "--run", str(run_dir), "--images", "0", "500", "--layer", "conv2",
-                 "--actmax-steps", "64"]) == 0
+                 "logits", "--actmax-steps", "64", "--recognizer", str(run_dir)]) == 0
     return run_dir / "report.html"
 
 
 def test_visualize_writes_a_self_contained_report(report, run_dir):
     out = run_dir / "visualize"
     for name in ("overview_0.png", "overview_1.png", "maps_0_conv2.png", "actmax_conv2.png",
-                 "attribution.png", "filter_health.png", "filter_health.json", "actmax.json",
-                 "attribution.json"):
+                 "actmax_logits.png", "attribution.png", "filter_health.png", "filter_health.json",
+                 "actmax.json", "attribution.json", "checks.json"):
         assert (out / name).exists(), name
+    found = json.loads((out / "checks.json").read_text())
+    loc = found["localization"]
+    assert loc["layer"] == "pool2:in" and loc["images"] == 100
+    assert loc["gradcam"]["mass"] > loc["gradcam"]["uniform_mass"]
+    assert found["actmax"]["layers"]["conv2"]["images_at_most_10pct"] == 16
+    assert found["actmax"]["recognized"]["recognized"] == 10  # the run as its own recognizer
     html = report.read_text()
+    assert "pointing game" in html and "high-frequency share" in html and "Grad-CAM++" in html
     sources = re.findall(r'<img src="([^"]*)"', html)
     assert len(sources) >= 10 and all(s.startswith("data:image/png;base64,") for s in sources)
     health = json.loads((out / "filter_health.json").read_text())
@@ -261,6 +331,7 @@ def test_visualize_writes_a_self_contained_report(report, run_dir):
     ig = json.loads((out / "attribution.json").read_text())
     assert max(ig["ig_relative_gap"]) < 0.01
     assert main(["visualize", "--run", str(run_dir), "--layer", "conv9"]) == 2  # named, not a trace
+    assert main(["visualize", "--run", str(run_dir), "--cam-layer", "fc1"]) == 2  # not spatial
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None,

@@ -1,17 +1,28 @@
 """Activation maximization: the input that drives one channel (or class logit) hardest.
 
-Gradient ascent on the image, from a seeded start, of a channel's mean activation minus an L2 and
-a total-variation penalty, with a random shift (jitter) of the image at every step; without the
-penalties and the jitter the ascent finds high-frequency patterns no digit contains. Pixels are
-kept in the dataset's range. All channels of a layer are optimized at once: one `vmap` over
-channels around a `lax.scan` over steps, one compiled program. Weights are shared across the vmap,
-so the convolutions stay ordinary batched ones (vmap over weights would turn them into slow
-grouped convolutions).
+Gradient ascent as Lucid does it (Olah et al., "Feature Visualization", Distill 2017), because a
+plain ascent on pixels, clipped to their range, finds saturated pixel-scale stripes no digit
+contains:
+
+- the image is parametrized by its 2-D Fourier spectrum, each frequency f's amplitude scaled by
+  1 / f^decay_power (Lucid's `fft_image`): the ascent's steps are decorrelated across pixels and
+  low frequencies move first, a frequency prior instead of a penalty;
+- a sigmoid maps that to the pixel range [0, 1], so pixels approach the bounds only as the ascent
+  insists, never by clipping;
+- at every step the image is jittered, scaled and rotated by a random affine (Lucid's transform
+  robustness), so a pattern must survive small moves to pay, as a stroke does and a one-pixel
+  stripe does not.
+
+All channels of a layer are optimized at once: one `vmap` over channels around a `lax.scan` over
+steps, one compiled program. Weights are shared across the vmap, so the convolutions stay ordinary
+batched ones (vmap over weights would turn them into slow grouped convolutions).
 
 The target is the layer's output as the module returns it; for a conv that is the pre-activation,
 so by default the measure is its rectified mean (what a following ReLU passes on; a zero-sum edge
 filter's raw mean barely moves with the image). A channel that fires nowhere has no gradient
-there, so until it fires its pre-activation is ascended instead. Class logits are not rectified.
+there, so until it fires its pre-activation is ascended instead. A class is ascended on its
+log-softmax (its logit minus the log-sum of all: more of this class and less of the others); the
+reported measure is its logit.
 """
 
 from __future__ import annotations
@@ -27,33 +38,41 @@ import numpy as np
 import optax
 from jax import lax
 
+from cnnjax.data import augment
 from cnnjax.nn.capture import LOGITS, list_layers, run_layers
 from cnnjax.visualize.feature_maps import colorize, tile
 
 
 @dataclasses.dataclass(frozen=True)
 class ActMaxConfig:
-    """Ascent settings; penalties are per-pixel means, so they do not grow with the image."""
+    """Ascent settings; the transforms' ranges are drawn uniformly each step."""
 
     steps: int = 256
-    learning_rate: float = 0.05  # Adam, in normalized pixel units
-    l2: float = 1e-2
-    tv: float = 1e-1
-    jitter: int = 2  # the image is rolled by up to this many pixels per axis each step
-    start_pixel: float | None = None  # start image's grey level in [0, 1]; None: the dataset mean
-    init_scale: float = 0.1  # std of the seeded noise added to the start
+    learning_rate: float = 0.05  # Adam on the scaled spectrum
+    decay_power: float = 1.0  # frequency f's amplitude is scaled by 1 / f^decay_power; 0: flat
+    init_scale: float = 0.01  # std of the seeded start spectrum (a near-grey image)
+    l2: float = 0.1  # penalty on the mean square of the sigmoid's input: keeps pixels off the bounds
+    jitter: float = 2.0  # shift in pixels, per axis, in [-jitter, jitter]
+    scale: float = 0.1  # zoom in [1 - scale, 1 + scale]
+    rotate: float = 10.0  # degrees, in [-rotate, rotate]
     rectify: bool = True  # maximize mean(max(out, 0)), what a ReLU after the layer passes on
 
     def __post_init__(self):
         for name in ("steps", "learning_rate", "init_scale"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"actmax {name} must be positive, got {getattr(self, name)}.")
-        for name in ("l2", "tv", "jitter"):
+        for name in ("decay_power", "l2", "jitter", "scale", "rotate"):
             if getattr(self, name) < 0:
                 raise ValueError(f"actmax {name} must be non-negative, got {getattr(self, name)}.")
-        if self.start_pixel is not None and not 0.0 <= self.start_pixel <= 1.0:
-            raise ValueError(f"actmax start_pixel is a grey level in [0, 1] (or None for the "
-                             f"dataset mean), got {self.start_pixel}.")
+        if self.scale >= 1:
+            raise ValueError(f"actmax scale must be < 1 (a zoom range of 1 ± scale), got "
+                             f"{self.scale}.")
+
+    def transforms(self) -> augment.Compose:
+        """The random affine applied before every step's forward pass (zero-filled: black)."""
+        steps = [(self.scale, augment.random_scale), (self.rotate, augment.random_rotation),
+                 (self.jitter, augment.random_translation)]
+        return augment.Compose(tuple(make(v) for v, make in steps if v > 0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,60 +87,81 @@ class ActMaxResult:
     bounds: tuple[float, float]  # the pixel range the images were kept in
 
 
-def total_variation(x: jax.Array) -> jax.Array:
-    """Mean absolute difference between neighbouring pixels of an (H, W, C) image."""
-    return jnp.abs(jnp.diff(x, axis=0)).mean() + jnp.abs(jnp.diff(x, axis=1)).mean()
+def spectrum_scale(h: int, w: int, decay_power: float) -> np.ndarray:
+    """(H, W // 2 + 1) amplitude scale of an rfft2 spectrum: 1 / max(f, 1 / max(H, W))^decay,
+    f the radial frequency in cycles per pixel (the mean's scale is capped, not infinite)."""
+    fy = np.fft.fftfreq(h)[:, None]
+    fx = np.fft.rfftfreq(w)[None, :]
+    return 1.0 / np.maximum(np.sqrt(fy ** 2 + fx ** 2), 1.0 / max(h, w)) ** decay_power
+
+
+def fourier_logits(spectrum: jax.Array, image_shape: tuple[int, int, int],
+                   decay_power: float) -> jax.Array:
+    """(2, H, W // 2 + 1, C) real and imaginary parts -> the (H, W, C) image before its sigmoid."""
+    h, w, _ = image_shape
+    scale = jnp.asarray(spectrum_scale(h, w, decay_power), jnp.float32)[..., None]
+    coefficients = lax.complex(spectrum[0], spectrum[1]) * scale
+    return jnp.fft.irfft2(coefficients, s=(h, w), axes=(0, 1), norm="ortho")
 
 
 def _channel(model, variables, layer: str, x: jax.Array, channel: jax.Array) -> jax.Array:
     """`channel` of `layer`'s output for one (H, W, C) image: (H, W) for a map, () for a unit."""
     logits, outputs = run_layers(model, variables, x[None])
-    out = logits if layer == LOGITS else outputs[layer]
+    out = jax.nn.log_softmax(logits) if layer == LOGITS else outputs[layer]
     return jnp.take(out[0], channel, axis=-1)
 
 
-def _measure(out: jax.Array, rectify: bool) -> jax.Array:
-    """The activation reported and maximized: the mean response, rectified if asked."""
+def _measure(model, variables, layer: str, x: jax.Array, channel: jax.Array,
+             rectify: bool) -> jax.Array:
+    """The activation reported: the channel's mean response, rectified if asked; a class logit."""
+    if layer == LOGITS:
+        return run_layers(model, variables, x[None])[0][0, channel]
+    out = _channel(model, variables, layer, x, channel)
     return jnp.maximum(out, 0.0).mean() if rectify else out.mean()
 
 
 def _objective(out: jax.Array, rectify: bool) -> jax.Array:
-    """What is ascended: the measure, except that a rectified channel silent everywhere (zero
+    """What is ascended: the log of the rectified mean, so that the L2 term weighs the same
+    against every channel whatever its scale; a rectified channel silent everywhere (zero
     gradient) has its pre-activation pushed up until it fires somewhere."""
     if not rectify:
         return out.mean()
-    return jnp.where(jnp.any(out > 0), jnp.maximum(out, 0.0).mean(), out.mean())
+    mean = jnp.maximum(out, 0.0).mean()
+    return jnp.where(mean > 0, jnp.log(jnp.maximum(mean, jnp.finfo(out.dtype).tiny)), out.mean())
 
 
 @functools.partial(jax.jit, static_argnames=("model", "layer", "cfg", "bounds", "image_shape"))
 def _ascend_all(variables, channels, keys, *, model, layer, cfg, bounds, image_shape):
     rectify = cfg.rectify and layer != LOGITS
+    lo, hi = bounds
+    h, w, c = image_shape
+    transforms = cfg.transforms()
+    tx = optax.adam(cfg.learning_rate)
+
+    def model_space(pixels):
+        return lo + pixels * (hi - lo)
 
     def one(channel, key):
-        lo, hi = bounds
         start_key, steps_key = jax.random.split(key)
-        grey = 0.0 if cfg.start_pixel is None else lo + cfg.start_pixel * (hi - lo)
-        x0 = jnp.clip(grey + cfg.init_scale * jax.random.normal(start_key, image_shape), lo, hi)
-        tx = optax.adam(cfg.learning_rate)
+        spectrum0 = cfg.init_scale * jax.random.normal(start_key, (2, h, w // 2 + 1, c))
 
-        def ascent_objective(x, shift):
-            out = _channel(model, variables, layer, jnp.roll(x, shift, axis=(0, 1)), channel)
-            return (_objective(out, rectify) - cfg.l2 * jnp.mean(x ** 2)
-                    - cfg.tv * total_variation(x))
+        def ascent_objective(spectrum, step_key):
+            z = fourier_logits(spectrum, image_shape, cfg.decay_power)
+            moved = augment.warp(jax.nn.sigmoid(z), transforms.matrix(step_key))
+            out = _channel(model, variables, layer, model_space(moved), channel)
+            return _objective(out, rectify) - cfg.l2 * jnp.mean(z ** 2)
 
         def step(carry, i):
-            x, opt_state = carry
-            shift = jax.random.randint(jax.random.fold_in(steps_key, i), (2,), -cfg.jitter,
-                                       cfg.jitter + 1)
-            grad = jax.grad(ascent_objective)(x, shift)
-            updates, opt_state = tx.update(-grad, opt_state, x)  # optax descends: negate to ascend
-            return (jnp.clip(optax.apply_updates(x, updates), lo, hi), opt_state), None
+            spectrum, opt_state = carry
+            grad = jax.grad(ascent_objective)(spectrum, jax.random.fold_in(steps_key, i))
+            updates, opt_state = tx.update(-grad, opt_state, spectrum)  # optax descends: negate
+            return (optax.apply_updates(spectrum, updates), opt_state), None
 
-        (x, _), _ = lax.scan(step, (x0, tx.init(x0)), jnp.arange(cfg.steps))
-        def measure(img):
-            return _measure(_channel(model, variables, layer, img, channel), rectify)
-
-        return x, measure(x0), measure(x)
+        (spectrum, _), _ = lax.scan(step, (spectrum0, tx.init(spectrum0)), jnp.arange(cfg.steps))
+        x0, x = (model_space(jax.nn.sigmoid(fourier_logits(s, image_shape, cfg.decay_power)))
+                 for s in (spectrum0, spectrum))
+        return (x, _measure(model, variables, layer, x0, channel, rectify),
+                _measure(model, variables, layer, x, channel, rectify))
 
     return jax.vmap(one)(channels, keys)
 
@@ -134,8 +174,8 @@ def activation_maximization(model: nn.Module, variables: Mapping[str, Any], laye
     """Maximizes each of `channels` of `layer` (all of them by default; 'logits' for classes).
 
     `bounds` is the pixel range in model space, e.g. ((0 - mean) / std, (1 - mean) / std); `key`
-    seeds the starts and the jitter, one stream per channel id, so a channel's result does not
-    depend on which others are optimized with it.
+    seeds the starts and the transforms, one stream per channel id, so a channel's result does
+    not depend on which others are optimized with it.
     """
     image_shape = tuple(int(s) for s in image_shape)
     layers = {l.name: l for l in list_layers(model, variables, image_shape)}

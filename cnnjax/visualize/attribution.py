@@ -2,8 +2,9 @@
 
 The first three take any `logits_fn`, a pure function from model-space images (N, H, W, C) to
 logits (N, K), so they do not care what the model is. Grad-CAM needs a layer, so it takes the
-Flax model: it adds a zero tensor to that layer's output (see `capture.run_layers`) and reads the
-gradient with respect to it, as pytorch-grad-cam's hook on a module's output does.
+Flax model: it adds a zero tensor to that layer's output, or to the map a module reads (see
+`capture.run_layers`), and reads the gradient with respect to it, as pytorch-grad-cam's hook on a
+module's output does.
 
 All of them return maps the size of the input; `heatmap` folds colour channels into one map.
 They are pure: jit the caller (run eagerly, every op is dispatched on its own, seconds per call).
@@ -88,14 +89,24 @@ def completeness_gap(fn: LogitsFn, images: jax.Array, targets: jax.Array, baseli
     return attributions.reshape(len(images), -1).sum(-1), diff
 
 
-def grad_cam(model: nn.Module, variables: Mapping[str, Any], images: jax.Array, targets: jax.Array,
-             layer: str) -> jax.Array:
-    """Grad-CAM (Selvaraju et al., 2017) on `layer`'s output, upsampled to the input: (N, H, W).
+CAM_METHODS = ("gradcam", "gradcam++")
 
-    Channel weights are the spatially averaged gradients of the target logit with respect to the
-    layer's output A; the map is ReLU(sum_k weight_k A_k), resized bilinearly to the image.
+
+def grad_cam(model: nn.Module, variables: Mapping[str, Any], images: jax.Array, targets: jax.Array,
+             layer: str, method: str = "gradcam") -> jax.Array:
+    """Grad-CAM (Selvaraju et al., 2017) or Grad-CAM++ (Chattopadhay et al., 2018) on `layer`'s
+    map A, upsampled to the input: (N, H, W).
+
+    The map is ReLU(sum_k w_k A_k), resized bilinearly to the image. Grad-CAM's w_k is the
+    spatially averaged gradient of the target logit with respect to A_k; Grad-CAM++ weighs each
+    position's positive gradient by alpha = g^2 / (2 g^2 + sum(A_k) g^3), as pytorch-grad-cam does.
+    Both assume A is rectified (a ReLU's output, e.g. 'pool2:in' for SeedCNN, see
+    `capture.rectified_feature_layer`): on a pre-activation the weighted sum is mostly negative
+    and the final ReLU leaves a speck.
     """
-    probe = run_layers(model, variables, images[:1])[1]
+    if method not in CAM_METHODS:
+        raise ValueError(f"CAM method must be one of {CAM_METHODS}, got {method!r}.")
+    probe = run_layers(model, variables, images[:1], inputs=True)[1]
     if layer not in probe or probe[layer].ndim != 4:
         maps = [n for n, o in probe.items() if o.ndim == 4]
         raise ValueError(f"Grad-CAM needs a spatial layer; {layer!r} is not one of "
@@ -108,7 +119,13 @@ def grad_cam(model: nn.Module, variables: Mapping[str, Any], images: jax.Array, 
 
         zero = jnp.zeros(probe[layer].shape[1:], images.dtype)[None]
         grads, acts = jax.grad(logit, has_aux=True)(zero)
-        weights = grads[0].mean(axis=(0, 1))
+        g = grads[0]
+        if method == "gradcam":
+            weights = g.mean(axis=(0, 1))
+        else:
+            g2 = g ** 2
+            alpha = g2 / (2 * g2 + acts.sum(axis=(0, 1)) * g2 * g + 1e-6)
+            weights = (jnp.maximum(g, 0.0) * jnp.where(g != 0, alpha, 0.0)).sum(axis=(0, 1))
         cam = jax.nn.relu(jnp.tensordot(acts, weights, axes=1))
         return jax.image.resize(cam, x.shape[:2], "bilinear")
 
