@@ -3,9 +3,13 @@
     python benchmarks/throughput.py                      # about 2-3 minutes on 2 quiet CPU cores
     python benchmarks/throughput.py --batch-sizes 64 --repeats 5 --steps 50 --json out.json
     python benchmarks/throughput.py --max-seconds 0      # always --steps steps (slow on CPU)
+    python benchmarks/throughput.py --conv-lowering xla auto winograd/xla/patches,winograd/xla/xla
 
 Both frameworks run in this one process on the same machine, alternating (which goes first swaps
 each repeat), because this machine is noisy: compare the medians and the ratio, not one number.
+With several --conv-lowering specs (`model.conv_lowering`, cnnjax/nn/conv.py) each is its own
+cnnjax runner in the same alternation, so lowerings are compared with each other and with torch
+in one run.
 Each measurement is one untimed, synchronized warm-up step, then up to --steps timed steps: fewer
 (but at least 3) where the warm-up step says --steps would take longer than --max-seconds, which
 keeps batch 512 on a 2-core CPU (about 1 s a step) within the 2-3 minute budget. The JSON records
@@ -53,6 +57,7 @@ from torch import nn
 
 from cnnjax.config import ModelConfig, OptimConfig
 from cnnjax.data.input_pipeline import train_batches
+from cnnjax.nn.conv import conv_lowerings
 from cnnjax.nn.models import build_model
 from cnnjax.training.optim import make_optimizer, make_plateau
 from cnnjax.training.steps import create_train_state, make_eval_step, make_train_step
@@ -79,6 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--json", help="also write every sample and the summary to this file")
     parser.add_argument("--torch-threads", type=int,
                         help="torch intra-op threads; default: torch's own default (all cores)")
+    parser.add_argument("--conv-lowering", nargs="+", default=["auto"],
+                        help="model.conv_lowering specs, one cnnjax runner each")
     args = parser.parse_args(argv)
     for name in ("repeats", "steps"):
         if getattr(args, name) < 1:
@@ -147,11 +154,10 @@ def measure(step, sync, batches, max_steps: int, max_seconds: float) -> tuple[fl
 class JaxRunner:
     """cnnjax's train step and a jitted forward + argmax; one train state across batch sizes."""
 
-    name = "cnnjax"
-
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, lowering: str = "auto", name: str = "cnnjax"):
         cfg = OptimConfig()
-        self.model = build_model(ModelConfig(), NUM_CLASSES)
+        self.name = name
+        self.model = build_model(ModelConfig(conv_lowering=lowering), NUM_CLASSES)
         tx = make_optimizer(cfg)
         self.state = create_train_state(self.model, tx, make_plateau(cfg), IMAGE_SHAPE,
                                         jax.random.key(seed))
@@ -285,13 +291,15 @@ def run(args: argparse.Namespace) -> dict:
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     pool = make_pool(args.seed)
-    runners = [JaxRunner(args.seed), TorchRunner(args.seed)]
+    jax_runners = [JaxRunner(args.seed, spec, jax_name(args, spec)) for spec in args.conv_lowering]
+    runners = [*jax_runners, TorchRunner(args.seed)]
     batches = {bs: take_batches(pool, bs, WARMUP_STEPS + args.steps, args.seed)
                for bs in args.batch_sizes}
     for bs in args.batch_sizes:
-        runners[0].compile(batches[bs][0])
+        for runner in jax_runners:
+            runner.compile(batches[bs][0])
 
-    samples = {(phase, name, bs): [] for phase in ("train", "eval") for name in ("cnnjax", "torch")
+    samples = {(phase, runner.name, bs): [] for phase in ("train", "eval") for runner in runners
                for bs in args.batch_sizes}
     pipeline = {bs: [] for bs in args.batch_sizes}
     host = {bs: [] for bs in args.batch_sizes}
@@ -306,7 +314,7 @@ def run(args: argparse.Namespace) -> dict:
                     rate, count = measure_phase(batches[bs], *limits)
                     samples[(phase, runner.name, bs)].append(rate)
                     steps[(phase, runner.name, bs)].append(count)
-                    if phase == "train" and runner is runners[0]:
+                    if phase == "train" and runner is jax_runners[0]:
                         host[bs].append(runner.host_share[-1])
             pipeline[bs].append(time_pipeline(pool, bs, args.seed))
         print(f"repeat {repeat + 1}/{args.repeats} done after {time.perf_counter() - start:.0f} s",
@@ -317,14 +325,21 @@ def run(args: argparse.Namespace) -> dict:
         results.append({"phase": phase, "framework": name, "batch_size": bs, "images_per_s": values,
                         "timed_steps": steps[(phase, name, bs)], **summarize(values)})
     return {
-        "args": vars(args), "environment": environment(runners[1], load_at_start),
-        "compile_s": {phase: {str(bs): s for bs, s in by_bs.items()}
-                      for phase, by_bs in runners[0].compile_s.items()},
+        "args": vars(args), "environment": environment(runners[-1], load_at_start),
+        "compile_s": {runner.name: {phase: {str(bs): s for bs, s in by_bs.items()}
+                                    for phase, by_bs in runner.compile_s.items()}
+                      for runner in jax_runners},
+        "conv_lowerings": {runner.name: conv_lowerings(runner.model, IMAGE_SHAPE)
+                           for runner in jax_runners},
         "results": results,
         "pipeline": [{"batch_size": bs, "images_per_s": v, **summarize(v)}
                      for bs, v in pipeline.items()],
         "host_share": [{"batch_size": bs, "share": v, **summarize(v)} for bs, v in host.items()],
     }
+
+
+def jax_name(args: argparse.Namespace, spec: str) -> str:
+    return "cnnjax" if len(args.conv_lowering) == 1 else f"cnnjax[{spec}]"
 
 
 def markdown(report: dict) -> str:
@@ -341,21 +356,31 @@ def markdown(report: dict) -> str:
         f"steps (fewest: {min(min(r['timed_steps']) for r in report['results'])}; "
         f"--max-seconds {report['args']['max_seconds']:g}); images/s, median (min–max).",
         "",
-        "| batch | phase | cnnjax | torch | cnnjax/torch | cnnjax first call (s) |",
-        "|---:|---|---:|---:|---:|---:|",
     ]
+    names = list(report["compile_s"])
+    ratio = lambda name: "cnnjax/torch" if name == "cnnjax" else f"{name}/torch"
+    lines += ["| batch | phase | " + " | ".join(names) + " | torch | "
+              + " | ".join(ratio(n) for n in names) + " | first call (s) |",
+              "|---:|---|" + "---:|" * (2 * len(names) + 2)]
     for bs in report["args"]["batch_sizes"]:
         for phase in ("train", "eval"):
-            ours, theirs = by_key[(phase, "cnnjax", bs)], by_key[(phase, "torch", bs)]
-            lines.append(f"| {bs} | {phase} | {fmt(ours)} | {fmt(theirs)} | "
-                         f"{ours['median'] / theirs['median']:.2f}x | "
-                         f"{report['compile_s'][phase][str(bs)]:.2f} |")
-    lines += ["", "cnnjax first call = trace + compile + one step, excluded from the rates.", "",
+            theirs = by_key[(phase, "torch", bs)]
+            ours = [by_key[(phase, name, bs)] for name in names]
+            first = " / ".join(f"{report['compile_s'][n][phase][str(bs)]:.2f}" for n in names)
+            lines.append(f"| {bs} | {phase} | " + " | ".join(fmt(o) for o in ours)
+                         + f" | {fmt(theirs)} | "
+                         + " | ".join(f"{o['median'] / theirs['median']:.2f}x" for o in ours)
+                         + f" | {first} |")
+    lines += ["", "first call = cnnjax's trace + compile + one step, excluded from the rates.", "",
+              "Conv lowerings (forward / input gradient / kernel gradient): " + "; ".join(
+                  f"{name}: " + ", ".join(f"{layer} {'/'.join(passes.values())}"
+                                          for layer, passes in layers.items())
+                  for name, layers in report["conv_lowerings"].items()) + ".", "",
               "| batch | input pipeline (train_batches, 4,000 uint8 images), images/s | "
               "pipeline / cnnjax train | cnnjax host share of train step time |",
               "|---:|---:|---:|---:|"]
     for p, h in zip(report["pipeline"], report["host_share"]):
-        train = by_key[("train", "cnnjax", p["batch_size"])]["median"]
+        train = by_key[("train", names[0], p["batch_size"])]["median"]
         lines.append(f"| {p['batch_size']} | {fmt(p)} | {p['median'] / train:,.0f}x | "
                      f"{h['median']:.1%} ({h['min']:.1%}–{h['max']:.1%}) |")
     return "\n".join(lines)

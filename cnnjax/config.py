@@ -38,6 +38,7 @@ class ModelConfig:
     conv_dropout: float = 0.0  # after each conv block's pool
     batch_norm: bool = False  # conv -> BN -> ReLU, as the seed's section 4.3
     bn_momentum: float = 0.9  # flax's decay of the running stats; torch's momentum 0.1 = 1 - 0.9
+    conv_lowering: str = "auto"  # per conv pass: 'auto', 'xla', 'winograd', 'fwd/dx/dk' or one per layer, comma-separated (cnnjax/nn/conv.py)
     # ResNets (model.name resnet18, resnet34, resnet_tiny; cnnjax/resnet.py):
     width: int | None = None  # channels of layer1, doubling per stage; None: the preset's (64)
     stem: str = "imagenet"  # 'imagenet' (7x7/2 conv + max-pool) or 'small' (3x3/1, for 28-32 px)

@@ -171,10 +171,14 @@ def test_conversion_round_trips_exactly():
 # 'flax_seed': cnnjax's own init converted flax -> torch (the seed's init; logits ~0.02);
 # 'torch' and 'torch_x4': torch's default init converted torch -> flax (logits ~0.2 and ~50).
 INITS = ["flax_seed", "torch", "torch_x4"]
+# The tests above run SeedCNN's default ('auto') conv lowering; these hold the same bounds for
+# the others (cnnjax/nn/conv.py), in the seed's regime and the large-logit one.
+LOWERINGS = [(lowering, init) for lowering in ("xla", "winograd", "winograd4")
+             for init in ("flax_seed", "torch_x4")]
 
 
-def paired_models(init: str):
-    model = SeedCNN()
+def paired_models(init: str, lowering: str = "auto"):
+    model = SeedCNN(conv_lowering=lowering)
     if init == "flax_seed":
         params = seed_params()
         reference = torch_seed_cnn("torch")
@@ -186,8 +190,8 @@ def paired_models(init: str):
 
 
 @pytest.mark.parametrize("init", INITS)
-def test_logits_match_torch(init):
-    model, params, reference = paired_models(init)
+def test_logits_match_torch(init, lowering="auto"):
+    model, params, reference = paired_models(init, lowering)
     images, _ = normalized_batch(np.random.default_rng(0))
     ours = np.asarray(model.apply({"params": params}, images))
     with torch.no_grad():
@@ -211,9 +215,14 @@ def test_fc1_needs_its_rows_permuted():
     assert np.abs(np.asarray(model.apply({"params": naive}, images)) - theirs).max() > 1e-2
 
 
+@pytest.mark.parametrize("lowering, init", LOWERINGS)
+def test_logits_match_torch_with_each_conv_lowering(lowering, init):
+    test_logits_match_torch(init, lowering)
+
+
 @pytest.mark.parametrize("init", INITS)
-def test_cross_entropy_gradients_match_torch(init):
-    model, params, reference = paired_models(init)
+def test_cross_entropy_gradients_match_torch(init, lowering="auto"):
+    model, params, reference = paired_models(init, lowering)
     images, labels = normalized_batch(np.random.default_rng(1))
     loss, grads = jax.value_and_grad(mean_xent, argnums=1)(model, params, images, labels)
     torch_loss = nn.functional.cross_entropy(reference(nchw(images)),
@@ -227,6 +236,11 @@ def test_cross_entropy_gradients_match_torch(init):
             assert np.linalg.norm(theirs) > 0, (layer, name)
             rel = np.linalg.norm(ours - theirs) / np.linalg.norm(theirs)
             assert rel <= 1e-5, (layer, name, rel)
+
+
+@pytest.mark.parametrize("lowering, init", LOWERINGS)
+def test_cross_entropy_gradients_match_torch_with_each_conv_lowering(lowering, init):
+    test_cross_entropy_gradients_match_torch(init, lowering)
 
 
 # --- the optimizer --------------------------------------------------------------------------------

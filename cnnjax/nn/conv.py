@@ -1,25 +1,104 @@
-"""2-D convolution with bias whose kernel and bias gradients are cheap for thin inputs.
+"""2-D convolution with bias, lowered per pass: XLA's convolution, Winograd, or a patches product.
 
-Forward and input gradient are XLA's NHWC/HWIO convolutions, exactly as `nn.Conv` lowers them. For
-layers with few input taps (kh*kw*in <= TAPS_MAX: the first layer on 1- or 3-channel images) a
-`custom_vjp` computes the kernel and bias gradients as one matrix product, [patches, 1]^T @ g. Autodiff
-instead feeds a weight-gradient convolution through two transposes of the full-resolution
-gradient and sums the bias gradient in a separate tree reduction; on XLA:CPU that was 5-10% of the
-seed CNN's train step (docs/performance.md). Wider layers take autodiff's gradients unchanged. The
-results equal autodiff's up to float rounding (tests/test_conv.py).
+A convolution's three passes (forward, input gradient, kernel gradient) each have a lowering:
+- 'xla': XLA's NHWC/HWIO convolution (and autodiff's gradient convolutions), as `nn.Conv` lowers it.
+- 'winograd' / 'winograd4': Winograd F(2x2, 3x3) / F(4x4, 3x3) (cnnjax/nn/winograd.py), for stride-1
+  3x3 layers only: 2.25x / 4x fewer multiplications as one batched matrix product.
+- 'patches' (kernel gradient only): kernel and bias gradients as one matrix product,
+  [patches, 1]^T @ g, for layers with few input taps (kh*kw*in <= TAPS_MAX: the first layer on 1-
+  or 3-channel images), where autodiff feeds a weight-gradient convolution through two transposes
+  of the full-resolution gradient and a separate tree reduction (5-10% of the seed CNN's step).
+
+A lowering spec names them as 'forward/input_grad/kernel_grad' (e.g. 'winograd/xla/patches'), or
+by a preset: 'xla' (all three), 'winograd' / 'winograd4' (Winograd wherever the layer allows it),
+'auto' (the choice measured fastest on XLA:CPU, `AUTO`; docs/performance.md). The choice is a
+fixed function of the spec and the layer's shape, never timed at run time, so the same config
+gives the same program and the same bits. All lowerings equal `lax.conv_general_dilated` up to
+float rounding (tests/test_conv.py, tests/test_winograd.py).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from cnnjax.nn import winograd
+
 TAPS_MAX = 32
 _DN = ("NHWC", "HWIO", "NHWC")
+WINOGRAD = {"winograd": 2, "winograd4": 4}  # lowering name -> output tile m of F(m x m, 3 x 3)
+CHOICES = {"forward": ("xla", *WINOGRAD), "input_grad": ("xla", *WINOGRAD),
+           "kernel_grad": ("xla", *WINOGRAD, "patches")}
+PRESETS = ("auto", "xla", *WINOGRAD)
 
 Pads = tuple[tuple[int, int], tuple[int, int]]
+
+
+class Lowering(NamedTuple):
+    """How each pass of one convolution is computed (names from CHOICES)."""
+
+    forward: str = "xla"
+    input_grad: str = "xla"
+    kernel_grad: str = "xla"
+
+
+def winograd_eligible(kernel_hw: Sequence[int], strides: Sequence[int]) -> bool:
+    return tuple(kernel_hw) == (3, 3) and tuple(strides) == (1, 1)
+
+
+def auto_lowering(kernel_shape: Sequence[int], strides: Sequence[int]) -> Lowering:
+    """The lowering measured fastest on XLA:CPU for this layer shape (docs/performance.md); on
+    accelerators XLA's own (cuDNN picks its algorithms, Winograd among them)."""
+    kh, kw, cin, _ = kernel_shape
+    if jax.default_backend() != "cpu":
+        return Lowering()
+    thin = kh * kw * cin <= TAPS_MAX
+    return Lowering("xla", "xla", "patches" if thin else "xla")
+
+
+def resolve_lowering(spec: str, kernel_shape: Sequence[int], strides: Sequence[int],
+                     layer: str = "conv") -> Lowering:
+    """The `Lowering` a spec (a preset or 'forward/input_grad/kernel_grad') gives this layer."""
+    kh, kw, cin, _ = kernel_shape
+    eligible = winograd_eligible((kh, kw), strides)
+    if spec == "auto":
+        return auto_lowering(kernel_shape, strides)
+    if spec == "xla":
+        return Lowering()
+    if spec in WINOGRAD:
+        return Lowering(spec, spec, spec) if eligible else Lowering()
+    parts = spec.split("/")
+    if len(parts) != 3:
+        raise ValueError(f"conv lowering {spec!r} for {layer} is neither a preset "
+                         f"({', '.join(PRESETS)}) nor 'forward/input_grad/kernel_grad', e.g. "
+                         f"'winograd/xla/patches'.")
+    for (pass_, choices), part in zip(CHOICES.items(), parts):
+        if part not in choices:
+            raise ValueError(f"conv lowering {spec!r} for {layer}: the {pass_} lowering must be "
+                             f"one of {', '.join(choices)}, got {part!r}.")
+        if part in WINOGRAD and not eligible:
+            raise ValueError(f"conv lowering {spec!r} for {layer}: Winograd needs a 3x3 kernel "
+                             f"and stride 1, this layer has {kh}x{kw} stride {tuple(strides)}; use "
+                             f"'xla' (or 'patches' for the kernel gradient) there.")
+    if parts[2] == "patches" and kh * kw * cin > TAPS_MAX:
+        raise ValueError(f"conv lowering {spec!r} for {layer}: 'patches' is for thin layers "
+                         f"(kh*kw*in <= {TAPS_MAX}), this one has {kh * kw * cin} taps; use 'xla'.")
+    return Lowering(*parts)
+
+
+def layer_specs(spec: str, layers: int) -> tuple[str, ...]:
+    """One lowering spec per conv layer from 'SPEC' (every layer) or 'SPEC1,SPEC2,...' (in order)."""
+    specs = tuple(s.strip() for s in spec.split(","))
+    if len(specs) == 1:
+        return specs * layers
+    if len(specs) != layers:
+        raise ValueError(f"model.conv_lowering={spec!r} gives {len(specs)} lowerings for "
+                         f"{layers} conv layers; give one for all of them or one per layer.")
+    return specs
 
 
 def _conv(x, kernel, strides, padding):
@@ -35,42 +114,65 @@ def _patches(x, kernel_hw, strides, padding, out_hw) -> jax.Array:
     return jnp.concatenate(taps, axis=-1).reshape(-1, kh * kw * x.shape[-1])
 
 
-def _conv_bias(x, kernel, bias, strides, padding):
-    return _conv(x, kernel, strides, padding) + bias
+def _forward(x, kernel, strides, padding, how):
+    """The convolution by `how`, and the transformed input if Winograd made one."""
+    if how in WINOGRAD:
+        return winograd.forward(x, kernel, padding, WINOGRAD[how])
+    return _conv(x, kernel, strides, padding), None
 
 
-def _conv_bias_fwd(x, kernel, bias, strides, padding):
-    return _conv(x, kernel, strides, padding) + bias, (x, kernel)
+def _conv_bias(x, kernel, bias, strides, padding, lowering):
+    return _forward(x, kernel, strides, padding, lowering.forward)[0] + bias
 
 
-def _conv_bias_bwd(strides, padding, residuals, g):
-    x, kernel = residuals
+def _conv_bias_fwd(x, kernel, bias, strides, padding, lowering):
+    y, v = _forward(x, kernel, strides, padding, lowering.forward)
+    reuse = lowering.kernel_grad == lowering.forward  # the kernel gradient reads the same V
+    return y + bias, (x, kernel, v if reuse else None)
+
+
+def _conv_bias_bwd(strides, padding, lowering, residuals, g):
+    x, kernel, v = residuals
     kh, kw, _, cout = kernel.shape
-    dx = jax.vjp(lambda x_: _conv(x_, kernel, strides, padding), x)[1](g)[0]
-    patches = _patches(x, (kh, kw), strides, padding, g.shape[1:3])
-    ones = jnp.ones((patches.shape[0], 1), patches.dtype)
-    grads = jnp.concatenate([patches, ones], axis=1).T @ g.reshape(-1, cout)
-    return dx, grads[:-1].reshape(kernel.shape), grads[-1]
+    if lowering.input_grad in WINOGRAD:
+        dx = winograd.input_grad(g, kernel, padding, WINOGRAD[lowering.input_grad])
+    else:
+        dx = jax.vjp(lambda x_: _conv(x_, kernel, strides, padding), x)[1](g)[0]
+    if lowering.kernel_grad == "patches":
+        patches = _patches(x, (kh, kw), strides, padding, g.shape[1:3])
+        ones = jnp.ones((patches.shape[0], 1), patches.dtype)
+        grads = jnp.concatenate([patches, ones], axis=1).T @ g.reshape(-1, cout)
+        return dx, grads[:-1].reshape(kernel.shape), grads[-1]
+    if lowering.kernel_grad in WINOGRAD:
+        m = WINOGRAD[lowering.kernel_grad]
+        v = winograd.transform_input(x, padding, m) if v is None else v
+        dk = winograd.kernel_grad(v, g, m)
+    else:
+        dk = jax.vjp(lambda k_: _conv(x, k_, strides, padding), kernel)[1](g)[0]
+    return dx, dk, jnp.sum(g, axis=(0, 1, 2))
 
 
-_conv_bias = jax.custom_vjp(_conv_bias, nondiff_argnums=(3, 4))
+_conv_bias = jax.custom_vjp(_conv_bias, nondiff_argnums=(3, 4, 5))
 _conv_bias.defvjp(_conv_bias_fwd, _conv_bias_bwd)
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, strides: tuple[int, int],
-           padding: Pads) -> jax.Array:
-    """NHWC x HWIO (+ bias) -> NHWC; `padding` is explicit ((top, bottom), (left, right))."""
+           padding: Pads, lowering: Lowering | None = None) -> jax.Array:
+    """NHWC x HWIO (+ bias) -> NHWC; `padding` is explicit ((top, bottom), (left, right)).
+
+    `lowering` None is `auto_lowering`'s for this shape; all-'xla' is plain autodiff."""
     if x.ndim != 4 or kernel.ndim != 4 or x.shape[-1] != kernel.shape[2]:
         raise ValueError(f"conv2d expects NHWC input and an HWIO kernel with matching channels, "
                          f"got shapes {x.shape} and {kernel.shape}.")
     strides, padding = tuple(strides), tuple(tuple(p) for p in padding)
-    kh, kw, cin, _ = kernel.shape
-    if kh * kw * cin > TAPS_MAX:
+    if lowering is None:
+        lowering = auto_lowering(kernel.shape, strides)
+    if lowering == Lowering():
         y = _conv(x, kernel, strides, padding)
         return y if bias is None else y + bias
     if bias is None:
         bias = jnp.zeros((kernel.shape[-1],), x.dtype)  # its gradient is computed, then dropped
-    return _conv_bias(x, kernel, bias, strides, padding)
+    return _conv_bias(x, kernel, bias, strides, padding, Lowering(*lowering))
 
 
 class Conv(nn.Module):
@@ -84,6 +186,7 @@ class Conv(nn.Module):
     use_bias: bool = True
     kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
     bias_init: nn.initializers.Initializer = nn.initializers.zeros
+    lowering: str = "auto"  # a spec for `resolve_lowering`
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -92,4 +195,24 @@ class Conv(nn.Module):
         bias = (self.param("bias", self.bias_init, (self.features,), jnp.float32)
                 if self.use_bias else None)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias)  # as nn.Conv: f64 in, f64 out
-        return conv2d(x, kernel, bias, (self.strides, self.strides), self.padding)
+        strides = (self.strides, self.strides)
+        lowering = resolve_lowering(self.lowering, kernel.shape, strides, self.name or "conv")
+        return conv2d(x, kernel, bias, strides, self.padding, lowering)
+
+
+def conv_lowerings(model: nn.Module, image_shape: Sequence[int]) -> dict[str, dict[str, str]]:
+    """{layer path: {pass: lowering}} for every `Conv` in `model` on (H, W, C) images, e.g. for a
+    run's summary. Traces `model.init` abstractly (nothing is computed)."""
+    found: dict[str, dict[str, str]] = {}
+
+    def record(next_fun, args, kwargs, context):
+        module = context.module
+        if isinstance(module, Conv) and context.method_name == "__call__":
+            shape = (*module.kernel_size, args[0].shape[-1], module.features)
+            found["/".join(module.path)] = resolve_lowering(
+                module.lowering, shape, (module.strides, module.strides), module.name)._asdict()
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *image_shape), jnp.float32))
+    return found

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from cnnjax.config import ModelConfig
-from cnnjax.nn.conv import Conv
+from cnnjax.nn.conv import Conv, layer_specs
 from cnnjax.nn.geometry import Padding, explicit_padding, output_shape
 from cnnjax.nn.layers import POOLS, ExampleDropout, Pool, flatten
 from cnnjax.nn.resnet import RESNETS
@@ -42,6 +42,7 @@ class SeedCNN(nn.Module):
     conv_dropout: float = 0.0
     batch_norm: bool = False
     bn_momentum: float = 0.9
+    conv_lowering: str = "auto"  # cnnjax.nn.conv's spec: one for every conv, or one per conv
 
     def feature_shape(self, image_hw: Sequence[int]) -> tuple[int, int, int]:
         """(H, W, C) after the last pool, from the output-size arithmetic; raises on bad geometry."""
@@ -76,14 +77,15 @@ class SeedCNN(nn.Module):
         if x.ndim != 4:
             raise ValueError(f"SeedCNN expects NHWC images of rank 4, got shape {x.shape}.")
         expected = self.feature_shape(x.shape[1:3])
+        lowerings = layer_specs(self.conv_lowering, len(self.features))
         for i, width in enumerate(self.features, start=1):
             pads = [explicit_padding(self.padding, self.kernel_size, self.stride, s, f"conv{i}")
                     for s in x.shape[1:3]]
-            # conv.Conv: nn.Conv's params and numerics, with weight gradients that are fast on
-            # XLA:CPU (see cnnjax/conv.py).
+            # conv.Conv: nn.Conv's params and numerics, each pass lowered as measured fastest
+            # on XLA:CPU (see cnnjax/nn/conv.py).
             x = Conv(width, (self.kernel_size, self.kernel_size), strides=self.stride,
                      padding=tuple(pads), kernel_init=conv_init, bias_init=nn.initializers.zeros,
-                     use_bias=not self.batch_norm, name=f"conv{i}")(x)
+                     use_bias=not self.batch_norm, lowering=lowerings[i - 1], name=f"conv{i}")(x)
             if self.batch_norm:
                 # No conv bias before BN: BN cancels it, so its gradient is rounding noise that
                 # Adam's normalization would amplify into a random walk.
@@ -120,9 +122,13 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
         model = preset(num_classes=num_classes, width=width if cfg.width is None else cfg.width,
                        stem=cfg.stem, grayscale=cfg.grayscale, bn_momentum=cfg.bn_momentum)
         model.check()  # a bad stem or grayscale option fails here, before any compile
+        if cfg.conv_lowering != "auto":
+            raise ValueError(f"model.conv_lowering={cfg.conv_lowering!r} applies to seed_cnn's "
+                             f"convolutions only; leave it 'auto' for {cfg.name}.")
         return model
     if cfg.pool not in POOLS:
         raise ValueError(f"model.pool must be one of {sorted(POOLS)}, got {cfg.pool!r}.")
+    layer_specs(cfg.conv_lowering, len(cfg.features))  # a wrong count fails here, before any compile
     if any(width <= 0 for width in cfg.dense):
         raise ValueError(f"model.dense must list positive layer widths (or nothing), got "
                          f"{list(cfg.dense)}; e.g. model.dense=128.")
@@ -130,7 +136,8 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
         num_classes=num_classes, features=tuple(cfg.features), kernel_size=cfg.kernel_size,
         stride=cfg.stride, padding=cfg.padding, pool=cfg.pool, pool_size=cfg.pool_size,
         pool_stride=cfg.pool_stride, dense=tuple(cfg.dense), dropout=cfg.dropout,
-        conv_dropout=cfg.conv_dropout, batch_norm=cfg.batch_norm, bn_momentum=cfg.bn_momentum)
+        conv_dropout=cfg.conv_dropout, batch_norm=cfg.batch_norm, bn_momentum=cfg.bn_momentum,
+        conv_lowering=cfg.conv_lowering)
 
 
 def check_geometry(model: nn.Module, image_shape: Sequence[int]) -> None:

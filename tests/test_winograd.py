@@ -1,0 +1,114 @@
+"""Every convolution lowering against `lax.conv_general_dilated` in float64, forward and gradients.
+
+The reference is XLA's direct convolution and autodiff's gradients computed in float64, so the
+float32 lowerings (Winograd's transforms, the patches product, XLA's own float32 convolution) are
+each measured against an exact answer, not against one another. The bound is the issue's: every
+tensor within 1e-5 of the reference relative to the reference's largest entry. Shapes, paddings
+(negative ones included: lax.pad crops) and batch sizes are drawn at random from a fixed seed.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from cnnjax.config import ModelConfig
+from cnnjax.nn.conv import (TAPS_MAX, Lowering, conv2d, conv_lowerings, layer_specs,
+                            resolve_lowering)
+from cnnjax.nn.models import build_model
+
+BOUND = 1e-5
+LOWERINGS = [  # (forward, input_grad, kernel_grad): each choice of each pass at least once
+    Lowering("winograd", "winograd", "winograd"),
+    Lowering("winograd4", "winograd4", "winograd4"),
+    Lowering("xla", "winograd4", "winograd"),
+    Lowering("winograd4", "xla", "xla"),
+]
+
+
+def _geometries(count: int, seed: int = 0):
+    """(batch, h, w, in, out, padding) drawn at random; odd sizes leave partial Winograd tiles."""
+    rng = np.random.default_rng(seed)
+    for _ in range(count):
+        pads = tuple(tuple(int(p) for p in rng.integers(-1, 3, 2)) for _ in range(2))
+        yield (int(rng.integers(1, 6)), int(rng.integers(5, 16)), int(rng.integers(5, 16)),
+               int(rng.integers(1, 20)), int(rng.integers(1, 12)), pads)
+
+
+def _reference(x, kernel, bias, strides, padding):
+    return lax.conv_general_dilated(x, kernel, strides, padding,
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                    precision=lax.Precision.HIGHEST) + bias
+
+
+def _check(lowerings, batch, h, w, cin, cout, padding, strides=(1, 1), kernel_hw=(3, 3), seed=0):
+    """Each lowering's output and gradients (at a random cotangent) against the float64 ones."""
+    kx, kk, kb, kg = jax.random.split(jax.random.key(seed), 4)
+    x = jax.random.normal(kx, (batch, h, w, cin), jnp.float32)
+    kernel = jax.random.normal(kk, (*kernel_hw, cin, cout), jnp.float32)
+    bias = jax.random.normal(kb, (cout,), jnp.float32)
+    with jax.enable_x64(True):
+        y_ref, vjp_ref = jax.vjp(lambda x_, k_, b_: _reference(x_, k_, b_, strides, padding),
+                                 *(np.asarray(a, np.float64) for a in (x, kernel, bias)))
+        g = np.asarray(jax.random.normal(kg, y_ref.shape, jnp.float32))
+        expected = [np.asarray(t) for t in (y_ref, *vjp_ref(g.astype(np.float64)))]
+    for lowering in lowerings:
+        y, vjp = jax.vjp(lambda *a: conv2d(*a, strides, padding, lowering), x, kernel, bias)
+        assert y.dtype == jnp.float32 and y.shape == y_ref.shape
+        for name, a, b in zip(("output", "input grad", "kernel grad", "bias grad"),
+                              (y, *vjp(jnp.asarray(g))), expected):
+            err = np.abs(np.asarray(a, np.float64) - b).max() / np.abs(b).max()
+            assert err <= BOUND, (lowering, name, err)
+
+
+@pytest.mark.parametrize("geometry", list(_geometries(2)), ids=str)
+def test_lowerings_match_float64_convolution(geometry):
+    _check(LOWERINGS, *geometry)
+
+
+def test_seed_cnn_conv2_in_winograd4_stays_within_bound():
+    """F(4x4, 3x3) has the larger rounding; the seed CNN's widest layer (32 -> 64, 14x14)."""
+    _check([Lowering("winograd4", "winograd4", "winograd4")], 8, 14, 14, 32, 64, ((1, 1), (1, 1)))
+
+
+@pytest.mark.parametrize("strides, padding", [((1, 1), ((1, 1), (1, 1))),
+                                              ((2, 1), ((0, 1), (2, 0)))])
+def test_patches_kernel_gradient_matches_float64_convolution(strides, padding):
+    _check([Lowering("xla", "xla", "patches")], 3, 13, 10, 3, 8, padding, strides)
+    _check([Lowering("xla", "xla", "patches")], 2, 9, 12, 1, 5, padding, strides, kernel_hw=(5, 5))
+
+
+def test_auto_lowering_of_the_seed_cnn():
+    layers = conv_lowerings(build_model(ModelConfig(), 10), (28, 28, 1))
+    assert set(layers) == {"conv1", "conv2"}
+    assert layers["conv1"]["kernel_grad"] == "patches"  # 9 taps <= TAPS_MAX
+    per_layer = conv_lowerings(build_model(ModelConfig(conv_lowering="xla,winograd/xla/xla"), 10),
+                               (28, 28, 1))
+    assert per_layer == {"conv1": dict(forward="xla", input_grad="xla", kernel_grad="xla"),
+                         "conv2": dict(forward="winograd", input_grad="xla", kernel_grad="xla")}
+
+
+def test_winograd_preset_falls_back_where_the_layer_does_not_allow_it():
+    assert resolve_lowering("winograd", (3, 3, 4, 4), (2, 2)) == Lowering()
+    assert resolve_lowering("winograd", (5, 5, 4, 4), (1, 1)) == Lowering()
+    assert resolve_lowering("winograd4", (3, 3, 4, 4), (1, 1)) == Lowering(*["winograd4"] * 3)
+
+
+@pytest.mark.parametrize("spec, shape, strides, message", [
+    ("fast", (3, 3, 1, 8), (1, 1), "neither a preset"),
+    ("winograd/xla", (3, 3, 1, 8), (1, 1), "neither a preset"),
+    ("direct/xla/xla", (3, 3, 1, 8), (1, 1), "forward lowering must be one of"),
+    ("xla/patches/xla", (3, 3, 1, 8), (1, 1), "input_grad lowering must be one of"),
+    ("winograd/xla/xla", (3, 3, 1, 8), (2, 2), "3x3 kernel and stride 1"),
+    ("xla/xla/patches", (3, 3, 32, 8), (1, 1), f"kh\\*kw\\*in <= {TAPS_MAX}"),
+])
+def test_bad_lowering_specs_are_named(spec, shape, strides, message):
+    with pytest.raises(ValueError, match=message):
+        resolve_lowering(spec, shape, strides, "conv2")
+
+
+def test_a_lowering_per_layer_needs_one_per_layer():
+    assert layer_specs("xla", 3) == ("xla",) * 3
+    with pytest.raises(ValueError, match="gives 3 lowerings for 2 conv layers"):
+        build_model(ModelConfig(conv_lowering="xla,xla,xla"), 10)
