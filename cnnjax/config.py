@@ -25,7 +25,8 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    name: str = "seed_cnn"
+    name: str = "seed_cnn"  # a registered name (@cnnjax.register_model) or package.module:Name
+    kwargs: dict = dataclasses.field(default_factory=dict)  # constructor args of such a model
     features: tuple[int, ...] = (32, 64)  # one conv + ReLU + pool block per entry
     kernel_size: int = 3
     stride: int = 1
@@ -39,7 +40,7 @@ class ModelConfig:
     batch_norm: bool = False  # conv -> BN -> ReLU, as the seed's section 4.3
     bn_momentum: float = 0.9  # flax's decay of the running stats; torch's momentum 0.1 = 1 - 0.9
     conv_lowering: str = "auto"  # per conv pass: 'auto', 'xla', 'winograd', 'fwd/dx/dk' or one per layer, comma-separated (cnnjax/nn/conv.py)
-    # ResNets (model.name resnet18, resnet34, resnet_tiny; cnnjax/resnet.py):
+    # ResNets (model.name resnet18, resnet34; cnnjax/nn/resnet.py):
     width: int | None = None  # channels of layer1, doubling per stage; None: the preset's (64)
     stem: str = "imagenet"  # 'imagenet' (7x7/2 conv + max-pool) or 'small' (3x3/1, for 28-32 px)
     grayscale: str = "repeat"  # 1-channel images: 'repeat' to RGB, or 'stem' (a 1-channel conv1)
@@ -54,6 +55,14 @@ class AugmentConfig:
     scale: float = 0.0  # zoom uniform in [1 - scale, 1 + scale]
     flip: bool = False  # horizontal, p = 0.5 (in the seed; hurts digits, so off)
     order: tuple[str, ...] = ("scale", "rotate", "translate", "flip")  # first acts first
+    mixup: float = 0.0  # Beta(a, a) mixing of each example with the batch's previous one; 0: off
+    cutmix: float = 0.0  # the same with a pasted box (area 1 - lambda); with mixup, p = 0.5 each
+
+    def __post_init__(self):
+        for field in ("mixup", "cutmix"):
+            if getattr(self, field) < 0:
+                raise ValueError(f"augment.{field}={getattr(self, field)} is not valid: give the "
+                                 f"Beta distribution's alpha (> 0), or 0 for off.")
 
 
 # The values of OptimConfig.name and .schedule (what each means: cnnjax/training/optim.py).
@@ -99,6 +108,10 @@ class OptimConfig:
                 raise ValueError(f"optim.{field}={getattr(self, field)!r} is not valid: {fix}.")
 
 
+MONITORS = ("val_loss", "val_accuracy")
+DTYPES = ("float32", "bfloat16")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
@@ -112,6 +125,20 @@ class TrainConfig:
     checkpoint_every_steps: int = 0  # also checkpoint mid-epoch, at the first log line N steps on
     keep_checkpoints: int = 3  # the last k checkpoints, plus the best by validation loss
     async_checkpointing: bool = True  # orbax writes in the background while training goes on
+    loss: str = "cross_entropy"  # or package.module:fn, (logits, labels) -> per-example loss
+    label_smoothing: float = 0.0  # cross_entropy's target smoothing (optax.smooth_labels)
+    monitor: str = "val_loss"  # what early stopping, the plateau rule and the best step watch
+    dtype: str = "float32"  # 'bfloat16': activations and matmuls in bf16, params and loss in f32
+
+    def __post_init__(self):
+        checks = [
+            ("label_smoothing", 0.0 <= self.label_smoothing < 1.0, "use a value in [0, 1)"),
+            ("monitor", self.monitor in MONITORS, f"choose one of {', '.join(MONITORS)}"),
+            ("dtype", self.dtype in DTYPES, f"choose one of {', '.join(DTYPES)}"),
+        ]
+        for field, ok, fix in checks:
+            if not ok:
+                raise ValueError(f"train.{field}={getattr(self, field)!r} is not valid: {fix}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,6 +238,8 @@ def _coerce(value: Any, hint, key: str) -> Any:
             return float(value)
         if option in (int, str, bool) and type(value) is option:
             return value
+        if option is dict and isinstance(value, dict):
+            return dict(value)
     raise ValueError(f"config {key}: {value!r} is not a valid {_type_name(hint)}.")
 
 

@@ -100,27 +100,33 @@ SHARDED = textwrap.dedent("""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     sys.path.insert(0, {tests!r})
     from test_steps import _setup
-    from cnnjax.training.steps import make_train_step
+    from cnnjax.data.mix import Mixing
+    from cnnjax.training.steps import StepOptions, make_train_step
     assert jax.device_count() == 2
     model, tx, state, batch, augment = _setup(64, seed=3)
     key = jax.random.key(4)
-    one = make_train_step(model, tx, 0.5, 0.25, augment, microbatch=64)(
-        jax.tree.map(lambda x: x.copy(), state), batch, key)
     sharding = NamedSharding(Mesh(np.asarray(jax.devices()), ("data",)), P("data"))
     sharded = jax.device_put(batch, sharding)
-    two = make_train_step(model, tx, 0.5, 0.25, augment, microbatch=8)(
-        jax.device_put(state, NamedSharding(sharding.mesh, P())), sharded, key)
     out = {{}}
-    for name, (s, m) in (("one", one), ("two", two)):
-        out[name] = {{"metrics": {{k: float(v) for k, v in m.items()}},
-                      "params": [np.asarray(p).ravel().tolist() for p in jax.tree.leaves(s.params)]}}
-    out["replicated"] = all(p.sharding.is_fully_replicated for p in jax.tree.leaves(two[0].params))
+    for mixed, options in (("", StepOptions()), ("mixed_", StepOptions(mixing=Mixing(0.4, 1.0)))):
+        one = make_train_step(model, tx, 0.5, 0.25, augment, microbatch=64, options=options)(
+            jax.tree.map(lambda x: x.copy(), state), batch, key)
+        two = make_train_step(model, tx, 0.5, 0.25, augment, microbatch=8, options=options)(
+            jax.device_put(jax.tree.map(lambda x: x.copy(), state), NamedSharding(sharding.mesh, P())),
+            sharded, key)
+        for name, (s, m) in (("one", one), ("two", two)):
+            out[mixed + name] = {{"metrics": {{k: float(v) for k, v in m.items()}},
+                                  "params": [np.asarray(p).ravel().tolist()
+                                             for p in jax.tree.leaves(s.params)]}}
+        out[mixed + "replicated"] = all(p.sharding.is_fully_replicated
+                                        for p in jax.tree.leaves(two[0].params))
     print(json.dumps(out))
 """)
 
 
 def test_passes_on_a_batch_sharded_over_two_devices():
-    """Each pass takes a share of every device's rows: 2 devices x 4 passes of 8 rows = one step."""
+    """Each pass takes a share of every device's rows: 2 devices x 4 passes of 8 rows = one step,
+    with and without mixup/CutMix (whose partners are rows of the whole, sharded batch)."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
            "JAX_PLATFORMS": "cpu"}
     code = SHARDED.format(tests=os.path.dirname(__file__))
@@ -128,11 +134,13 @@ def test_passes_on_a_batch_sharded_over_two_devices():
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    for key, value in out["one"]["metrics"].items():
-        assert out["two"]["metrics"][key] == pytest.approx(value, rel=1e-5), key
-    for x, y in zip(out["two"]["params"], out["one"]["params"]):
-        assert np.mean(np.abs(np.asarray(x) - np.asarray(y)) <= 1e-6) >= 0.999
-    assert out["replicated"]  # parameters stay replicated
+    for mixed in ("", "mixed_"):  # plain, and with mixup/CutMix keyed per example
+        for key, value in out[mixed + "one"]["metrics"].items():
+            assert out[mixed + "two"]["metrics"][key] == pytest.approx(value, rel=1e-5), (mixed, key)
+        for x, y in zip(out[mixed + "two"]["params"], out[mixed + "one"]["params"]):
+            assert np.mean(np.abs(np.asarray(x) - np.asarray(y)) <= 1e-6) >= 0.999
+        assert out[mixed + "replicated"]  # parameters stay replicated
+    assert out["mixed_one"]["metrics"]["loss"] != out["one"]["metrics"]["loss"]
 
 
 def test_eval_passes_sum_to_the_whole_batch():

@@ -71,7 +71,7 @@ def test_load_run_predicts_from_raw_pixels(run_dir):
 
 
 @pytest.mark.parametrize("bad, needle", [
-    (np.zeros((2, 28, 28), np.float32), "uint8"),
+    (np.full((2, 28, 28), 2.0, np.float32), "uint8"),
     (np.zeros((2, 32, 32), np.uint8), "shaped"),
     (np.zeros((28, 28), np.uint8), "shaped"),
 ])

@@ -8,7 +8,8 @@ update θ ← θ - η ∇C, the same initial parameters, the same number of exam
 `fold_in(key, e)`; full-batch GD does not shuffle, since a sum does not depend on order.
 
 An epoch is one compiled `lax.scan` over its steps, so SGD's thousands of tiny steps cost one
-dispatch per epoch rather than one per step.
+dispatch per epoch rather than one per step. It stands apart from `cnnjax.training`'s loop on
+purpose: the update rule and the batching are what it teaches, written out where they are seen.
 """
 
 from __future__ import annotations

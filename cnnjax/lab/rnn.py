@@ -10,7 +10,8 @@ and truncating it is a `stop_gradient` on the carry.
 `hidden_grads` gets the same quantity for either cell by autodiff, through a zero "tap" added to
 each h_t. Their norms against t show the vanishing gradient: through the RNN, ∂L/∂h_t is
 multiplied at every step back by W_h^T diag(1 - h²), while the LSTM's cell state carries it
-across steps scaled only by its forget gates.
+across steps scaled only by its forget gates. `train` is a small loop of its own, apart from
+`cnnjax.training`'s (which is for image CNNs): a sequence model with truncated BPTT, taught in full.
 """
 
 from __future__ import annotations

@@ -57,17 +57,23 @@ def _batch_sums(variables, batch, mask, *, model, mean, std, measured):
             for name, at in measured}
 
 
+def _static(value):
+    """A hashable jit-static constant: a float, or one per channel as a tuple of floats."""
+    return float(value) if isinstance(value, (int, float)) else tuple(float(v) for v in value)
+
+
 def filter_health(model: nn.Module, variables: Mapping[str, Any], images: np.ndarray, mean: float,
                   std: float, layers: Sequence[str] | None = None, batch_size: int = 500
                   ) -> dict[str, FilterHealth]:
-    """Statistics for each conv layer (all of them by default) over uint8 images (N, H, W, C).
+    """Statistics for each conv layer (all of them by default) over images (N, H, W, C) in pixel
+    units: uint8, or float32 0..255 (`cnnjax.data.sources` keeps float data so).
 
     Batches are padded to one shape (one compile) and the padding masked out; each batch's sums
     are pulled to the host (a sync per batch) and added there.
     """
     images = np.asarray(images)
-    if images.dtype != np.uint8 or images.ndim != 4 or len(images) == 0:
-        raise ValueError(f"filter_health takes a non-empty uint8 batch (N, H, W, C), got "
+    if images.dtype not in (np.uint8, np.float32) or images.ndim != 4 or len(images) == 0:
+        raise ValueError(f"filter_health takes a non-empty uint8 or float32 batch (N, H, W, C), got "
                          f"{images.dtype} {images.shape}.")
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}.")
@@ -88,9 +94,9 @@ def filter_health(model: nn.Module, variables: Mapping[str, Any], images: np.nda
         if len(batch) < batch_size:
             mask[len(batch):] = 0.0
             batch = np.concatenate([batch, np.zeros((batch_size - len(batch), *batch.shape[1:]),
-                                                    np.uint8)])
-        stats = jax.device_get(_batch_sums(variables, batch, mask, model=model, mean=float(mean),
-                                           std=float(std), measured=tuple(measured.items())))
+                                                    images.dtype)])
+        stats = jax.device_get(_batch_sums(variables, batch, mask, model=model, mean=_static(mean),
+                                           std=_static(std), measured=tuple(measured.items())))
         for name, (act, off, top) in stats.items():
             act, off = np.asarray(act, np.float64), np.asarray(off, np.float64)
             if name not in totals:

@@ -9,13 +9,14 @@ editing the model (a sown name may not repeat a submodule's, hence the suffix).
 
 from __future__ import annotations
 
-import functools
+import inspect
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from cnnjax import imports
 from cnnjax.config import ModelConfig
 from cnnjax.nn.conv import Conv, layer_specs
 from cnnjax.nn.geometry import Padding, explicit_padding, output_shape
@@ -107,16 +108,21 @@ class SeedCNN(nn.Module):
                         name=f"fc{len(self.dense) + 1}")(x)
 
 
+# Name -> the module class (or preset) it builds. Built-ins and users' models share it: a model
+# registered with `@register_model("name")` or named by an import path `package.module:Name` is
+# built as `Model(num_classes=..., **model.kwargs)`; seed_cnn and the ResNets read their fields of
+# ModelConfig instead.
 MODELS = {"seed_cnn": SeedCNN, **{name: preset for name, (preset, _) in RESNETS.items()}}
-
-# A tiny variant for fast tests: same structure, a fraction of the width.
-TinySeedCNN = functools.partial(SeedCNN, features=(4, 8), dense=(16,))
+register_model = imports.registrar(MODELS, "model")
 
 
 def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
-    """The model a config names, with geometry checked against nothing yet (see `check_geometry`)."""
-    if cfg.name not in MODELS:
-        raise ValueError(f"unknown model {cfg.name!r}; known models: {', '.join(sorted(MODELS))}.")
+    """The model a config names, with geometry checked against nothing yet (see `check_model`)."""
+    factory = imports.lookup(MODELS, cfg.name, "model.name")
+    builtin = cfg.name in RESNETS or factory is SeedCNN
+    if cfg.kwargs and builtin:
+        raise ValueError(f"model.kwargs={cfg.kwargs} is for registered or import-path models; "
+                         f"{cfg.name} takes its settings from the model.* fields.")
     if cfg.name in RESNETS:
         preset, width = RESNETS[cfg.name]
         model = preset(num_classes=num_classes, width=width if cfg.width is None else cfg.width,
@@ -126,18 +132,89 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
             raise ValueError(f"model.conv_lowering={cfg.conv_lowering!r} applies to seed_cnn's "
                              f"convolutions only; leave it 'auto' for {cfg.name}.")
         return model
+    if not builtin:
+        return _build_user_model(cfg, factory, num_classes)
     if cfg.pool not in POOLS:
         raise ValueError(f"model.pool must be one of {sorted(POOLS)}, got {cfg.pool!r}.")
     layer_specs(cfg.conv_lowering, len(cfg.features))  # a wrong count fails here, before any compile
     if any(width <= 0 for width in cfg.dense):
         raise ValueError(f"model.dense must list positive layer widths (or nothing), got "
                          f"{list(cfg.dense)}; e.g. model.dense=128.")
-    return MODELS[cfg.name](
+    return SeedCNN(
         num_classes=num_classes, features=tuple(cfg.features), kernel_size=cfg.kernel_size,
         stride=cfg.stride, padding=cfg.padding, pool=cfg.pool, pool_size=cfg.pool_size,
         pool_stride=cfg.pool_stride, dense=tuple(cfg.dense), dropout=cfg.dropout,
         conv_dropout=cfg.conv_dropout, batch_norm=cfg.batch_norm, bn_momentum=cfg.bn_momentum,
         conv_lowering=cfg.conv_lowering)
+
+
+def _build_user_model(cfg: ModelConfig, factory, num_classes: int) -> nn.Module:
+    try:
+        model = factory(num_classes=num_classes, **cfg.kwargs)
+    except TypeError as err:
+        raise ValueError(f"model {cfg.name!r} cannot be built as {_name(factory)}(num_classes="
+                         f"{num_classes}, **{cfg.kwargs}): {err}. Give its constructor a "
+                         f"`num_classes` field and pass the others in model.kwargs.") from None
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model {cfg.name!r} built a {type(model).__name__}, not a flax.linen "
+                         f"Module.")
+    _check_call_signature(model, cfg.name)
+    return model
+
+
+def _name(obj) -> str:
+    return getattr(obj, "__qualname__", None) or getattr(getattr(obj, "func", None), "__qualname__",
+                                                          repr(obj))
+
+
+def _call_parameters(model: nn.Module) -> dict[str, inspect.Parameter]:
+    return dict(inspect.signature(type(model).__call__).parameters)
+
+
+def _check_call_signature(model: nn.Module, name: str) -> None:
+    """The contract: `__call__(self, x, train=...)`, optionally `example_ids=`."""
+    params = _call_parameters(model)
+    positional = [p for p in list(params.values())[1:]
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    if not positional or ("train" not in params and not takes_kwargs):
+        raise ValueError(f"model {name!r} ({type(model).__name__}) has __call__{inspect.signature(type(model).__call__)}; "
+                         f"cnnjax calls models as __call__(self, x, train: bool = False) (and "
+                         f"passes example_ids= where the signature takes it).")
+
+
+def accepts_example_ids(model: nn.Module) -> bool:
+    """Whether the step should pass each row's example index (per-example dropout keys)."""
+    params = _call_parameters(model)
+    return "example_ids" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def check_model(model: nn.Module, image_shape: Sequence[int], num_classes: int, name: str) -> None:
+    """Runs the model abstractly (`jax.eval_shape`: nothing is computed or compiled) on one
+    (1, H, W, C) image, in training and evaluation mode, and checks it gives (1, num_classes)
+    logits; raises ValueError naming the module and what was expected."""
+    check_geometry(model, image_shape)
+    x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+    keys = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+    extra = {"example_ids": jnp.zeros((1,), jnp.int32)} if accepts_example_ids(model) else {}
+
+    def run(train: bool):
+        variables = model.init(keys, jnp.zeros(x.shape, x.dtype), train=False)
+        out = model.apply(variables, jnp.zeros(x.shape, x.dtype), train=train,
+                          rngs={"dropout": keys["dropout"]}, mutable=["batch_stats"], **extra)
+        return out[0] if isinstance(out, tuple) else out
+
+    for train in (False, True):
+        try:
+            logits = jax.eval_shape(lambda: run(train))
+        except Exception as err:  # the user's module: any error is a misfit, reported as one
+            raise ValueError(f"model {name!r} ({type(model).__name__}) fails on a batch of "
+                             f"(1, {', '.join(map(str, image_shape))}) images with train={train}: "
+                             f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+        if not hasattr(logits, "shape") or tuple(logits.shape) != (1, num_classes):
+            raise ValueError(f"model {name!r} ({type(model).__name__}) returns "
+                             f"{getattr(logits, 'shape', type(logits).__name__)} for one image; "
+                             f"expected logits of shape (1, {num_classes}) ({num_classes} classes).")
 
 
 def check_geometry(model: nn.Module, image_shape: Sequence[int]) -> None:

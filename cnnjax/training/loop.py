@@ -30,14 +30,14 @@ from flax.training.early_stopping import EarlyStopping
 
 from cnnjax.config import Config
 from cnnjax.data import augment, input_pipeline
-from cnnjax.nn.models import build_model, check_geometry, count_params, has_batch_stats
+from cnnjax.nn.models import build_model, check_model, count_params, has_batch_stats
 from cnnjax.report import logs, plots
 from cnnjax.training import checkpoint, parallel, rundir, transfer
 from cnnjax.training.callbacks import (Callback, CallbackList, EndEvent, EpochEvent, Event,
                                        LogEvent, StepEvent, default_callbacks)
-from cnnjax.training.optim import make_plateau, plateau_step
-from cnnjax.training.steps import (TrainState, create_train_state, evaluate, grad_passes,
-                                   make_eval_step, make_train_step)
+from cnnjax.training.optim import ema_params, learning_rate_at, make_plateau, plateau_step
+from cnnjax.training.steps import (StepOptions, TrainState, create_train_state, evaluate,
+                                   grad_passes, make_eval_step, make_train_step)
 
 
 @dataclasses.dataclass
@@ -129,13 +129,20 @@ class EarlyStop:
         return EarlyStopping(patience=patience, best_metric=best, patience_count=self.patience_count)
 
 
+def watched(val: dict[str, Any], monitor: str = "val_loss") -> float:
+    """The figure `train.monitor` names, as one to minimize: the validation loss, or the
+    validation error 1 - accuracy (optax's plateau rule and flax's early stopping minimize)."""
+    return val["loss"] if monitor == "val_loss" else 1.0 - val["accuracy"]
+
+
 def close_epoch(state: TrainState, plateau, early: EarlyStop, patience: int, epoch: int,
-                val: dict[str, Any], train_means: tuple[float, float], learning_rate: float
-                ) -> tuple[TrainState, dict[str, Any], bool]:
+                val: dict[str, Any], train_means: tuple[float, float], learning_rate: float,
+                monitor: str = "val_loss") -> tuple[TrainState, dict[str, Any], bool]:
     """The end of an epoch given its validation result: early stopping (updates `early`), the
     plateau rule (the returned state) and the epoch's metrics.jsonl record; `cnnjax train` and
     `cnnjax sweep` both end each epoch (each seed's) with it. Returns (state, record, stop)."""
-    rule = early.flax(patience).update(val["loss"])
+    value = watched(val, monitor)
+    rule = early.flax(patience).update(value)
     if rule.has_improved:
         early.best_epoch, early.best_step = epoch, int(state.step)
     early.best_val_loss, early.patience_count = float(rule.best_metric), rule.patience_count
@@ -143,7 +150,7 @@ def close_epoch(state: TrainState, plateau, early: EarlyStop, patience: int, epo
               "train_loss": train_means[0], "train_accuracy": train_means[1],
               "val_loss": val["loss"], "val_accuracy": val["accuracy"],
               "learning_rate": learning_rate, "improved": bool(rule.has_improved)}
-    state = state.replace(plateau_state=plateau_step(plateau, state.plateau_state, val["loss"]))
+    state = state.replace(plateau_state=plateau_step(plateau, state.plateau_state, value))
     return state, record, bool(rule.should_stop)
 
 
@@ -174,12 +181,13 @@ class RunSetup:
     # already counted in a timing line, of this process's checkpointer
 
     def evaluate(self, state: TrainState, split: str) -> dict[str, Any]:
-        """Loss, accuracy, count and confusion matrix on 'val' or 'test' (one pass, one sync)."""
+        """Loss, accuracy, count and confusion matrix on 'val' or 'test' (one pass, one sync), of
+        the parameters' EMA when `optim.ema_decay` keeps one."""
         if split not in self.eval_sizes:
             raise ValueError(f"split must be one of {sorted(self.eval_sizes)}, got {split!r}.")
         batches = input_pipeline.eval_batches(*getattr(self.data, split), self.eval_sizes[split],
                                               self.par.part)
-        return evaluate(self.eval_step, state, map(self.par.shard_batch, batches))
+        return evaluate(self.eval_step, evaluated_state(state), map(self.par.shard_batch, batches))
 
     def epochs(self) -> Iterator[int]:
         """The epochs left to train (none once early stopping has ended the run)."""
@@ -187,10 +195,19 @@ class RunSetup:
             yield from range(self.progress.epoch, self.cfg.train.epochs + 1)
 
     def learning_rate(self, state: TrainState) -> float:
-        return self.cfg.optim.learning_rate * float(state.plateau_state.scale)
+        """The rate of the update from `state` (the schedule's, times the plateau rule's scale)."""
+        return learning_rate_at(self.cfg.optim, int(state.step), float(state.plateau_state.scale),
+                                self.steps_per_epoch, self.cfg.train.epochs)
 
     def patience(self) -> int:
         return self.cfg.train.early_stopping_patience or self.cfg.train.epochs + 1
+
+
+def evaluated_state(state: TrainState) -> TrainState:
+    """The state evaluation and the best checkpoint's metrics use: with `optim.ema_decay`, the
+    EMA of the parameters (batch-norm statistics stay the live ones)."""
+    ema = ema_params(state.opt_state, state.params) if state.opt_state is not None else None
+    return state if ema is None else state.replace(params=ema)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,7 +233,8 @@ def setup(cfg: Config, run_dir: pathlib.Path | str | None = None) -> tuple[RunSe
     tc = cfg.train
     data = input_pipeline.load_data(cfg.data, tc.seed)
     model = build_model(cfg.model, data.spec.num_classes)
-    check_geometry(model, data.spec.image_shape)
+    check_model(model, data.spec.image_shape, data.spec.num_classes, cfg.model.name)
+    options = StepOptions.from_config(cfg, data.spec.num_classes)
     n_steps = input_pipeline.steps_per_epoch(len(data.train[1]), tc.batch_size)
     for key in ("epochs", "log_every"):
         if getattr(tc, key) <= 0:
@@ -233,6 +251,8 @@ def setup(cfg: Config, run_dir: pathlib.Path | str | None = None) -> tuple[RunSe
         raise ValueError("a multi-process run needs an explicit --run-dir shared by every process.")
     run_dir = pathlib.Path(run_dir if run_dir is not None else rundir.default_run_dir(cfg))
     resuming = rundir.open_run_dir(run_dir, cfg, par.is_primary)
+    if par.is_primary and not resuming:
+        rundir.write_data_spec(run_dir, data.spec, n_steps)
     ckpt = checkpoint.Checkpointer(run_dir, tc.keep_checkpoints, tc.async_checkpointing)
 
     init_rng, train_rng = seed_keys(tc.seed)
@@ -251,8 +271,9 @@ def setup(cfg: Config, run_dir: pathlib.Path | str | None = None) -> tuple[RunSe
     progress.last_checkpoint_step = int(state.step)
     # One compiled step per set of frozen layers (transfer learning): a recompile at unfreezing only.
     train_steps = transfer.EpochSteps(model, cfg.transfer, lambda m: make_train_step(
-        m, tx, data.spec.mean, data.spec.std, augmenter, tc.microbatch))
-    eval_step = make_eval_step(model, data.spec.mean, data.spec.std, data.spec.num_classes)
+        m, tx, data.spec.mean, data.spec.std, augmenter, tc.microbatch, options=options))
+    eval_step = make_eval_step(model, data.spec.mean, data.spec.std, data.spec.num_classes,
+                               options=options)
     eval_sizes = {split: par.eval_batch_size(tc.eval_batch_size, len(getattr(data, split)[1]))
                   for split in ("val", "test")}
     run = RunSetup(cfg=cfg, run_dir=run_dir, data=data, model=model, tx=tx, plateau=plateau,
@@ -324,13 +345,13 @@ def end_epoch(run: RunSetup, state: TrainState, epoch: int, callbacks: CallbackL
     Returns (state, stop): stop when early stopping ends the run or a callback asked to stop."""
     progress, control = run.progress, callbacks.control
     t_eval = time.perf_counter()
-    lr = run.learning_rate(state)
+    lr = run.learning_rate(state.replace(step=state.step - 1))  # the epoch's last update's
     val = run.evaluate(state, "val")
     train_means = StepLog(1, progress.epoch_steps).epoch_means()
     early = EarlyStop(progress.best_epoch, progress.best_step, progress.best_val_loss,
                       progress.patience_count)
     state, record, stop_early = close_epoch(state, run.plateau, early, run.patience(), epoch, val,
-                                            train_means, lr)
+                                            train_means, lr, run.cfg.train.monitor)
     progress.best_epoch, progress.best_step = early.best_epoch, early.best_step
     progress.best_val_loss, progress.patience_count = early.best_val_loss, early.patience_count
     train_seconds = progress.epoch_seconds[-1]
@@ -343,7 +364,7 @@ def end_epoch(run: RunSetup, state: TrainState, epoch: int, callbacks: CallbackL
     callbacks.call("on_epoch_end", EpochEvent(run, progress, state, control, record, timing))
     progress.epoch, progress.batch = epoch + 1, 0
     progress.stopped_early = stop_early
-    save(run, state, callbacks, val["loss"] if record["improved"] else None)
+    save(run, state, callbacks, watched(val, run.cfg.train.monitor) if record["improved"] else None)
     return state, stop_early or bool(control.stop_reason)
 
 
@@ -357,6 +378,7 @@ def finish(run: RunSetup, state: TrainState, callbacks: CallbackList) -> RunResu
     ckpt = checkpoint.Checkpointer(run.run_dir, tc.keep_checkpoints, read_only=True)
     best_state, _, _ = ckpt.restore(run.par.abstract(state), step=progress.best_step)
     val, test = run.evaluate(best_state, "val"), run.evaluate(best_state, "test")
+    best_state = evaluated_state(best_state)  # what the callbacks see: the evaluated parameters
     if not run.par.is_primary:
         return RunResult(run.run_dir)
     epoch_seconds = sum(progress.epoch_seconds)

@@ -9,12 +9,14 @@ the kernel drops it when its holder dies, and a killed run never blocks its own 
 from __future__ import annotations
 
 import datetime
+import re
 import fcntl
 import json
 import os
 import pathlib
 
 from cnnjax.config import Config
+from cnnjax.data import datasets, sources
 from cnnjax.training import checkpoint
 
 DEFAULT_ROOT = pathlib.Path("checkpoints")
@@ -28,7 +30,10 @@ class RunDirInUse(FileExistsError):
 
 def default_run_dir(cfg: Config, root: pathlib.Path = DEFAULT_ROOT) -> pathlib.Path:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return root / f"{cfg.data.dataset}-{cfg.model.name}-s{cfg.train.seed}-{stamp}"
+    name = f"{cfg.data.dataset}-{cfg.model.name}"
+    # an import path (package.module:Name) becomes package.module.Name: no ':' or '/' in paths
+    name = re.sub(r"[^A-Za-z0-9_.-]+", ".", name)
+    return root / f"{name}-s{cfg.train.seed}-{stamp}"
 
 
 def read_config(run_dir: pathlib.Path) -> Config:
@@ -142,3 +147,26 @@ def _check_run_dir(run_dir: pathlib.Path, cfg: Config, primary: bool) -> bool:
                          + "\n  ".join(diffs) + "\nResume with the run's own config "
                          f"(cnnjax train --resume {run_dir}) or train into a new --run-dir.")
     return True
+
+
+DATA_SPEC = "data_spec.json"
+
+
+def write_data_spec(run_dir: pathlib.Path, spec: datasets.DatasetSpec, steps_per_epoch: int) -> None:
+    """What the run was trained on (image shape, classes, normalization) and its steps per epoch,
+    so that `load_run` rebuilds the model without the data (which may be a user's arrays)."""
+    record = {"spec": sources.spec_to_dict(spec), "steps_per_epoch": steps_per_epoch}
+    (run_dir / DATA_SPEC).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n",
+                                     encoding="utf-8")
+
+
+def read_data_spec(run_dir: pathlib.Path) -> tuple[datasets.DatasetSpec, int] | None:
+    path = pathlib.Path(run_dir) / DATA_SPEC
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        return sources.spec_from_dict(record["spec"]), int(record["steps_per_epoch"])
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} cannot be read ({type(err).__name__}: {err}); restore it from a "
+                         f"copy.") from None

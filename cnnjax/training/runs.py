@@ -19,7 +19,9 @@ from cnnjax.data.input_pipeline import as_nhwc, normalize
 from cnnjax.nn.models import build_model
 from cnnjax.training.optim import make_plateau
 from cnnjax.training.parallel import DataParallel
-from cnnjax.training.steps import create_train_state, evaluate, inference_state, make_eval_step
+from cnnjax.training.loop import evaluated_state
+from cnnjax.training.steps import (StepOptions, create_train_state, evaluate, inference_state,
+                                   make_eval_step)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +39,7 @@ class Run:
 
         @jax.jit
         def _logits(variables, images):
-            return model.apply(variables, normalize(images, spec.mean, spec.std))
+            return model.apply(variables, normalize(images, spec.mean, spec.std), train=False)
 
         object.__setattr__(self, "_logits", _logits)
 
@@ -65,12 +67,13 @@ class Run:
         (`data.classes`) is scored on those classes, relabelled as in training."""
         if images is None:
             name = dataset or self.config.data.dataset
-            spec = datasets.get_spec(name)
+            spec = input_pipeline.dataset_spec(name)
             if spec.image_shape != self.spec.image_shape:
                 raise ValueError(f"dataset {name!r} has {spec.image_shape} images; the run's model "
                                  f"takes {self.spec.image_shape}.")
-            images, labels = datasets.load(name, split, data_dir=data_dir or self.config.data.data_dir,
-                                           manual_dir=manual_dir or self.config.data.manual_dir)
+            images, labels = input_pipeline.load_split(
+                name, split, data_dir=data_dir or self.config.data.data_dir,
+                manual_dir=manual_dir or self.config.data.manual_dir)
             images, labels = input_pipeline.select_classes(images, labels,
                                                            tuple(self.config.data.classes))
         elif labels is None or len(labels) != len(images):
@@ -85,7 +88,8 @@ class Run:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}.")
         images = as_nhwc(images, self.spec.image_shape)
-        step = make_eval_step(self.model, self.spec.mean, self.spec.std, self.spec.num_classes)
+        step = make_eval_step(self.model, self.spec.mean, self.spec.std, self.spec.num_classes,
+                              options=StepOptions.from_config(self.config, self.spec.num_classes))
         return evaluate(step, inference_state(self.variables),
                         input_pipeline.eval_batches(images, labels, min(batch_size, len(labels))))
 
@@ -98,9 +102,12 @@ def load_run(run_dir: pathlib.Path | str, step: int | None = None) -> Run:
     """Rebuilds the run's model from its config.json and restores its best checkpoint (or `step`)."""
     run_dir = pathlib.Path(run_dir)
     cfg = load_config(run_dir)
-    spec = input_pipeline.data_spec(cfg.data)
+    saved = rundir.read_data_spec(run_dir)  # None for runs older than data_spec.json
+    spec = saved[0] if saved else input_pipeline.data_spec(cfg.data)
+    steps_per_epoch = saved[1] if saved else 1
     model = build_model(cfg.model, spec.num_classes)
-    tx, plateau = transfer.make_transfer_optimizer(cfg, 1), make_plateau(cfg.optim)  # structure only
+    # the optimizer's structure only: its state is restored, never stepped
+    tx, plateau = transfer.make_transfer_optimizer(cfg, steps_per_epoch), make_plateau(cfg.optim)
     abstract = DataParallel.create().abstract(jax.eval_shape(
         lambda: create_train_state(model, tx, plateau, spec.image_shape, jax.random.key(0))))
     ckpt = checkpoint.Checkpointer(run_dir, read_only=True)
@@ -112,5 +119,6 @@ def load_run(run_dir: pathlib.Path | str, step: int | None = None) -> Run:
             _, loop, _ = ckpt.restore(abstract)
             step = loop["best_step"] or None
     state, _, _ = ckpt.restore(abstract, step=step)
+    state = evaluated_state(state)  # the parameters' EMA, when the run kept one
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     return Run(run_dir=run_dir, config=cfg, spec=spec, model=model, variables=variables)

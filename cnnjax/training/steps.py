@@ -7,6 +7,7 @@ step with the state donated, so XLA updates parameters and moments in place.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable
 
@@ -16,11 +17,39 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from cnnjax.config import Config
+from cnnjax.data import mix
 from cnnjax.data.augment import Compose
+from cnnjax.data.mix import Mixing
+from cnnjax.nn.models import accepts_example_ids
+from cnnjax.training.losses import cross_entropy, make_losses
 from cnnjax.data.input_pipeline import normalize
 
-# Streams folded into each step's key, so dropout and augmentation never share a draw.
-DROPOUT_STREAM, AUGMENT_STREAM = 1, 2
+# Streams folded into each step's key, so dropout, augmentation and mixing never share a draw.
+DROPOUT_STREAM, AUGMENT_STREAM, MIX_STREAM = 1, 2, 3
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    """What a step computes besides the model: its loss (`train.loss`, `train.label_smoothing`),
+    mixup/CutMix (`augment.mixup`, `augment.cutmix`) and compute dtype (`train.dtype`)."""
+
+    loss: Callable = cross_entropy  # (logits, labels) -> per-example loss, in training
+    eval_loss: Callable = cross_entropy  # the loss evaluation reports
+    mixing: Mixing = Mixing()
+    dtype: str = "float32"  # 'bfloat16': activations and matmuls; params, grads and loss f32
+
+    @classmethod
+    def from_config(cls, cfg: Config, num_classes: int) -> "StepOptions":
+        loss, eval_loss = make_losses(cfg.train, num_classes)
+        return cls(loss, eval_loss, mix.from_config(cfg.augment), cfg.train.dtype)
+
+    def cast(self, tree):
+        """The tree in the compute dtype (float32: untouched, so the default graph is unchanged)."""
+        if self.dtype == "float32":
+            return tree
+        return jax.tree.map(lambda x: x.astype(jnp.bfloat16)
+                            if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 # XLA:CPU hands convolutions, dots, elementwise ops and reductions to YNNPACK by default. For
 # training the seed CNN that cost 1.3-2.9x (YNNPACK's convolution gradients ran about 2x slower than
@@ -100,15 +129,15 @@ def _cpu_passes(rows: int, most: int) -> int:
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, mean: float,
-                    std: float, augment: Compose = Compose(()), microbatch: int | None = None
-                    ) -> Callable:
+                    std: float, augment: Compose = Compose(()), microbatch: int | None = None,
+                    *, options: StepOptions = StepOptions()) -> Callable:
     """`train_step(state, batch, rng) -> (state, metrics)`, compiled, the state donated.
 
     A batch of one pass (`grad_passes`, from its rows per device) runs as one jitted step; a larger
     one as a jitted gradient pass per share of its rows, accumulating into a donated buffer, then a
     jitted update: each pass is its own XLA execution, so its working set stays in cache.
     """
-    grad_pass, apply_update = train_step_parts(model, tx, mean, std, augment)
+    grad_pass, apply_update = train_step_parts(model, tx, mean, std, augment, options=options)
     options = train_compiler_options()
     whole = jax.jit(lambda state, batch, rng: apply_update(state, grad_pass(state, batch, rng, 0, 1)),
                     donate_argnums=0, compiler_options=options)
@@ -128,10 +157,11 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, mean: fl
 
 
 def train_step_fn(model: nn.Module, tx: optax.GradientTransformation, mean: float,
-                  std: float, augment: Compose = Compose(()), passes: int = 1) -> Callable:
+                  std: float, augment: Compose = Compose(()), passes: int = 1,
+                  *, options: StepOptions = StepOptions()) -> Callable:
     """The pure, un-jitted train step, for callers that compile it inside their own program; its
     `passes` are written out one after another (the same sums as `make_train_step`'s)."""
-    grad_pass, apply_update = train_step_parts(model, tx, mean, std, augment)
+    grad_pass, apply_update = train_step_parts(model, tx, mean, std, augment, options=options)
 
     def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array):
         return apply_update(state, _sum_passes(grad_pass, grad_pass, passes, state, batch, rng))
@@ -163,14 +193,17 @@ def _pass_rows(x: jax.Array, index: jax.Array | int, passes: int) -> jax.Array:
 
 
 def train_step_parts(model: nn.Module, tx: optax.GradientTransformation, mean: float,
-                     std: float, augment: Compose = Compose(())) -> tuple[Callable, Callable]:
+                     std: float, augment: Compose = Compose(()),
+                     *, options: StepOptions = StepOptions()) -> tuple[Callable, Callable]:
     """A train step as `grad_pass(state, batch, rng, index, passes, acc=None) -> acc`, run for
     index 0..passes-1, then `apply_update(state, acc) -> (state, metrics)`.
 
     `rng` is the run's training key; the step folds in its own step number, then a stream per use,
     then (inside dropout and augmentation) each example's 'index', so a pass draws for its examples
     exactly what the whole batch would. The loss is the batch mean: each pass adds its share.
+    Mixing partners are rows of the whole batch (`cnnjax.data.mix`), so passes do not change them.
     """
+    takes_ids = accepts_example_ids(model)
 
     def grad_pass(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array,
                   index: jax.Array | int, passes: int, acc: dict[str, Any] | None = None):
@@ -178,16 +211,27 @@ def train_step_parts(model: nn.Module, tx: optax.GradientTransformation, mean: f
         rows = jax.tree.map(lambda x: _pass_rows(x, index, passes), batch)
         labels, ids = rows["label"], rows["index"]
         step_rng = jax.random.fold_in(rng, state.step)
-        pixels = augment(rows["image"].astype(jnp.float32),
-                         jax.random.fold_in(step_rng, AUGMENT_STREAM), ids)
+        augment_rng = jax.random.fold_in(step_rng, AUGMENT_STREAM)
+        pixels = augment(rows["image"].astype(jnp.float32), augment_rng, ids)
+        if options.mixing.on:
+            partner = (_pass_rows(jnp.arange(size), index, passes) - 1) % size
+            partner_pixels = augment(batch["image"][partner].astype(jnp.float32), augment_rng,
+                                     batch["index"][partner])
+            pixels, lam = options.mixing(pixels, partner_pixels, ids,
+                                         jax.random.fold_in(step_rng, MIX_STREAM))
         images = normalize(pixels, mean, std)
         dropout_rng = jax.random.fold_in(step_rng, DROPOUT_STREAM)
+        extra = {"example_ids": ids} if takes_ids else {}
 
         def loss_fn(params):
             logits, updated = model.apply(
-                {"params": params, "batch_stats": state.batch_stats}, images, train=True,
-                example_ids=ids, rngs={"dropout": dropout_rng}, mutable=["batch_stats"])
-            losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+                {"params": options.cast(params), "batch_stats": state.batch_stats},
+                options.cast(images), train=True, rngs={"dropout": dropout_rng},
+                mutable=["batch_stats"], **extra)
+            logits = logits.astype(jnp.float32)
+            losses = options.loss(logits, labels)
+            if options.mixing.on:
+                losses = lam * losses + (1.0 - lam) * options.loss(logits, batch["label"][partner])
             return jnp.sum(losses) / size, (logits, updated.get("batch_stats", {}))
 
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -218,7 +262,8 @@ def train_step_parts(model: nn.Module, tx: optax.GradientTransformation, mean: f
     return grad_pass, apply_update
 
 
-def make_eval_step(model: nn.Module, mean: float, std: float, num_classes: int) -> Callable:
+def make_eval_step(model: nn.Module, mean: float, std: float, num_classes: int,
+                   *, options: StepOptions = StepOptions()) -> Callable:
     """The compiled `eval_step(state, batch) -> metrics`: masked sums and a confusion matrix.
 
     On CPU a batch of more than CPU_EVAL_MICROBATCH rows per device runs as several passes, each
@@ -228,10 +273,11 @@ def make_eval_step(model: nn.Module, mean: float, std: float, num_classes: int) 
     def eval_pass(state: TrainState, batch: dict[str, jax.Array], index: jax.Array | int,
                   passes: int, acc: dict[str, jax.Array] | None = None):
         rows = jax.tree.map(lambda x: _pass_rows(x, index, passes), batch)
-        logits = model.apply({"params": state.params, "batch_stats": state.batch_stats},
-                             normalize(rows["image"], mean, std))
+        logits = model.apply({"params": options.cast(state.params), "batch_stats": state.batch_stats},
+                             options.cast(normalize(rows["image"], mean, std)), train=False)
+        logits = logits.astype(jnp.float32)
         labels, mask = rows["label"], rows["mask"]
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        losses = options.eval_loss(logits, labels)
         preds = jnp.argmax(logits, -1)
         confusion = jnp.zeros((num_classes, num_classes), jnp.int32).at[labels, preds].add(
             mask.astype(jnp.int32))

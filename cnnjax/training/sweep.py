@@ -33,11 +33,11 @@ import numpy as np
 from cnnjax.data import augment, input_pipeline
 from cnnjax.report import logs as report
 from cnnjax.config import Config
-from cnnjax.nn.models import build_model, check_geometry, has_batch_stats
-from cnnjax.training.optim import make_optimizer, make_plateau
-from cnnjax.training.steps import (create_train_state, evaluate, grad_passes, make_eval_step,
+from cnnjax.nn.models import build_model, check_model, has_batch_stats
+from cnnjax.training.optim import learning_rate_at, make_optimizer, make_plateau
+from cnnjax.training.steps import (StepOptions, create_train_state, evaluate, grad_passes, make_eval_step,
                           make_train_step, train_compiler_options, train_step_fn)
-from cnnjax.training import loop
+from cnnjax.training import loop, rundir
 from cnnjax.training.transfer import is_plain
 
 
@@ -159,24 +159,28 @@ def run_sweep(cfg: Config, seeds: Sequence[int], out_dir: pathlib.Path | str,
     datas = [input_pipeline.load_data(cfg.data, s) for s in seeds]  # each seed's own val split
     spec = datas[0].spec
     model = build_model(cfg.model, spec.num_classes)
-    check_geometry(model, spec.image_shape)
+    check_model(model, spec.image_shape, spec.num_classes, cfg.model.name)
+    options = StepOptions.from_config(cfg, spec.num_classes)
     n_steps = input_pipeline.steps_per_epoch(len(datas[0].train[1]), tc.batch_size)
-    tx, plateau = make_optimizer(cfg.optim), make_plateau(cfg.optim)
+    tx, plateau = make_optimizer(cfg.optim, n_steps, tc.epochs), make_plateau(cfg.optim)
     augmenter = augment.from_config(cfg.augment)
     passes = grad_passes(tc.batch_size, tc.microbatch, has_batch_stats(model, spec.image_shape))
     if lowering == "loop":
-        step = loop_step(make_train_step(model, tx, spec.mean, spec.std, augmenter, tc.microbatch))
+        step = loop_step(make_train_step(model, tx, spec.mean, spec.std, augmenter, tc.microbatch,
+                                         options=options))
     else:
-        step = make_sweep_step(train_step_fn(model, tx, spec.mean, spec.std, augmenter, passes),
+        step = make_sweep_step(train_step_fn(model, tx, spec.mean, spec.std, augmenter, passes,
+                                             options=options),
                                lowering)
-    eval_step = make_eval_step(model, spec.mean, spec.std, spec.num_classes)
+    eval_step = make_eval_step(model, spec.mean, spec.std, spec.num_classes, options=options)
     out_dir.mkdir(parents=True, exist_ok=True)
+    rundir.lock_run_dir(out_dir)  # one writer per sweep directory, as for a run's
     (out_dir / "config.json").write_text(cfg.to_json() + "\n", encoding="utf-8")
 
     def eval_split(state, i: int, split: str) -> dict[str, Any]:
         images, labels = getattr(datas[i], split)
         # batches as `cnnjax train` makes them on one device, so the sums add in the same order
-        return evaluate(eval_step, state, input_pipeline.eval_batches(
+        return evaluate(eval_step, loop.evaluated_state(state), input_pipeline.eval_batches(
             images, labels, min(tc.eval_batch_size, len(labels))))
 
     stacked, keys = init_states(model, tx, plateau, spec.image_shape, seeds)
@@ -205,7 +209,7 @@ def run_sweep(cfg: Config, seeds: Sequence[int], out_dir: pathlib.Path | str,
             rates.append(n_steps * tc.batch_size * len(active) / (time.perf_counter() - t_epoch))
             stepped = list(active)
             for j, (i, state_i) in enumerate(zip(stepped, step.unpack(state))):
-                states[i], stopped = _seed_epoch(i, j, epoch, window, state_i, plateau, cfg,
+                states[i], stopped = _seed_epoch(i, j, epoch, window, state_i, plateau, cfg, n_steps,
                                                  early, best, logs[i], eval_split)
                 if stopped:
                     active.remove(i)
@@ -218,6 +222,7 @@ def run_sweep(cfg: Config, seeds: Sequence[int], out_dir: pathlib.Path | str,
     finally:
         for log in logs:
             log.close()
+        rundir.close_run_dir(out_dir)
 
     per_seed = []
     for i, seed in enumerate(seeds):
@@ -241,7 +246,7 @@ def _short(result: dict[str, Any]) -> dict[str, Any]:
     return {k: result[k] for k in ("loss", "accuracy", "count")}
 
 
-def _seed_epoch(i, j, epoch, window, state, plateau, cfg, early, best, log, eval_split):
+def _seed_epoch(i, j, epoch, window, state, plateau, cfg, n_steps, early, best, log, eval_split):
     """Seed i's (stack position j) end of epoch, as `cnnjax train` ends it (`loop.StepLog` and
     `loop.close_epoch`): step records, validation, early stopping, best parameters, plateau rule,
     epoch record. Returns the seed's state with its plateau rule updated, and whether it stops."""
@@ -254,10 +259,12 @@ def _seed_epoch(i, j, epoch, window, state, plateau, cfg, early, best, log, eval
     record = step_log.pull(epoch)
     if record is not None:
         log.write(record)
-    lr = cfg.optim.learning_rate * float(state.plateau_state.scale)
+    lr = learning_rate_at(cfg.optim, last - 1, float(state.plateau_state.scale), n_steps,
+                          cfg.train.epochs)  # the epoch's last update's
     patience = cfg.train.early_stopping_patience or cfg.train.epochs + 1
     new_state, record, stop = loop.close_epoch(state, plateau, early[i], patience, epoch,
-                                               eval_split(state, i, "val"), step_log.epoch_means(), lr)
+                                               eval_split(state, i, "val"), step_log.epoch_means(), lr,
+                                               cfg.train.monitor)
     if record["improved"]:
         best[i].update(epoch=epoch, step=last, state=state)
     best[i]["epochs_run"] = epoch

@@ -1,0 +1,59 @@
+"""Losses: `(logits, labels) -> per-example loss`, by registered name or import path.
+
+`train.loss` names one (`cross_entropy` by default, or `package.module:fn`); the step averages
+it over the batch. `train.label_smoothing` smooths cross-entropy's targets in training
+(optax.smooth_labels); evaluation reports the plain loss. A user's loss is checked on abstract
+logits before anything is compiled.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from cnnjax import imports
+from cnnjax.config import TrainConfig
+
+LossFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+LOSSES: dict[str, LossFn] = {"cross_entropy": cross_entropy}
+register_loss = imports.registrar(LOSSES, "loss")
+
+
+def smoothed_cross_entropy(smoothing: float) -> LossFn:
+    def loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+        targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), smoothing)
+        return optax.softmax_cross_entropy(logits, targets)
+
+    return loss
+
+
+def make_losses(tc: TrainConfig, num_classes: int) -> tuple[LossFn, LossFn]:
+    """(training loss, evaluation loss) of the config, checked on a (2, num_classes) batch."""
+    loss = imports.lookup(LOSSES, tc.loss, "train.loss")
+    if not callable(loss):
+        raise ValueError(f"train.loss {tc.loss!r} is a {type(loss).__name__}, not a function "
+                         f"(logits, labels) -> per-example loss.")
+    if tc.label_smoothing and loss is not cross_entropy:
+        raise ValueError(f"train.label_smoothing applies to cross_entropy; {tc.loss!r} would "
+                         f"ignore it: smooth inside your loss, or set train.label_smoothing=0.")
+    logits = jax.ShapeDtypeStruct((2, num_classes), jnp.float32)
+    labels = jax.ShapeDtypeStruct((2,), jnp.int32)
+    try:
+        out = jax.eval_shape(loss, logits, labels)
+    except Exception as err:  # the user's function: any failure is a misfit, reported as one
+        raise ValueError(f"train.loss {tc.loss!r} fails on logits (2, {num_classes}) and int "
+                         f"labels (2,): {type(err).__name__}: {err}") from None
+    if getattr(out, "shape", None) != (2,):
+        raise ValueError(f"train.loss {tc.loss!r} returns {getattr(out, 'shape', out)} for 2 "
+                         f"examples; it must return one loss per example, shape (2,).")
+    train = smoothed_cross_entropy(tc.label_smoothing) if tc.label_smoothing else loss
+    return train, loss
