@@ -329,7 +329,8 @@ def run(args: argparse.Namespace) -> dict:
         "compile_s": {runner.name: {phase: {str(bs): s for bs, s in by_bs.items()}
                                     for phase, by_bs in runner.compile_s.items()}
                       for runner in jax_runners},
-        "conv_lowerings": {runner.name: conv_lowerings(runner.model, IMAGE_SHAPE)
+        "conv_lowerings": {runner.name: conv_lowerings(runner.model, IMAGE_SHAPE,
+                                                       min(args.batch_sizes))
                            for runner in jax_runners},
         "results": results,
         "pipeline": [{"batch_size": bs, "images_per_s": v, **summarize(v)}
@@ -372,7 +373,8 @@ def markdown(report: dict) -> str:
                          + " | ".join(f"{o['median'] / theirs['median']:.2f}x" for o in ours)
                          + f" | {first} |")
     lines += ["", "first call = cnnjax's trace + compile + one step, excluded from the rates.", "",
-              "Conv lowerings (forward / input gradient / kernel gradient): " + "; ".join(
+              f"Conv lowerings (forward / input gradient / kernel gradient / inference, at "
+              f"{min(report['args']['batch_sizes'])} rows): " + "; ".join(
                   f"{name}: " + ", ".join(f"{layer} {'/'.join(passes.values())}"
                                           for layer, passes in layers.items())
                   for name, layers in report["conv_lowerings"].items()) + ".", "",

@@ -172,9 +172,8 @@ def test_conversion_round_trips_exactly():
 # 'torch' and 'torch_x4': torch's default init converted torch -> flax (logits ~0.2 and ~50).
 INITS = ["flax_seed", "torch", "torch_x4"]
 # The tests above run SeedCNN's default ('auto') conv lowering; these hold the same bounds for
-# the others (cnnjax/nn/conv.py), in the seed's regime and the large-logit one.
-LOWERINGS = [(lowering, init) for lowering in ("xla", "winograd", "winograd4")
-             for init in ("flax_seed", "torch_x4")]
+# the others (cnnjax/nn/conv.py), F(4x4, 3x3), the least exact, in the large-logit regime.
+LOWERINGS = [("xla", "torch"), ("winograd", "flax_seed"), ("winograd4", "torch_x4")]
 
 
 def paired_models(init: str, lowering: str = "auto"):

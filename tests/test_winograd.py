@@ -19,11 +19,10 @@ from cnnjax.nn.conv import (TAPS_MAX, Lowering, conv2d, conv_lowerings, layer_sp
 from cnnjax.nn.models import build_model
 
 BOUND = 1e-5
-LOWERINGS = [  # (forward, input_grad, kernel_grad): each choice of each pass at least once
-    Lowering("winograd", "winograd", "winograd"),
-    Lowering("winograd4", "winograd4", "winograd4"),
-    Lowering("xla", "winograd4", "winograd"),
-    Lowering("winograd4", "xla", "xla"),
+LOWERINGS = [  # (forward, input_grad, kernel_grad, inference): each pass meets each choice once
+    Lowering("winograd", "winograd4", "xla", "winograd4"),
+    Lowering("winograd4", "xla", "winograd", "winograd"),
+    Lowering("xla", "winograd", "winograd4", "xla"),
 ]
 
 
@@ -44,20 +43,28 @@ def _reference(x, kernel, bias, strides, padding):
 
 def _check(lowerings, batch, h, w, cin, cout, padding, strides=(1, 1), kernel_hw=(3, 3), seed=0):
     """Each lowering's output and gradients (at a random cotangent) against the float64 ones."""
-    kx, kk, kb, kg = jax.random.split(jax.random.key(seed), 4)
-    x = jax.random.normal(kx, (batch, h, w, cin), jnp.float32)
-    kernel = jax.random.normal(kk, (*kernel_hw, cin, cout), jnp.float32)
-    bias = jax.random.normal(kb, (cout,), jnp.float32)
+    rng = np.random.default_rng(seed)  # numpy draws: jax.random compiles a program per shape
+    normal = lambda *shape: rng.standard_normal(shape).astype(np.float32)
+    x, kernel, bias = normal(batch, h, w, cin), normal(*kernel_hw, cin, cout), normal(cout)
+
+    def outputs(conv):
+        """(output, undifferentiated output, input, kernel and bias gradients at g), one program."""
+        def run(x, kernel, bias, g):
+            y, vjp = jax.vjp(conv, x, kernel, bias)
+            return (y, conv(x, kernel, bias), *vjp(g))
+        return jax.jit(run)
+
     with jax.enable_x64(True):
-        y_ref, vjp_ref = jax.vjp(lambda x_, k_, b_: _reference(x_, k_, b_, strides, padding),
-                                 *(np.asarray(a, np.float64) for a in (x, kernel, bias)))
-        g = np.asarray(jax.random.normal(kg, y_ref.shape, jnp.float32))
-        expected = [np.asarray(t) for t in (y_ref, *vjp_ref(g.astype(np.float64)))]
+        args64 = [np.asarray(a, np.float64) for a in (x, kernel, bias)]
+        shape = jax.eval_shape(lambda *a: _reference(*a, strides, padding), *args64).shape
+        g = normal(*shape)
+        expected = [np.asarray(t) for t in outputs(
+            lambda *a: _reference(*a, strides, padding))(*args64, g.astype(np.float64))]
     for lowering in lowerings:
-        y, vjp = jax.vjp(lambda *a: conv2d(*a, strides, padding, lowering), x, kernel, bias)
-        assert y.dtype == jnp.float32 and y.shape == y_ref.shape
-        for name, a, b in zip(("output", "input grad", "kernel grad", "bias grad"),
-                              (y, *vjp(jnp.asarray(g))), expected):
+        got = outputs(lambda *a: conv2d(*a, strides, padding, lowering))(x, kernel, bias, g)
+        assert all(t.dtype == jnp.float32 for t in got) and got[0].shape == shape
+        for name, a, b in zip(("output", "inference", "input grad", "kernel grad", "bias grad"),
+                              got, expected):
             err = np.abs(np.asarray(a, np.float64) - b).max() / np.abs(b).max()
             assert err <= BOUND, (lowering, name, err)
 
@@ -69,7 +76,7 @@ def test_lowerings_match_float64_convolution(geometry):
 
 def test_seed_cnn_conv2_in_winograd4_stays_within_bound():
     """F(4x4, 3x3) has the larger rounding; the seed CNN's widest layer (32 -> 64, 14x14)."""
-    _check([Lowering("winograd4", "winograd4", "winograd4")], 8, 14, 14, 32, 64, ((1, 1), (1, 1)))
+    _check([Lowering(*["winograd4"] * 4)], 8, 14, 14, 32, 64, ((1, 1), (1, 1)))
 
 
 @pytest.mark.parametrize("strides, padding", [((1, 1), ((1, 1), (1, 1))),
@@ -79,20 +86,32 @@ def test_patches_kernel_gradient_matches_float64_convolution(strides, padding):
     _check([Lowering("xla", "xla", "patches")], 2, 9, 12, 1, 5, padding, strides, kernel_hw=(5, 5))
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="'auto' is XLA's own off the CPU")
 def test_auto_lowering_of_the_seed_cnn():
-    layers = conv_lowerings(build_model(ModelConfig(), 10), (28, 28, 1))
-    assert set(layers) == {"conv1", "conv2"}
-    assert layers["conv1"]["kernel_grad"] == "patches"  # 9 taps <= TAPS_MAX
-    per_layer = conv_lowerings(build_model(ModelConfig(conv_lowering="xla,winograd/xla/xla"), 10),
-                               (28, 28, 1))
-    assert per_layer == {"conv1": dict(forward="xla", input_grad="xla", kernel_grad="xla"),
-                         "conv2": dict(forward="winograd", input_grad="xla", kernel_grad="xla")}
+    model = build_model(ModelConfig(), 10)
+    small, large = conv_lowerings(model, (28, 28, 1), 32), conv_lowerings(model, (28, 28, 1), 256)
+    assert small["conv1"] == large["conv1"] == dict(  # 9 taps <= TAPS_MAX: the patches product
+        forward="xla", input_grad="xla", kernel_grad="patches", inference="xla")
+    assert small["conv2"] == dict(forward="xla", input_grad="xla", kernel_grad="xla",
+                                  inference="winograd")
+    assert large["conv2"] == dict(forward="xla", input_grad="xla", kernel_grad="xla",
+                                  inference="xla")
+
+
+def test_a_lowering_per_layer():
+    per_layer = conv_lowerings(
+        build_model(ModelConfig(conv_lowering="xla,winograd/xla/xla/winograd4"), 10), (28, 28, 1))
+    assert per_layer == {
+        "conv1": dict(forward="xla", input_grad="xla", kernel_grad="xla", inference="xla"),
+        "conv2": dict(forward="winograd", input_grad="xla", kernel_grad="xla",
+                      inference="winograd4")}
 
 
 def test_winograd_preset_falls_back_where_the_layer_does_not_allow_it():
     assert resolve_lowering("winograd", (3, 3, 4, 4), (2, 2)) == Lowering()
     assert resolve_lowering("winograd", (5, 5, 4, 4), (1, 1)) == Lowering()
-    assert resolve_lowering("winograd4", (3, 3, 4, 4), (1, 1)) == Lowering(*["winograd4"] * 3)
+    assert resolve_lowering("winograd4", (3, 3, 4, 4), (1, 1)) == Lowering(*["winograd4"] * 4)
+    assert resolve_lowering("winograd/xla/xla", (3, 3, 4, 4), (1, 1)).inference == "winograd"
 
 
 @pytest.mark.parametrize("spec, shape, strides, message", [
@@ -100,12 +119,14 @@ def test_winograd_preset_falls_back_where_the_layer_does_not_allow_it():
     ("winograd/xla", (3, 3, 1, 8), (1, 1), "neither a preset"),
     ("direct/xla/xla", (3, 3, 1, 8), (1, 1), "forward lowering must be one of"),
     ("xla/patches/xla", (3, 3, 1, 8), (1, 1), "input_grad lowering must be one of"),
+    ("xla/xla/xla/patches", (3, 3, 1, 8), (1, 1), "inference lowering must be one of"),
+    ("xla/xla/xla/xla/xla", (3, 3, 1, 8), (1, 1), "neither a preset"),
     ("winograd/xla/xla", (3, 3, 1, 8), (2, 2), "3x3 kernel and stride 1"),
     ("xla/xla/patches", (3, 3, 32, 8), (1, 1), f"kh\\*kw\\*in <= {TAPS_MAX}"),
 ])
 def test_bad_lowering_specs_are_named(spec, shape, strides, message):
     with pytest.raises(ValueError, match=message):
-        resolve_lowering(spec, shape, strides, "conv2")
+        resolve_lowering(spec, shape, strides, layer="conv2")
 
 
 def test_a_lowering_per_layer_needs_one_per_layer():

@@ -1,6 +1,7 @@
 """2-D convolution with bias, lowered per pass: XLA's convolution, Winograd, or a patches product.
 
-A convolution's three passes (forward, input gradient, kernel gradient) each have a lowering:
+A convolution's passes (the forward of a differentiated call, the input gradient, the kernel
+gradient, and the forward of an undifferentiated call: inference) each have a lowering:
 - 'xla': XLA's NHWC/HWIO convolution (and autodiff's gradient convolutions), as `nn.Conv` lowers it.
 - 'winograd' / 'winograd4': Winograd F(2x2, 3x3) / F(4x4, 3x3) (cnnjax/nn/winograd.py), for stride-1
   3x3 layers only: 2.25x / 4x fewer multiplications as one batched matrix product.
@@ -9,11 +10,12 @@ A convolution's three passes (forward, input gradient, kernel gradient) each hav
   or 3-channel images), where autodiff feeds a weight-gradient convolution through two transposes
   of the full-resolution gradient and a separate tree reduction (5-10% of the seed CNN's step).
 
-A lowering spec names them as 'forward/input_grad/kernel_grad' (e.g. 'winograd/xla/patches'), or
-by a preset: 'xla' (all three), 'winograd' / 'winograd4' (Winograd wherever the layer allows it),
-'auto' (the choice measured fastest on XLA:CPU, `AUTO`; docs/performance.md). The choice is a
-fixed function of the spec and the layer's shape, never timed at run time, so the same config
-gives the same program and the same bits. All lowerings equal `lax.conv_general_dilated` up to
+A lowering spec names them as 'forward/input_grad/kernel_grad[/inference]' (e.g.
+'winograd/xla/patches'; inference defaults to the forward's), or by a preset: 'xla' (all passes),
+'winograd' / 'winograd4' (Winograd wherever the layer allows it), 'auto' (the choice measured
+fastest on XLA:CPU, `auto_lowering`; docs/performance.md). The choice is a fixed function of the
+spec and the layer's shape (rows included), never timed at run time, so the same config gives the
+same program and the same bits. All lowerings equal `lax.conv_general_dilated` up to
 float rounding (tests/test_conv.py, tests/test_winograd.py).
 """
 
@@ -32,7 +34,7 @@ TAPS_MAX = 32
 _DN = ("NHWC", "HWIO", "NHWC")
 WINOGRAD = {"winograd": 2, "winograd4": 4}  # lowering name -> output tile m of F(m x m, 3 x 3)
 CHOICES = {"forward": ("xla", *WINOGRAD), "input_grad": ("xla", *WINOGRAD),
-           "kernel_grad": ("xla", *WINOGRAD, "patches")}
+           "kernel_grad": ("xla", *WINOGRAD, "patches"), "inference": ("xla", *WINOGRAD)}
 PRESETS = ("auto", "xla", *WINOGRAD)
 
 Pads = tuple[tuple[int, int], tuple[int, int]]
@@ -44,38 +46,50 @@ class Lowering(NamedTuple):
     forward: str = "xla"
     input_grad: str = "xla"
     kernel_grad: str = "xla"
+    inference: str = "xla"  # the forward when nothing differentiates the call (evaluation)
 
 
 def winograd_eligible(kernel_hw: Sequence[int], strides: Sequence[int]) -> bool:
     return tuple(kernel_hw) == (3, 3) and tuple(strides) == (1, 1)
 
 
-def auto_lowering(kernel_shape: Sequence[int], strides: Sequence[int]) -> Lowering:
-    """The lowering measured fastest on XLA:CPU for this layer shape (docs/performance.md); on
-    accelerators XLA's own (cuDNN picks its algorithms, Winograd among them)."""
+# Inference on at most this many rows takes Winograd F(2x2, 3x3) for wide stride-1 3x3 layers:
+# under XLA:CPU's default (YNNPACK) fusion evaluation at batch 32 ran 1.6-1.8x faster with it for
+# the seed CNN's conv2, at 128-256 rows 0.4-0.75x (docs/performance.md).
+WINOGRAD_INFERENCE_ROWS = 64
+
+
+def auto_lowering(kernel_shape: Sequence[int], strides: Sequence[int], rows: int) -> Lowering:
+    """The lowering measured fastest on XLA:CPU for this layer shape and `rows` (images in the
+    pass; docs/performance.md); on accelerators XLA's own (cuDNN picks its algorithms)."""
     kh, kw, cin, _ = kernel_shape
     if jax.default_backend() != "cpu":
         return Lowering()
     thin = kh * kw * cin <= TAPS_MAX
-    return Lowering("xla", "xla", "patches" if thin else "xla")
+    fast_inference = (not thin and rows <= WINOGRAD_INFERENCE_ROWS
+                      and winograd_eligible((kh, kw), strides))
+    return Lowering("xla", "xla", "patches" if thin else "xla",
+                    "winograd" if fast_inference else "xla")
 
 
 def resolve_lowering(spec: str, kernel_shape: Sequence[int], strides: Sequence[int],
-                     layer: str = "conv") -> Lowering:
-    """The `Lowering` a spec (a preset or 'forward/input_grad/kernel_grad') gives this layer."""
+                     rows: int = 1, layer: str = "conv") -> Lowering:
+    """The `Lowering` a spec (a preset or 'forward/input_grad/kernel_grad[/inference]') gives this
+    layer on `rows` images per pass."""
     kh, kw, cin, _ = kernel_shape
     eligible = winograd_eligible((kh, kw), strides)
     if spec == "auto":
-        return auto_lowering(kernel_shape, strides)
+        return auto_lowering(kernel_shape, strides, rows)
     if spec == "xla":
         return Lowering()
     if spec in WINOGRAD:
-        return Lowering(spec, spec, spec) if eligible else Lowering()
+        return Lowering(spec, spec, spec, spec) if eligible else Lowering()
     parts = spec.split("/")
-    if len(parts) != 3:
+    if len(parts) not in (3, 4):
         raise ValueError(f"conv lowering {spec!r} for {layer} is neither a preset "
-                         f"({', '.join(PRESETS)}) nor 'forward/input_grad/kernel_grad', e.g. "
-                         f"'winograd/xla/patches'.")
+                         f"({', '.join(PRESETS)}) nor 'forward/input_grad/kernel_grad[/inference]',"
+                         f" e.g. 'winograd/xla/patches'.")
+    parts = parts if len(parts) == 4 else [*parts, parts[0]]
     for (pass_, choices), part in zip(CHOICES.items(), parts):
         if part not in choices:
             raise ValueError(f"conv lowering {spec!r} for {layer}: the {pass_} lowering must be "
@@ -122,7 +136,8 @@ def _forward(x, kernel, strides, padding, how):
 
 
 def _conv_bias(x, kernel, bias, strides, padding, lowering):
-    return _forward(x, kernel, strides, padding, lowering.forward)[0] + bias
+    """Only called where nothing differentiates it (`_conv_bias_fwd` is, otherwise): inference."""
+    return _forward(x, kernel, strides, padding, lowering.inference)[0] + bias
 
 
 def _conv_bias_fwd(x, kernel, bias, strides, padding, lowering):
@@ -166,7 +181,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, strides: tup
                          f"got shapes {x.shape} and {kernel.shape}.")
     strides, padding = tuple(strides), tuple(tuple(p) for p in padding)
     if lowering is None:
-        lowering = auto_lowering(kernel.shape, strides)
+        lowering = auto_lowering(kernel.shape, strides, x.shape[0])
     if lowering == Lowering():
         y = _conv(x, kernel, strides, padding)
         return y if bias is None else y + bias
@@ -196,13 +211,16 @@ class Conv(nn.Module):
                 if self.use_bias else None)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias)  # as nn.Conv: f64 in, f64 out
         strides = (self.strides, self.strides)
-        lowering = resolve_lowering(self.lowering, kernel.shape, strides, self.name or "conv")
+        lowering = resolve_lowering(self.lowering, kernel.shape, strides, x.shape[0],
+                                    self.name or "conv")
         return conv2d(x, kernel, bias, strides, self.padding, lowering)
 
 
-def conv_lowerings(model: nn.Module, image_shape: Sequence[int]) -> dict[str, dict[str, str]]:
-    """{layer path: {pass: lowering}} for every `Conv` in `model` on (H, W, C) images, e.g. for a
-    run's summary. Traces `model.init` abstractly (nothing is computed)."""
+def conv_lowerings(model: nn.Module, image_shape: Sequence[int], rows: int = 1
+                   ) -> dict[str, dict[str, str]]:
+    """{layer path: {pass: lowering}} for every `Conv` in `model` on (H, W, C) images, `rows` per
+    forward pass (the inference choice depends on it), e.g. for a run's summary. Traces
+    `model.init` abstractly (nothing is computed)."""
     found: dict[str, dict[str, str]] = {}
 
     def record(next_fun, args, kwargs, context):
@@ -210,9 +228,11 @@ def conv_lowerings(model: nn.Module, image_shape: Sequence[int]) -> dict[str, di
         if isinstance(module, Conv) and context.method_name == "__call__":
             shape = (*module.kernel_size, args[0].shape[-1], module.features)
             found["/".join(module.path)] = resolve_lowering(
-                module.lowering, shape, (module.strides, module.strides), module.name)._asdict()
+                module.lowering, shape, (module.strides, module.strides), args[0].shape[0],
+                module.name)._asdict()
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(record):
-        jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *image_shape), jnp.float32))
+        jax.eval_shape(model.init, jax.random.key(0),
+                       jnp.zeros((rows, *image_shape), jnp.float32))
     return found
