@@ -5,7 +5,7 @@
 
 What is measured, images per second, alternating frameworks in one process (which goes first swaps
 each repeat), each sample the median of --dispatches timed dispatches:
-- train: cnnjax's pure train step (`train_step_fn`: SeedCNN, the default optax chain, the
+- train: cnnjax's pure train step (`make_train_step(..., compiled=False)`: SeedCNN, the default optax chain, the
   non-finite guard, per-layer gradient norms) inside `lax.scan` over K batches already on the
   device, one jitted, state-donating dispatch per K steps; against the seed's torch loop body
   (Adam amsgrad, CrossEntropyLoss), eager, channels-last, on the same batches on the same device.
@@ -43,7 +43,7 @@ from cnnjax.config import ModelConfig, OptimConfig  # noqa: E402
 from cnnjax.data.input_pipeline import normalize  # noqa: E402
 from cnnjax.nn.models import build_model  # noqa: E402
 from cnnjax.training.optim import make_optimizer, make_plateau  # noqa: E402
-from cnnjax.training.steps import create_train_state, train_step_fn  # noqa: E402
+from cnnjax.training.steps import create_train_state, make_train_step  # noqa: E402
 
 DTYPES = {"f32": (jnp.float32, torch.float32), "bf16": (jnp.bfloat16, torch.bfloat16)}
 
@@ -115,7 +115,7 @@ class JaxSide:
         self.base = build_model(ModelConfig(), NUM_CLASSES)
         self.model = self.base if dtype == jnp.float32 else CastModel(self.base, dtype)
         self.tx, self.plateau = make_optimizer(cfg), make_plateau(cfg)
-        self.step = train_step_fn(self.model, self.tx, MEAN, STD)
+        self.step = make_train_step(self.model, self.tx, MEAN, STD, compiled=False)
         self.train_scan = jax.jit(self._train_scan, donate_argnums=0)
         self.eval_scan = jax.jit(self._eval_scan)
         self.sweep_scan = jax.jit(jax.vmap(self._train_scan), donate_argnums=0)

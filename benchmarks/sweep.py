@@ -30,8 +30,8 @@ import numpy as np
 from cnnjax.config import ModelConfig, OptimConfig
 from cnnjax.nn.models import build_model
 from cnnjax.training.optim import make_optimizer, make_plateau
-from cnnjax.training.steps import (create_train_state, grad_passes, make_train_step, train_compiler_options,
-                          train_step_fn)
+from cnnjax.training.steps import (create_train_state, make_train_step,
+                                   train_compiler_options)
 from cnnjax.training.sweep import init_states, loop_step, make_sweep_step, unstack
 from cnnjax.training.loop import seed_keys
 
@@ -50,7 +50,7 @@ def main(argv=None) -> None:
     model, cfg = build_model(ModelConfig(), 10), OptimConfig()
     tx, plateau = make_optimizer(cfg), make_plateau(cfg)
     # the body with the passes `cnnjax sweep` would use; the single step splits batches the same way
-    body = train_step_fn(model, tx, MEAN, STD, passes=grad_passes(bs))
+    body = make_train_step(model, tx, MEAN, STD, compiled=False)  # its passes: grad_passes(bs)
     single_step = make_train_step(model, tx, MEAN, STD)
     rng = np.random.default_rng(0)
     batches = [[{"image": rng.integers(0, 256, (bs, *IMAGE_SHAPE), dtype=np.uint8),

@@ -9,7 +9,6 @@ byte for byte.
 import gzip
 import json
 import os
-import pathlib
 import re
 import shutil
 import signal

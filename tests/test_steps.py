@@ -15,7 +15,7 @@ from cnnjax.data.augment import from_config
 from cnnjax.config import AugmentConfig, ModelConfig, OptimConfig
 from cnnjax.nn.models import build_model
 from cnnjax.training.optim import make_optimizer, make_plateau
-from cnnjax.training.steps import CPU_MICROBATCH, create_train_state, grad_passes, make_train_step, train_step_fn
+from cnnjax.training.steps import CPU_MICROBATCH, create_train_state, grad_passes, make_train_step
 
 
 def test_grad_passes_picks_cache_sized_passes_on_cpu():
@@ -81,7 +81,8 @@ def test_passes_give_the_whole_batch_step_with_dropout_and_augmentation():
     passes = make_train_step(model, tx, 0.5, 0.25, augment, microbatch=16)(_copy(state), batch, key)
     _assert_same_step(passes, one)
     # the pure step with its passes written out in one program, as `cnnjax sweep` compiles it
-    pure = jax.jit(train_step_fn(model, tx, 0.5, 0.25, augment, passes=4))(_copy(state), batch, key)
+    pure = jax.jit(make_train_step(model, tx, 0.5, 0.25, augment, microbatch=16, compiled=False))(
+        _copy(state), batch, key)
     _assert_same_step(pure, one)
 
 

@@ -9,7 +9,7 @@ import pytest
 from cnnjax.config import Config, OptimConfig
 from fixtures import TinySeedCNN
 from cnnjax.training.optim import make_optimizer, make_plateau
-from cnnjax.training.steps import create_train_state, make_train_step, train_step_fn
+from cnnjax.training.steps import create_train_state, make_train_step
 from cnnjax.training.sweep import init_states, loop_step, make_sweep_step, run_sweep, unstack
 from cnnjax.training.loop import seed_keys, train_and_evaluate
 
@@ -21,7 +21,7 @@ def test_sweep_step_equals_each_seeds_own_steps(lowering):
     model, cfg = TinySeedCNN(dropout=0.5), OptimConfig()
     tx, plateau = make_optimizer(cfg), make_plateau(cfg)
     train_step = make_train_step(model, tx, 0.5, 0.25)
-    body = train_step_fn(model, tx, 0.5, 0.25)
+    body = make_train_step(model, tx, 0.5, 0.25, compiled=False)
     seeds, steps, batch = [3, 11], 3, 16
     rng = np.random.default_rng(0)
     batches = [[{"image": rng.integers(0, 256, (batch, *IMAGE_SHAPE), dtype=np.uint8),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import pathlib
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 

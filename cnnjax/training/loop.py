@@ -30,6 +30,7 @@ from flax.training.early_stopping import EarlyStopping
 
 from cnnjax.config import Config
 from cnnjax.data import augment, input_pipeline
+from cnnjax.nn.conv import conv_lowerings
 from cnnjax.nn.models import build_model, check_model, count_params, has_batch_stats
 from cnnjax.report import logs, plots
 from cnnjax.training import checkpoint, parallel, rundir, transfer
@@ -395,6 +396,9 @@ def finish(run: RunSetup, state: TrainState, callbacks: CallbackList) -> RunResu
         "first_step_s": progress.first_step_s, "wall_time_s": time.perf_counter() - run.started,
         "resumed": run.resuming, "devices": run.par.num_devices,
         "processes": jax.process_count(), "grad_passes_per_step": run.grad_passes,
+        "conv_lowerings": conv_lowerings(  # per conv and pass, for one pass's rows per device
+            run.model, run.data.spec.image_shape,
+            max(1, tc.batch_size // run.par.num_devices // run.grad_passes)),
         "checkpoint_seconds": checkpoint_seconds,
         "checkpoint_fraction_of_epoch_time": checkpoint_seconds / epoch_seconds if epoch_seconds else 0.0,
     }

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 from typing import Any
 
@@ -48,7 +47,8 @@ class Run:
         return rundir.read_summary(self.run_dir)
 
     def logits(self, images) -> np.ndarray:
-        """uint8 (N, 28, 28) or (N, 28, 28, 1) -> float32 (N, num_classes); N may be 0."""
+        """Images (N, H, W) or (N, H, W, C) of the run's shape, uint8 or floats in [0, 1] ->
+        float32 (N, num_classes); N may be 0."""
         images = as_nhwc(images, self.spec.image_shape)
         if not len(images):  # nothing to shard or compile for
             return np.zeros((0, self.spec.num_classes), np.float32)

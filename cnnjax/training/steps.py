@@ -130,41 +130,38 @@ def _cpu_passes(rows: int, most: int) -> int:
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, mean: float,
                     std: float, augment: Compose = Compose(()), microbatch: int | None = None,
-                    *, options: StepOptions = StepOptions()) -> Callable:
+                    *, options: StepOptions = StepOptions(), compiled: bool = True) -> Callable:
     """`train_step(state, batch, rng) -> (state, metrics)`, compiled, the state donated.
 
     A batch of one pass (`grad_passes`, from its rows per device) runs as one jitted step; a larger
     one as a jitted gradient pass per share of its rows, accumulating into a donated buffer, then a
     jitted update: each pass is its own XLA execution, so its working set stays in cache.
-    """
-    grad_pass, apply_update = train_step_parts(model, tx, mean, std, augment, options=options)
-    options = train_compiler_options()
-    whole = jax.jit(lambda state, batch, rng: apply_update(state, grad_pass(state, batch, rng, 0, 1)),
-                    donate_argnums=0, compiler_options=options)
-    first = jax.jit(grad_pass, static_argnums=4, compiler_options=options)
-    more = jax.jit(grad_pass, static_argnums=4, donate_argnums=5, compiler_options=options)
-    update = jax.jit(apply_update, donate_argnums=0, compiler_options=options)
 
+    With `compiled=False`, the same step pure and un-jitted, for callers that compile it inside
+    their own program (cnnjax sweep's vmap and unrolled lowerings): its passes are written out
+    one after another, the same sums.
+    """
+    grad_pass, apply_update = _train_step_parts(model, tx, mean, std, augment, options=options)
     passes_for = functools.cache(lambda rows, batch_norm: grad_passes(rows, microbatch, batch_norm))
+    if not compiled:
+        def pure_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array):
+            passes = passes_for(batch["label"].shape[0], bool(state.batch_stats))
+            return apply_update(state, _sum_passes(grad_pass, grad_pass, passes, state, batch, rng))
+
+        return pure_step
+
+    xla = train_compiler_options()
+    whole = jax.jit(lambda state, batch, rng: apply_update(state, grad_pass(state, batch, rng, 0, 1)),
+                    donate_argnums=0, compiler_options=xla)
+    first = jax.jit(grad_pass, static_argnums=4, compiler_options=xla)
+    more = jax.jit(grad_pass, static_argnums=4, donate_argnums=5, compiler_options=xla)
+    update = jax.jit(apply_update, donate_argnums=0, compiler_options=xla)
 
     def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array):
         passes = passes_for(_rows_per_device(batch), bool(state.batch_stats))
         if passes == 1:
             return whole(state, batch, rng)
         return update(state, _sum_passes(first, more, passes, state, batch, rng))
-
-    return train_step
-
-
-def train_step_fn(model: nn.Module, tx: optax.GradientTransformation, mean: float,
-                  std: float, augment: Compose = Compose(()), passes: int = 1,
-                  *, options: StepOptions = StepOptions()) -> Callable:
-    """The pure, un-jitted train step, for callers that compile it inside their own program; its
-    `passes` are written out one after another (the same sums as `make_train_step`'s)."""
-    grad_pass, apply_update = train_step_parts(model, tx, mean, std, augment, options=options)
-
-    def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array):
-        return apply_update(state, _sum_passes(grad_pass, grad_pass, passes, state, batch, rng))
 
     return train_step
 
@@ -192,7 +189,7 @@ def _pass_rows(x: jax.Array, index: jax.Array | int, passes: int) -> jax.Array:
     return jax.lax.dynamic_index_in_dim(split, index, axis=1, keepdims=False)
 
 
-def train_step_parts(model: nn.Module, tx: optax.GradientTransformation, mean: float,
+def _train_step_parts(model: nn.Module, tx: optax.GradientTransformation, mean: float,
                      std: float, augment: Compose = Compose(()),
                      *, options: StepOptions = StepOptions()) -> tuple[Callable, Callable]:
     """A train step as `grad_pass(state, batch, rng, index, passes, acc=None) -> acc`, run for

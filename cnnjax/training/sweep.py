@@ -36,7 +36,7 @@ from cnnjax.config import Config
 from cnnjax.nn.models import build_model, check_model, has_batch_stats
 from cnnjax.training.optim import learning_rate_at, make_optimizer, make_plateau
 from cnnjax.training.steps import (StepOptions, create_train_state, evaluate, grad_passes, make_eval_step,
-                          make_train_step, train_compiler_options, train_step_fn)
+                          make_train_step, train_compiler_options)
 from cnnjax.training import loop, rundir
 from cnnjax.training.transfer import is_plain
 
@@ -105,7 +105,7 @@ def make_sweep_step(train_step: Callable, lowering: str) -> SweepStep:
     'vmap': `jit(vmap(train_step))`; per-seed kernels make every convolution a grouped one, whose
     backward XLA:CPU runs slowly. 'unroll': the seeds' steps written out one after another in the
     same program (no grouped convolutions, no while loop; compile time grows with the seed count).
-    Both compute each seed's step as the pure `train_step` (`steps.train_step_fn`) alone does.
+    Both compute each seed's step as the pure step (`make_train_step(..., compiled=False)`) does.
     """
     if lowering == "vmap":
         step = jax.jit(jax.vmap(train_step), donate_argnums=0,
@@ -169,8 +169,8 @@ def run_sweep(cfg: Config, seeds: Sequence[int], out_dir: pathlib.Path | str,
         step = loop_step(make_train_step(model, tx, spec.mean, spec.std, augmenter, tc.microbatch,
                                          options=options))
     else:
-        step = make_sweep_step(train_step_fn(model, tx, spec.mean, spec.std, augmenter, passes,
-                                             options=options),
+        step = make_sweep_step(make_train_step(model, tx, spec.mean, spec.std, augmenter,
+                                               tc.microbatch, options=options, compiled=False),
                                lowering)
     eval_step = make_eval_step(model, spec.mean, spec.std, spec.num_classes, options=options)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,6 @@ unfreezing epoch, once.
 from __future__ import annotations
 
 import functools
-import json
 import pathlib
 from typing import Any, Callable, Sequence
 

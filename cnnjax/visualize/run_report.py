@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnnjax.data import datasets, input_pipeline
+from cnnjax.data import input_pipeline
 from cnnjax.report import logs as report
 from cnnjax.training.runs import Run, load_run
 from cnnjax.visualize import attribution, checks, feature_maps, html_report as H
@@ -57,11 +57,12 @@ def read_image_file(path: pathlib.Path, image_shape: tuple[int, int, int]) -> np
 
 
 def test_set(run: Run) -> tuple[np.ndarray, np.ndarray]:
-    """The run's test split: uint8 (N, H, W, C) images and their labels."""
+    """The run's test split (its classes, as in training): (N, H, W, C) images in pixel units
+    and their labels."""
     cfg = run.config.data
-    images, labels = datasets.load(cfg.dataset, "test", data_dir=cfg.data_dir,
-                                   manual_dir=cfg.manual_dir)
-    return input_pipeline.as_nhwc(images, run.spec.image_shape), labels
+    images, labels = input_pipeline.load_split(cfg.dataset, "test", data_dir=cfg.data_dir,
+                                               manual_dir=cfg.manual_dir)
+    return input_pipeline.select_classes(images, labels, tuple(cfg.classes))
 
 
 def resolve_images(run: Run, items: Sequence[str | int] | None
@@ -317,7 +318,7 @@ def _recognition(other: Run, result, bounds, record) -> str:
 
 def _attribution_section(out, run: Run, x, display, titles, cam_layer, smooth_key, reinit_key,
                          bounds, samples, ig_steps, record) -> str:
-    model, variables, spec = run.model, run.variables, run.spec
+    model, variables = run.model, run.variables
 
     @jax.jit
     def attributions(v, reinit, x, key):
