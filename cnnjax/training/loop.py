@@ -37,8 +37,8 @@ from cnnjax.training import checkpoint, parallel, rundir, transfer
 from cnnjax.training.callbacks import (Callback, CallbackList, EndEvent, EpochEvent, Event,
                                        LogEvent, StepEvent, default_callbacks)
 from cnnjax.training.optim import ema_params, learning_rate_at, make_plateau, plateau_step
-from cnnjax.training.steps import (StepOptions, TrainState, create_train_state, evaluate,
-                                   grad_passes, make_eval_step, make_train_step)
+from cnnjax.training.steps import (StepOptions, TrainState, create_train_state, eval_pass_rows,
+                                   evaluate, grad_passes, make_eval_step, make_train_step)
 
 
 @dataclasses.dataclass
@@ -369,6 +369,16 @@ def end_epoch(run: RunSetup, state: TrainState, epoch: int, callbacks: CallbackL
     return state, stop_early or bool(control.stop_reason)
 
 
+def _conv_lowerings(run: RunSetup) -> dict[str, dict[str, str]]:
+    """Each conv's lowering per pass (`cnnjax.nn.conv`): the training passes at one train pass's
+    rows per device, inference at one validation pass's."""
+    per_device = run.cfg.train.batch_size // run.par.num_devices
+    train = conv_lowerings(run.model, run.data.spec.image_shape, max(1, per_device // run.grad_passes))
+    eval_rows = eval_pass_rows(run.eval_sizes["val"] // run.par.num_devices)
+    infer = conv_lowerings(run.model, run.data.spec.image_shape, eval_rows)
+    return {name: {**passes, "inference": infer[name]["inference"]} for name, passes in train.items()}
+
+
 def finish(run: RunSetup, state: TrainState, callbacks: CallbackList) -> RunResult:
     """Restores the best-validation parameters, evaluates them on validation and test, lets the
     callbacks add to the summary, then writes the plots and, last, summary.json: a run directory
@@ -396,9 +406,7 @@ def finish(run: RunSetup, state: TrainState, callbacks: CallbackList) -> RunResu
         "first_step_s": progress.first_step_s, "wall_time_s": time.perf_counter() - run.started,
         "resumed": run.resuming, "devices": run.par.num_devices,
         "processes": jax.process_count(), "grad_passes_per_step": run.grad_passes,
-        "conv_lowerings": conv_lowerings(  # per conv and pass, for one pass's rows per device
-            run.model, run.data.spec.image_shape,
-            max(1, tc.batch_size // run.par.num_devices // run.grad_passes)),
+        "conv_lowerings": _conv_lowerings(run),
         "checkpoint_seconds": checkpoint_seconds,
         "checkpoint_fraction_of_epoch_time": checkpoint_seconds / epoch_seconds if epoch_seconds else 0.0,
     }

@@ -285,13 +285,21 @@ def make_eval_step(model: nn.Module, mean: float, std: float, num_classes: int,
     first = jax.jit(eval_pass, static_argnums=3)
     more = jax.jit(eval_pass, static_argnums=3, donate_argnums=4)
 
-    on_cpu = jax.default_backend() == "cpu"
-    passes_for = functools.cache(lambda rows: _cpu_passes(rows, CPU_EVAL_MICROBATCH) if on_cpu else 1)
+    passes_for = functools.cache(_eval_passes)
 
     def eval_step(state: TrainState, batch: dict[str, jax.Array]):
         return _sum_passes(first, more, passes_for(_rows_per_device(batch)), state, batch)
 
     return eval_step
+
+
+def _eval_passes(rows: int) -> int:
+    return _cpu_passes(rows, CPU_EVAL_MICROBATCH) if jax.default_backend() == "cpu" else 1
+
+
+def eval_pass_rows(rows: int) -> int:
+    """The rows per device of one pass of an evaluation batch of `rows` per device."""
+    return rows // _eval_passes(rows)
 
 
 def inference_state(variables: dict[str, Any]) -> TrainState:
