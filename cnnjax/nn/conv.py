@@ -14,7 +14,7 @@ A lowering spec names them as 'forward/input_grad/kernel_grad[/inference]' (e.g.
 'winograd/xla/patches'; inference defaults to the forward's), or by a preset: 'xla' (all passes),
 'winograd' / 'winograd4' (Winograd wherever the layer allows it), 'auto' (the choice measured
 fastest on XLA:CPU, `auto_lowering`; docs/performance.md). The choice is a fixed function of the
-spec and the layer's shape (rows included), never timed at run time, so the same config gives the
+spec and the layer's shape (its rows included), never timed at run time, so the same config gives the
 same program and the same bits. All lowerings equal `lax.conv_general_dilated` up to
 float rounding (tests/test_conv.py, tests/test_winograd.py).
 """
@@ -53,29 +53,30 @@ def winograd_eligible(kernel_hw: Sequence[int], strides: Sequence[int]) -> bool:
     return tuple(kernel_hw) == (3, 3) and tuple(strides) == (1, 1)
 
 
-# Inference on at most this many rows takes Winograd F(2x2, 3x3) for wide stride-1 3x3 layers:
-# under XLA:CPU's default (YNNPACK) fusion evaluation at batch 32 ran 1.6-1.8x faster with it for
-# the seed CNN's conv2, at 128-256 rows 0.4-0.75x (docs/performance.md).
-WINOGRAD_INFERENCE_ROWS = 64
+# Inference on at most this many rows takes Winograd F(2x2, 3x3) in wide stride-1 3x3 layers: the
+# seed CNN's batch-32 evaluation ran 1.4-1.7x faster with it in conv2 on a quiet machine, batch 64
+# 0.85-0.9x, 128 0.4x (its transformed tiles leave the caches). Training keeps XLA's passes, each
+# of which beat Winograd's at 32-64 rows (docs/performance.md).
+WINOGRAD_INFERENCE_ROWS = 32
 
 
 def auto_lowering(kernel_shape: Sequence[int], strides: Sequence[int], rows: int) -> Lowering:
     """The lowering measured fastest on XLA:CPU for this layer shape and `rows` (images in the
-    pass; docs/performance.md); on accelerators XLA's own (cuDNN picks its algorithms)."""
+    call; docs/performance.md); on accelerators XLA's own (cuDNN picks its algorithms)."""
     kh, kw, cin, _ = kernel_shape
     if jax.default_backend() != "cpu":
         return Lowering()
     thin = kh * kw * cin <= TAPS_MAX
-    fast_inference = (not thin and rows <= WINOGRAD_INFERENCE_ROWS
-                      and winograd_eligible((kh, kw), strides))
+    winograd_inference = (not thin and rows <= WINOGRAD_INFERENCE_ROWS
+                          and winograd_eligible((kh, kw), strides))
     return Lowering("xla", "xla", "patches" if thin else "xla",
-                    "winograd" if fast_inference else "xla")
+                    "winograd" if winograd_inference else "xla")
 
 
 def resolve_lowering(spec: str, kernel_shape: Sequence[int], strides: Sequence[int],
                      rows: int = 1, layer: str = "conv") -> Lowering:
     """The `Lowering` a spec (a preset or 'forward/input_grad/kernel_grad[/inference]') gives this
-    layer on `rows` images per pass."""
+    layer on `rows` images per call."""
     kh, kw, cin, _ = kernel_shape
     eligible = winograd_eligible((kh, kw), strides)
     if spec == "auto":
@@ -216,11 +217,11 @@ class Conv(nn.Module):
         return conv2d(x, kernel, bias, strides, self.padding, lowering)
 
 
-def conv_lowerings(model: nn.Module, image_shape: Sequence[int], rows: int = 1
+def conv_lowerings(model: nn.Module, image_shape: Sequence[int], rows: int
                    ) -> dict[str, dict[str, str]]:
-    """{layer path: {pass: lowering}} for every `Conv` in `model` on (H, W, C) images, `rows` per
-    forward pass (the inference choice depends on it), e.g. for a run's summary. Traces
-    `model.init` abstractly (nothing is computed)."""
+    """{layer path: {pass: lowering}} for every `Conv` in `model` on (H, W, C) images, `rows` of
+    them per call (the images per device in one pass: 'auto' picks inference by it), e.g. for a
+    run's summary. Traces `model.init` abstractly (nothing is computed)."""
     found: dict[str, dict[str, str]] = {}
 
     def record(next_fun, args, kwargs, context):
