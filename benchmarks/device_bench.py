@@ -1,17 +1,19 @@
 """Accelerator benchmark: cnnjax's steps with batches resident on the device, K steps per dispatch.
 
-    python benchmarks/device_bench.py --out DIR          # the GPU machine (benchmarks/device.sh runs it)
-    python benchmarks/device_bench.py --smoke --out DIR  # tiny sizes on any backend: checks the logic
+    python benchmarks/device_bench.py --out DIR          # on the GPU (benchmarks/device.sh runs it)
+    python benchmarks/device_bench.py --smoke --out DIR  # tiny sizes, any backend: checks the logic
 
 What is measured, images per second, alternating frameworks in one process (which goes first swaps
 each repeat), each sample the median of --dispatches timed dispatches:
-- train: cnnjax's pure train step (`make_train_step(..., compiled=False)`: SeedCNN, the default optax chain, the
-  non-finite guard, per-layer gradient norms) inside `lax.scan` over K batches already on the
-  device, one jitted, state-donating dispatch per K steps; against the seed's torch loop body
-  (Adam amsgrad, CrossEntropyLoss), eager, channels-last, on the same batches on the same device.
+- train: cnnjax's pure train step (`make_train_step(..., compiled=False)`: SeedCNN, the default
+  optax chain, the non-finite guard, per-layer gradient norms) inside `lax.scan` over K batches
+  already on the device, one jitted, state-donating dispatch per K steps; against the seed's
+  torch loop body (Adam amsgrad, CrossEntropyLoss), eager, channels-last, on the same batches on
+  the same device.
 - eval: forward + argmax + correct count, scanned likewise; torch: model.eval() under no_grad.
-- dtypes: f32, and bf16 compute with f32 parameters and optimizer state (cnnjax: parameters and
-  images cast to bf16 inside the loss, logits back to f32; torch: autocast to bf16).
+- dtypes: f32, and bf16 compute with f32 parameters and optimizer state (cnnjax:
+  `train.dtype=bfloat16`'s `StepOptions`, parameters and images cast inside the step; torch:
+  autocast to bf16).
 - sweep: 8 seeds (`--sweep-seeds`) trained by jit(vmap(scan(train_step))) over stacked states,
   against the 8 seeds' single-seed scanned steps one after another; aggregate images/s.
 Writes DIR/device.json (every sample, versions, device) and DIR/device.md (the tables).
@@ -32,7 +34,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import torch
 from jax import lax
 
@@ -43,9 +44,9 @@ from cnnjax.config import ModelConfig, OptimConfig  # noqa: E402
 from cnnjax.data.input_pipeline import normalize  # noqa: E402
 from cnnjax.nn.models import build_model  # noqa: E402
 from cnnjax.training.optim import make_optimizer, make_plateau  # noqa: E402
-from cnnjax.training.steps import create_train_state, make_train_step  # noqa: E402
+from cnnjax.training.steps import StepOptions, create_train_state, make_train_step  # noqa: E402
 
-DTYPES = {"f32": (jnp.float32, torch.float32), "bf16": (jnp.bfloat16, torch.bfloat16)}
+DTYPES = {"f32": ("float32", torch.float32), "bf16": ("bfloat16", torch.bfloat16)}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -67,7 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.repeats, args.sweep_seeds, args.sweep_batch_size = 1, 2, 8
     for name in ("steps_per_dispatch", "dispatches", "repeats", "sweep_seeds", "sweep_batch_size"):
         if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, "
+                         f"got {getattr(args, name)}.")
     if min(args.batch_sizes) < 1:
         parser.error(f"--batch-sizes must be positive, got {args.batch_sizes}.")
     return args
@@ -92,37 +94,23 @@ def timed(fn, sync, dispatches: int) -> float:
 
 # --- cnnjax ---------------------------------------------------------------------------------------
 
-class CastModel:
-    """A model whose `apply` computes in `dtype`: float variables and the images cast on the way in
-    (their gradients flow back to the float32 parameters through the casts), logits cast to f32."""
-
-    def __init__(self, model, dtype):
-        self.model, self.dtype = model, dtype
-
-    def apply(self, variables, x, **kwargs):
-        cast = lambda a: a.astype(self.dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
-        out = self.model.apply(jax.tree.map(cast, variables), cast(x), **kwargs)
-        if isinstance(out, tuple):
-            return out[0].astype(jnp.float32), out[1]
-        return out.astype(jnp.float32)
-
-
 class JaxSide:
     name = "cnnjax"
 
-    def __init__(self, dtype):
+    def __init__(self, dtype: str):
         cfg = OptimConfig()
-        self.base = build_model(ModelConfig(), NUM_CLASSES)
-        self.model = self.base if dtype == jnp.float32 else CastModel(self.base, dtype)
+        self.model = build_model(ModelConfig(), NUM_CLASSES)
+        self.options = StepOptions(dtype=dtype)
         self.tx, self.plateau = make_optimizer(cfg), make_plateau(cfg)
-        self.step = make_train_step(self.model, self.tx, MEAN, STD, compiled=False)
+        self.step = make_train_step(self.model, self.tx, MEAN, STD, options=self.options,
+                                    compiled=False)
         self.train_scan = jax.jit(self._train_scan, donate_argnums=0)
         self.eval_scan = jax.jit(self._eval_scan)
         self.sweep_scan = jax.jit(jax.vmap(self._train_scan), donate_argnums=0)
         self.rng = jax.random.key(1)
 
     def state(self, seed: int = 0):
-        return create_train_state(self.base, self.tx, self.plateau, IMAGE_SHAPE,
+        return create_train_state(self.model, self.tx, self.plateau, IMAGE_SHAPE,
                                   jax.random.key(seed))
 
     def _train_scan(self, state, images, labels):
@@ -136,9 +124,11 @@ class JaxSide:
         return lax.scan(body, state, (images, labels))
 
     def _eval_scan(self, state, images, labels):
+        cast = self.options.cast
+
         def body(correct, xs):
-            logits = self.model.apply({"params": state.params},
-                                      normalize(xs[0].astype(jnp.float32), MEAN, STD))
+            logits = self.model.apply(cast({"params": state.params}),
+                                      cast(normalize(xs[0].astype(jnp.float32), MEAN, STD)))
             return correct + jnp.sum(jnp.argmax(logits, -1) == xs[1]), None
 
         return lax.scan(body, jnp.zeros([], jnp.int32), (images, labels))[0]
@@ -234,7 +224,8 @@ def bench_steps(args, dtype_name: str) -> list[dict]:
 
 def bench_sweep(args) -> dict:
     """N seeds: one vmapped scanned dispatch against N single-seed scanned dispatches."""
-    side, n, bs, k = JaxSide(jnp.float32), args.sweep_seeds, args.sweep_batch_size, args.steps_per_dispatch
+    side, n, bs = JaxSide("float32"), args.sweep_seeds, args.sweep_batch_size
+    k = args.steps_per_dispatch
     data = [make_data(k, bs, 100 + s) for s in range(n)]
     seq_data = [jax.device_put(d) for d in data]
     vmap_data = jax.device_put(tuple(np.stack([d[i] for d in data]) for i in range(2)))
@@ -264,8 +255,8 @@ def bench_sweep(args) -> dict:
             samples[name].append(n * k * bs / timed(runs[name], jax.block_until_ready,
                                                       args.dispatches))
     return {"seeds": n, "batch_size": bs, "steps_per_dispatch": k,
-            **{name: {"images_per_s": v, "median": statistics.median(v), "first_call_s": first[name]}
-               for name, v in samples.items()}}
+            **{name: {"images_per_s": v, "median": statistics.median(v),
+                      "first_call_s": first[name]} for name, v in samples.items()}}
 
 
 def environment() -> dict:

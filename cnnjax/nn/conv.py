@@ -14,8 +14,8 @@ A lowering spec names them as 'forward/input_grad/kernel_grad[/inference]' (e.g.
 'winograd/xla/patches'; inference defaults to the forward's), or by a preset: 'xla' (all passes),
 'winograd' / 'winograd4' (Winograd wherever the layer allows it), 'auto' (the choice measured
 fastest on XLA:CPU, `auto_lowering`; docs/performance.md). The choice is a fixed function of the
-spec and the layer's shape (its rows included), never timed at run time, so the same config gives the
-same program and the same bits. All lowerings equal `lax.conv_general_dilated` up to
+spec and the layer's shape (its rows included), never timed at run time, so the same config
+gives the same program and the same bits. All lowerings equal `lax.conv_general_dilated` up to
 float rounding (tests/test_conv.py, tests/test_winograd.py).
 """
 
@@ -106,7 +106,8 @@ def resolve_lowering(spec: str, kernel_shape: Sequence[int], strides: Sequence[i
 
 
 def layer_specs(spec: str, layers: int) -> tuple[str, ...]:
-    """One lowering spec per conv layer from 'SPEC' (every layer) or 'SPEC1,SPEC2,...' (in order)."""
+    """One lowering spec per conv layer from 'SPEC' (every layer) or 'SPEC1,SPEC2,...' (in
+    order)."""
     specs = tuple(s.strip() for s in spec.split(","))
     if len(specs) == 1:
         return specs * layers

@@ -11,9 +11,13 @@ rounding (tests/test_winograd.py bounds both against `lax.conv_general_dilated`)
 The transforms are constant linear combinations of strided slices, which XLA fuses into one loop
 each; the core is one batched `dot_general` over the positions, which XLA:CPU runs as GEMMs.
 Both gradients reuse the same pieces (cnnjax/nn/conv.py's `jax.custom_vjp` picks them per pass):
-  input gradient:  a Winograd convolution of the output gradient with the flipped, transposed kernel;
-  kernel gradient: G^T [V^T @ (A^T-transpose of g)] G, one batched product contracting over the
-                   tiles, where V is the forward pass's transformed input (its residual).
+  input gradient:  a Winograd convolution of the output gradient with the flipped, transposed
+                   kernel;
+  kernel gradient: G^T [V^T @ (A g A^T per output tile)] G, one batched product contracting
+                   over the tiles, where V is the forward pass's transformed input (its residual).
+On 2 XLA:CPU cores the seed CNN's conv2 (32 -> 64 channels) ran slower this way than by XLA's
+Eigen convolutions in every training pass (its 32-channel products are memory-bound), faster
+than XLA's YNNPACK convolutions at up to 32 rows: 'auto' uses it for that inference only.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from jax import lax
 
 Pads = tuple[tuple[int, int], tuple[int, int]]
 
-# (B^T, G, A^T) for F(m, 3), Lavin & Gray's interpolation points (0, ±1 for m=2; 0, ±1, ±2 for m=4).
+# (B^T, G, A^T) for F(m, 3), Lavin & Gray's interpolation points (0, ±1; 0, ±1, ±2 for m=4).
 _MATRICES = {
     2: (np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float64),
         np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]], np.float64),
@@ -116,7 +120,8 @@ def _product(v: jax.Array, u: jax.Array) -> jax.Array:
 
 
 def forward(x: jax.Array, kernel: jax.Array, padding: Pads, m: int) -> tuple[jax.Array, jax.Array]:
-    """Stride-1 3x3 NHWC x HWIO convolution by F(m x m, 3 x 3), and V (the kernel gradient's input)."""
+    """Stride-1 3x3 NHWC x HWIO convolution by F(m x m, 3 x 3), and V (the kernel gradient's
+    input)."""
     n, h, w, _ = x.shape
     oh, ow = h + sum(padding[0]) - 2, w + sum(padding[1]) - 2
     v = transform_input(x, padding, m)
