@@ -36,7 +36,8 @@ if [ "$mode" = fetch ]; then
   for w in $WHEELS; do
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
       --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
-      --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl "$w" \
+      --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl "$w" 2>/dev/null \
+      || python3 -m pip wheel -q --no-deps --no-build-isolation -w .whl "$w" \
       || echo "could not fetch $w" >&2
   done
   du -sh .whl
