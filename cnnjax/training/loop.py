@@ -370,12 +370,14 @@ def end_epoch(run: RunSetup, state: TrainState, epoch: int, callbacks: CallbackL
 
 
 def _conv_lowerings(run: RunSetup) -> dict[str, dict[str, str]]:
-    """Each conv's lowering per pass (`cnnjax.nn.conv`): the training passes at one train pass's
-    rows per device, inference at one validation pass's."""
-    per_device = run.cfg.train.batch_size // run.par.num_devices
-    train = conv_lowerings(run.model, run.data.spec.image_shape, max(1, per_device // run.grad_passes))
-    eval_rows = eval_pass_rows(run.eval_sizes["val"] // run.par.num_devices)
-    infer = conv_lowerings(run.model, run.data.spec.image_shape, eval_rows)
+    """Each conv's lowering per pass (`cnnjax.nn.conv`), chosen from the rows a conv sees (a
+    pass's global rows under jit over the mesh): training at one train pass's, inference at one
+    validation pass's."""
+    n = run.par.num_devices
+    train = conv_lowerings(run.model, run.data.spec.image_shape,
+                           max(1, run.cfg.train.batch_size // run.grad_passes))
+    infer = conv_lowerings(run.model, run.data.spec.image_shape,
+                           eval_pass_rows(run.eval_sizes["val"] // n) * n)
     return {name: {**passes, "inference": infer[name]["inference"]} for name, passes in train.items()}
 
 
