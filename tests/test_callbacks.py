@@ -44,12 +44,12 @@ class Recorder(Callback):
 @pytest.fixture(scope="module")
 def whole(tmp_path_factory):
     """An uninterrupted run with a recorder, an evaluation at steps 0, 10 and 60, and a
-    checkpoint at every log line (every 5 steps)."""
+    checkpoint every 10 steps."""
     run_dir = tmp_path_factory.mktemp("cb") / "whole"
     recorder = Recorder()
     probe = Periodic(lambda e: e.evaluate("val")["accuracy"], at_steps=(0, 10, 60))
     result = train_and_evaluate(small_config("train.keep_checkpoints=100",
-                                             "train.checkpoint_every_steps=1"),
+                                             "train.checkpoint_every_steps=10"),
                                 run_dir, callbacks=[recorder, probe])
     return run_dir, result, recorder, probe
 
@@ -95,7 +95,7 @@ class StopAt(Callback):
 def test_a_callback_stops_the_run_and_it_resumes_exactly(whole, tmp_path):
     whole_dir = whole[0]
     run_dir = tmp_path / "stopped"
-    cfg = small_config("train.keep_checkpoints=100", "train.checkpoint_every_steps=1")
+    cfg = small_config("train.keep_checkpoints=100", "train.checkpoint_every_steps=10")
     # asked at step 12, mid log window: takes effect at the step-15 log line, after a checkpoint
     stopped = train_and_evaluate(cfg, run_dir, callbacks=[StopAt(12)])
     assert (stopped.stopped_at_step, stopped.stop_reason, stopped.summary) == (15, "user stop at 12", None)
@@ -133,7 +133,7 @@ def test_tensorboard_scalars_equal_metrics_jsonl(whole):
 
 def test_the_stages_compose_into_the_whole_job(whole, tmp_path):
     """A script that calls setup/train_epoch/end_epoch/finish itself writes the same run."""
-    cfg = small_config("train.keep_checkpoints=100", "train.checkpoint_every_steps=1")
+    cfg = small_config("train.keep_checkpoints=100", "train.checkpoint_every_steps=10")
     run, state = cnnjax.setup(cfg, tmp_path / "by-hand")
     hooks = cnnjax.CallbackList(cnnjax.default_callbacks(cfg))
     cnnjax.start(run, state, hooks)
