@@ -239,12 +239,6 @@ def test_mixup_steps_do_not_depend_on_the_pass_split():
     assert out[64][1]["loss"] == pytest.approx(float(out[16][1]["loss"]), rel=1e-5)
     for a, b in zip(jax.tree.leaves(out[64][0].params), jax.tree.leaves(out[16][0].params)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-    plain = make_train_step(model, tx, 0.13, 0.31)(
-        jax.jit(lambda k: create_train_state(model, tx, plateau, (28, 28, 1), k))(jax.random.key(0)),
-        batch, jax.random.key(5))
-    # and mixing does change the step (the loss at init is ln 10 either way; the gradient is not)
-    assert not np.allclose(plain[0].params["conv1"]["kernel"], out[64][0].params["conv1"]["kernel"],
-                           rtol=1e-3)
 
 
 def test_bfloat16_training_stays_close_to_float32(tmp_path):

@@ -366,6 +366,7 @@ def end_epoch(run: RunSetup, state: TrainState, epoch: int, callbacks: CallbackL
     progress.epoch, progress.batch = epoch + 1, 0
     progress.stopped_early = stop_early
     save(run, state, callbacks, watched(val, run.cfg.train.monitor) if record["improved"] else None)
+    control.checkpoint_requested = False  # asked at the epoch's last log line: this was it
     return state, stop_early or bool(control.stop_reason)
 
 
