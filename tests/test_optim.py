@@ -31,13 +31,7 @@ STEPS_PER_EPOCH, EPOCHS = 5, 4  # the 20 steps of every parity run
 TOLERANCE = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def torch_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tests/conftest.py
 
 
 def torch_net() -> nn.Sequential:

@@ -39,14 +39,7 @@ FEATURE_HWC = SeedCNN().feature_shape(IMAGE_HW)  # (7, 7, 64): the map fc1 reads
 LR, WEIGHT_DECAY, EPS = 1e-3, 1e-5, 1e-8
 
 
-@pytest.fixture(autouse=True)
-def torch_threads():
-    """One torch thread: reproducible reductions, and no fight with XLA's pool in this process."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tests/conftest.py
 
 
 # --- the seed's model in plain torch, and the weight layouts --------------------------------------

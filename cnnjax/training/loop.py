@@ -28,7 +28,7 @@ import jax
 import numpy as np
 from flax.training.early_stopping import EarlyStopping
 
-from cnnjax.config import Config
+from cnnjax.config import Config, TrainConfig
 from cnnjax.data import augment, input_pipeline
 from cnnjax.nn.conv import conv_lowerings
 from cnnjax.nn.models import build_model, check_model, count_params, has_batch_stats
@@ -116,6 +116,18 @@ class StepLog:
         return float(loss), float(acc)
 
 
+def check_lengths(tc: TrainConfig) -> None:
+    """train.epochs and train.log_every, checked before anything is built (train and sweep)."""
+    for key in ("epochs", "log_every"):
+        if getattr(tc, key) <= 0:
+            raise ValueError(f"train.{key} must be positive, got {getattr(tc, key)}.")
+
+
+def patience(tc: TrainConfig) -> int:
+    """Early stopping's patience in epochs; 0 (off) waits longer than the run."""
+    return tc.early_stopping_patience or tc.epochs + 1
+
+
 @dataclasses.dataclass
 class EarlyStop:
     """The best epoch so far and the patience count: what the end of an epoch updates."""
@@ -201,7 +213,7 @@ class RunSetup:
                                 self.steps_per_epoch, self.cfg.train.epochs)
 
     def patience(self) -> int:
-        return self.cfg.train.early_stopping_patience or self.cfg.train.epochs + 1
+        return patience(self.cfg.train)
 
 
 def evaluated_state(state: TrainState) -> TrainState:
@@ -237,9 +249,7 @@ def setup(cfg: Config, run_dir: pathlib.Path | str | None = None) -> tuple[RunSe
     check_model(model, data.spec.image_shape, data.spec.num_classes, cfg.model.name)
     options = StepOptions.from_config(cfg, data.spec.num_classes)
     n_steps = input_pipeline.steps_per_epoch(len(data.train[1]), tc.batch_size)
-    for key in ("epochs", "log_every"):
-        if getattr(tc, key) <= 0:
-            raise ValueError(f"train.{key} must be positive, got {getattr(tc, key)}.")
+    check_lengths(tc)
     if tc.checkpoint_every_steps < 0:
         raise ValueError(f"train.checkpoint_every_steps must be >= 0, got {tc.checkpoint_every_steps}.")
     tx, plateau = transfer.make_transfer_optimizer(cfg, n_steps), make_plateau(cfg.optim)

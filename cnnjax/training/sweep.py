@@ -149,9 +149,7 @@ def run_sweep(cfg: Config, seeds: Sequence[int], out_dir: pathlib.Path | str,
     if lowering not in LOWERINGS:
         raise ValueError(f"sweep lowering must be one of {LOWERINGS}, got {lowering!r}.")
     tc = cfg.train
-    for key in ("epochs", "log_every"):
-        if getattr(tc, key) <= 0:
-            raise ValueError(f"train.{key} must be positive, got {getattr(tc, key)}.")
+    loop.check_lengths(tc)
     out_dir = pathlib.Path(out_dir)
     if (out_dir / "summary.json").exists():
         raise FileExistsError(f"{out_dir} already holds a finished sweep; choose another directory.")
@@ -261,10 +259,9 @@ def _seed_epoch(i, j, epoch, window, state, plateau, cfg, n_steps, early, best, 
         log.write(record)
     lr = learning_rate_at(cfg.optim, last - 1, float(state.plateau_state.scale), n_steps,
                           cfg.train.epochs)  # the epoch's last update's
-    patience = cfg.train.early_stopping_patience or cfg.train.epochs + 1
-    new_state, record, stop = loop.close_epoch(state, plateau, early[i], patience, epoch,
-                                               eval_split(state, i, "val"), step_log.epoch_means(), lr,
-                                               cfg.train.monitor)
+    new_state, record, stop = loop.close_epoch(
+        state, plateau, early[i], loop.patience(cfg.train), epoch, eval_split(state, i, "val"),
+        step_log.epoch_means(), lr, cfg.train.monitor)
     if record["improved"]:
         best[i].update(epoch=epoch, step=last, state=state)
     best[i]["epochs_run"] = epoch
