@@ -1,0 +1,233 @@
+"""`tfds:NAME[/CONFIG][:VERSION]`: a TFDS dataset already prepared in array_record format in the
+data dir (by a colleague with TensorFlow, say), read from its files alone.
+
+TFDS's own builders read their sources through TensorFlow, so the dataset's builder code is never
+imported: `tfds.builder_from_directory` rebuilds the builder from the `dataset_info.json` and
+`features.json` of `<data_dir>/NAME[/CONFIG]/VERSION` (the latest version when none is given, the
+default config that TFDS recorded when none is named), and `as_data_source` reads the records,
+decoding `tfds.features.Image` with Pillow. The "train" and "test" splits are used; a dataset
+without "test" is tested on a seeded, stratified hold-out of `data.test_fraction` of "train"
+(`store.holdout`: fixed by the data alone, the same in every run) and trained on the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import pathlib
+import re
+
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import logging as absl_logging
+from tensorflow_datasets.core import dataset_builder
+from tensorflow_datasets.core.utils import file_utils
+
+from cnnjax.config import DataConfig
+from cnnjax.data import datasets, store
+
+PREFIX = "tfds:"
+_SPLITS = ("train", "test")
+
+# TFDS's own parser (naming.parse_builder_name_kwargs) also takes namespaces, builder kwargs and
+# CamelCase names, none of which names a directory in the data dir.
+_NAME = re.compile(r"(?P<name>\w+)(?:/(?P<config>[\w.+-]+))?"
+                   r"(?::(?P<version>[\d*]+\.[\d*]+\.[\d*]+))?")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Source:
+    """What a `tfds:` dataset is, read from its files: enough to read it, and a cache key."""
+
+    dataset: str
+    path: pathlib.Path  # <data_dir>/NAME[/CONFIG]/VERSION
+    stamp: int  # dataset_info.json's mtime: a re-prepared dataset is read afresh
+    image_key: str
+    label_key: str
+    class_names: tuple[str, ...]
+    has_test: bool
+    size: tuple[int, int] | None
+
+
+def _ref(name: str, config: str | None, version: str | None = None) -> str:
+    return PREFIX + name + (f"/{config}" if config else "") + (f":{version}" if version else "")
+
+
+def _listing(refs) -> str:
+    return ", ".join(sorted(refs)) if refs else "none"
+
+
+def _builder_dir(dataset: str, data_dir: str | os.PathLike | None = None) -> pathlib.Path:
+    """The directory `<data_dir>/NAME[/CONFIG]/VERSION` of a `tfds:` name; each error lists what
+    the data dir holds instead."""
+    match = _NAME.fullmatch(dataset.removeprefix(PREFIX))
+    if match is None:
+        raise ValueError(f"data.dataset={dataset!r} is not a TFDS dataset name; write tfds:NAME, "
+                         f"tfds:NAME/CONFIG, tfds:NAME:1.2.0 or tfds:NAME/CONFIG:1.2.0.")
+    name, config, version = match.group("name", "config", "version")
+    root = store.data_root(data_dir).resolve()
+    with store.quiet(absl_logging.ERROR):  # TFDS warns about each half-written incomplete.* dir
+        variants = (list(file_utils.list_dataset_variants(root / name))
+                    if (root / name).is_dir() else [])
+        if not variants:
+            found = (file_utils.list_datasets_in_data_dir(root) if root.is_dir() else ())
+            raise FileNotFoundError(
+                f"Dataset {dataset!r}: no prepared TFDS dataset {name!r} in the data dir {root}; "
+                f"prepared there: {_listing({_ref(r.dataset_name, r.config) for r in found})}. "
+                f"Set data.data_dir (or $CNNJAX_DATA_DIR) to the TFDS data dir that holds it.")
+    configs = {v.config for v in variants}
+    if config is None and None not in configs:
+        default = dataset_builder.load_default_config_name(root / name)  # TFDS records it
+        config = default if default in configs or len(configs) > 1 else next(iter(configs))
+    if config not in configs:
+        asked = f"no config {config!r}" if config else "several configs and no default one"
+        raise ValueError(f"Dataset {dataset!r}: {root / name} holds {asked}; choose one of "
+                         f"{_listing([_ref(name, c) for c in configs])}.")
+    versions = sorted(tfds.core.Version(v.version) for v in variants if v.config == config)
+    matching = [v for v in versions if version is None or v.match(version)]
+    if not matching:
+        raise ValueError(f"Dataset {dataset!r}: no version {version} of {_ref(name, config)} in "
+                         f"{root}; choose one of "
+                         f"{_listing([_ref(name, config, str(v)) for v in versions])}.")
+    return root / name / (config or "") / str(matching[-1])
+
+
+def _builder(path: pathlib.Path) -> tfds.core.DatasetBuilder:
+    with store.quiet(absl_logging.ERROR):
+        return tfds.builder_from_directory(path)
+
+
+def _check_format(info: tfds.core.DatasetInfo, path: pathlib.Path, dataset: str,
+                  data_dir: pathlib.Path) -> None:
+    formats = info.available_file_formats()
+    if tfds.core.FileFormat.ARRAY_RECORD not in formats:
+        name = info.name + (f"/{info.config_name}" if info.config_name else "")
+        stored = ", ".join(sorted(f.value for f in formats)) or "tfrecord"
+        raise ValueError(f"Dataset {dataset!r}: {path} is stored as {stored} only; cnnjax reads "
+                         f"array_record, without TensorFlow. Prepare it again in array_record on a "
+                         f"machine with TensorFlow: `tfds.builder({name!r}, "
+                         f"data_dir={str(data_dir)!r}).download_and_prepare("
+                         f"file_format='array_record')` (see the docs of `tfds.data_source`).")
+
+
+def _image_key(features: tfds.features.FeaturesDict, dataset: str) -> str:
+    """`image`, else the first Image feature or 2-D/3-D Tensor: uint8, with 1 or 3 channels."""
+    images = [k for k, f in features.items() if isinstance(f, tfds.features.Image)
+              or (isinstance(f, tfds.features.Tensor) and len(f.shape) in (2, 3))]
+    if not images:
+        raise ValueError(f"Dataset {dataset!r} has no image feature (tfds.features.Image, or a "
+                         f"2-D or 3-D Tensor) among {', '.join(features)}.")
+    key = "image" if "image" in images else images[0]
+    feature = features[key]
+    channels = feature.shape[-1] if len(feature.shape) == 3 else 1
+    if feature.np_dtype != np.uint8 or channels not in (1, 3, None):
+        raise ValueError(f"Dataset {dataset!r}: feature {key!r} holds {np.dtype(feature.np_dtype)} "
+                         f"images shaped {feature.shape}; cnnjax reads uint8 images with 1 or 3 "
+                         f"channels.")
+    return key
+
+
+def _label_key(info: tfds.core.DatasetInfo, label: str, dataset: str) -> str:
+    """`label` if given, else the supervised label, else `label`; it must be a ClassLabel."""
+    supervised = info.supervised_keys[1] if info.supervised_keys else None
+    key = label or (supervised if isinstance(supervised, str) else "label")
+    labels = [k for k, f in info.features.items() if isinstance(f, tfds.features.ClassLabel)]
+    if key not in labels:
+        what = "is not a ClassLabel" if key in info.features else "is not one of its features"
+        raise ValueError(f"Dataset {dataset!r}: the label feature {key!r} {what}; choose one of "
+                         f"its ClassLabel features with --set data.label=NAME: {_listing(labels)}.")
+    return key
+
+
+def _size(image_size: tuple[int, ...]) -> tuple[int, int] | None:
+    return None if not image_size else (image_size[0], image_size[-1])
+
+
+def _open(cfg: DataConfig) -> _Source:
+    """The dataset `cfg` names, described from its files: a wrong name, config, version, format,
+    split or feature is refused here, before any example is read."""
+    path = _builder_dir(cfg.dataset, cfg.data_dir)
+    info = _builder(path).info
+    _check_format(info, path, cfg.dataset, store.data_root(cfg.data_dir))
+    splits = tuple(info.splits)
+    if "train" not in splits:
+        raise ValueError(f"Dataset {cfg.dataset!r} has no 'train' split (its splits: "
+                         f"{', '.join(splits)}); cnnjax trains on 'train' and tests on 'test' "
+                         f"(or a hold-out of 'train').")
+    label_key = _label_key(info, cfg.label, cfg.dataset)
+    return _Source(cfg.dataset, path, os.stat(path / "dataset_info.json").st_mtime_ns,
+                   _image_key(info.features, cfg.dataset), label_key,
+                   tuple(info.features[label_key].names), "test" in splits, _size(cfg.image_size))
+
+
+def _convert(image: np.ndarray, index: int, *, size: tuple[int, int] | None, where: str
+             ) -> np.ndarray:
+    image = image[..., None] if image.ndim == 2 else image
+    if image.ndim != 3 or image.shape[-1] not in (1, 3):
+        raise ValueError(f"{where}: example {index} is shaped {image.shape}; cnnjax reads images "
+                         f"with 1 or 3 channels.")
+    return store.resize(image, size) if size else image
+
+
+def _key(source: _Source) -> tuple:
+    """What the arrays depend on: the same files read the same way, under whichever name."""
+    return (PREFIX, os.fspath(source.path), source.stamp, source.image_key, source.label_key,
+            source.size)
+
+
+def _read(source: _Source, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """One stored split whole, cached per process and stamp."""
+    where = f"Dataset {source.dataset!r} ({source.path}, split {split!r})"
+
+    def read():
+        with store.quiet(absl_logging.ERROR):  # TFDS warns that it decodes with Pillow, not OpenCV
+            data = _builder(source.path).as_data_source(split, file_format="array_record")
+            return store.read_split(
+                data, where, num_classes=len(source.class_names), image_key=source.image_key,
+                label_key=source.label_key,
+                convert=functools.partial(_convert, size=source.size, where=where),
+                fix="" if source.size else "; resize them all with --set data.image_size=H,W")
+
+    return store.cached(_key(source) + (split,), read)
+
+
+def _held_out(source: _Source, split: str, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """A split of a dataset without 'test': the stratified hold-out of 'train', or the rest."""
+    images, labels = _read(source, "train")
+
+    def carve():
+        mask = store.holdout(labels, fraction)
+        keep = mask if split == "test" else ~mask
+        part = images[keep], labels[keep]
+        for array in part:
+            array.flags.writeable = False
+        return part
+
+    return store.cached(_key(source) + (split, fraction), carve)
+
+
+def load(cfg: DataConfig, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """A whole split: read-only uint8 (N, H, W, C) images and int32 labels, in stored order."""
+    if split not in _SPLITS:
+        raise ValueError(f"Dataset {cfg.dataset!r} has no split {split!r}; choose one of "
+                         f"{', '.join(map(repr, _SPLITS))}.")
+    source = _open(cfg)
+    if source.has_test:
+        return _read(source, split)
+    return _held_out(source, split, cfg.test_fraction)
+
+
+@functools.lru_cache(maxsize=None)
+def _spec(source: _Source, test_fraction: float) -> datasets.DatasetSpec:
+    images, _ = (_read(source, "train") if source.has_test
+                 else _held_out(source, "train", test_fraction))
+    mean, std = store.channel_stats(images)
+    return datasets.DatasetSpec(source.dataset, len(source.class_names), tuple(images.shape[1:]),
+                                mean, std, _SPLITS, False, source.class_names)
+
+
+def spec(cfg: DataConfig) -> datasets.DatasetSpec:
+    """The dataset's spec, from its files and its train split (normalization constants per
+    channel over train); computed once per process for each prepared dataset and setting."""
+    return _spec(_open(cfg), cfg.test_fraction)
