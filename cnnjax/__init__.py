@@ -34,8 +34,8 @@ _EXPORTS = {
                     "cnnjax.nn.models"),
     **dict.fromkeys(("register_loss", "cross_entropy"), "cnnjax.training.losses"),
     "register_dataset": "cnnjax.data.sources",
-    **dict.fromkeys(("load_data", "steps_per_epoch", "train_batches", "eval_batches",
-                     "normalize"),
+    **dict.fromkeys(("load_data", "dataset_spec", "load_split", "steps_per_epoch",
+                     "train_batches", "eval_batches", "normalize"),
                     "cnnjax.data.input_pipeline"),
     # finished runs, seeds, pictures
     **dict.fromkeys(("Run", "load_run", "load_config"), "cnnjax.training.runs"),

@@ -19,12 +19,15 @@ from cnnjax.config import Config
 
 def _config_flags(p, seed_help: str | None = None) -> None:
     """The flags `config_from_args` reads, shared by train and sweep."""
-    p.add_argument("--dataset", help="mnist5k (default, embedded), mnist or fashion_mnist")
+    p.add_argument("--dataset", help="mnist5k (default, embedded), mnist, fashion_mnist, cifar10, "
+                   "cifar100, imagefolder:PATH, tfds:NAME[/CONFIG][:VERSION], a registered name "
+                   "or package.module:function")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seed", type=int, help=seed_help)
     p.add_argument("--data-dir", help="TFDS data directory (default ~/.cache/cnnjax/tfds)")
-    p.add_argument("--manual-dir", help="directory holding the four IDX .gz files, for offline mnist")
+    p.add_argument("--manual-dir", help="directory holding the official files when offline: the "
+                   "four IDX .gz files (mnist, fashion_mnist) or cifar-10/100-binary.tar.gz")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="any config field, e.g. --set optim.learning_rate=3e-4 --set model.features=16,32")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")

@@ -16,11 +16,25 @@ from typing import Any, Union
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
+    # a built-in (mnist5k, mnist, fashion_mnist, cifar10, cifar100), imagefolder:PATH,
+    # tfds:NAME[/CONFIG][:VERSION], a registered name or package.module:function
     dataset: str = "mnist5k"
     data_dir: str | None = None  # TFDS data dir; None: $CNNJAX_DATA_DIR or ~/.cache/cnnjax/tfds
-    manual_dir: str | None = None  # holds the IDX .gz files for mnist/fashion_mnist when offline
+    manual_dir: str | None = None  # holds the official archives (IDX .gz, CIFAR .tar.gz) offline
     val_fraction: float = 0.2  # seeded split of the train split into train/validation
     classes: tuple[int, ...] = ()  # keep only these labels, renumbered 0..k-1 in this order; () all
+    label: str = ""  # which label: cifar100 'fine' or 'coarse', a tfds: dataset's feature; '': default
+    image_size: tuple[int, ...] = ()  # (H, W) or (S,): resize image-folder/tfds images; (): as stored
+    test_fraction: float = 0.2  # seeded, stratified test split of a dataset that has no 'test' split
+
+    def __post_init__(self):
+        if len(self.image_size) not in (0, 1, 2) or not all(s > 0 for s in self.image_size):
+            raise ValueError(f"data.image_size={list(self.image_size)} is not valid: give H,W or one "
+                             f"size S for S x S (positive pixels), or [] to keep stored sizes.")
+        for field in ("val_fraction", "test_fraction"):
+            if not 0.0 < getattr(self, field) < 1.0:
+                raise ValueError(f"data.{field}={getattr(self, field)} is not valid: use a "
+                                 f"fraction in (0, 1).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +68,8 @@ class AugmentConfig:
     translate: float = 0.0  # pixels, uniform per axis
     scale: float = 0.0  # zoom uniform in [1 - scale, 1 + scale]
     flip: bool = False  # horizontal, p = 0.5 (in the seed; hurts digits, so off)
-    order: tuple[str, ...] = ("scale", "rotate", "translate", "flip")  # first acts first
+    crop: int = 0  # RandomCrop(padding=crop): whole-pixel shifts in [-crop, crop]; CIFAR's recipe: 4
+    order: tuple[str, ...] = ("scale", "rotate", "translate", "crop", "flip")  # first acts first
     mixup: float = 0.0  # Beta(a, a) mixing of each example with the batch's previous one; 0: off
     cutmix: float = 0.0  # the same with a pasted box (area 1 - lambda); with mixup, p = 0.5 each
 

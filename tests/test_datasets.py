@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from cnnjax.data import datasets
+from cnnjax.data import datasets, store
 
 IDX_NAMES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -77,8 +77,9 @@ def offline(monkeypatch):
 
 
 def test_specs():
-    assert set(datasets.DATASETS) == {"mnist5k", "mnist", "fashion_mnist"}
-    for name, spec in datasets.DATASETS.items():
+    assert set(datasets.DATASETS) == {"mnist5k", "mnist", "fashion_mnist", "cifar10", "cifar100"}
+    for name in ("mnist5k", "mnist", "fashion_mnist"):
+        spec = datasets.DATASETS[name]
         assert datasets.get_spec(name) is spec
         assert spec.name == name
         assert (spec.num_classes, spec.image_shape) == (10, (28, 28, 1))
@@ -91,11 +92,12 @@ def test_specs():
 
 
 def test_unknown_dataset_names_it_and_the_known_ones(tmp_path):
-    for call in (lambda: datasets.get_spec("cifar10"),
-                 lambda: datasets.load("cifar10", "train", data_dir=tmp_path)):
-        with pytest.raises(ValueError, match="cifar10") as e:
+    for call in (lambda: datasets.get_spec("cifar11"),
+                 lambda: datasets.load("cifar11", "train", data_dir=tmp_path)):
+        with pytest.raises(ValueError, match="cifar11") as e:
             call()
-        assert all(name in str(e.value) for name in ("mnist5k", "mnist", "fashion_mnist"))
+        assert all(name in str(e.value) for name in ("mnist5k", "mnist", "fashion_mnist",
+                                                     "cifar10", "cifar100", "imagefolder:PATH"))
 
 
 def test_unknown_split_lists_the_splits(tmp_path):
@@ -175,7 +177,7 @@ def test_second_load_reads_the_prepared_dataset(tmp_path, monkeypatch, mnist5k):
     def no_preparing(*args, **kwargs):
         raise AssertionError("prepared a dataset that was already prepared")
     monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", no_preparing)
-    monkeypatch.setattr(datasets, "_cache", {})  # read from disk, not from memory
+    monkeypatch.setattr(store, "_cache", {})  # read from disk, not from memory
     images, labels = datasets.load("mnist5k", "test", data_dir=tmp_path)
     np.testing.assert_array_equal(images, mnist5k["test"][0])
     np.testing.assert_array_equal(labels, mnist5k["test"][1])

@@ -214,7 +214,8 @@ def test_a_function_returning_bad_arrays_is_refused_when_loaded():
     (lambda: register_dataset("x", lambda: [X, Y]) and input_pipeline.dataset_spec("x"),
      "dataset 'x' must be (or return) a dict"),
     (lambda: input_pipeline.dataset_spec("nothing"),
-     "unknown data.dataset 'nothing'; known: fashion_mnist, mnist, mnist5k"),
+     "unknown data.dataset 'nothing'; known: cifar10, cifar100, fashion_mnist, imagefolder:PATH, "
+     "mnist, mnist5k, tfds:NAME"),
     (lambda: register_dataset("two", rgb32()) and input_pipeline.load_split("two", "val"),
      "Dataset 'two' has no split 'val'"),
 ])

@@ -1,6 +1,6 @@
 """On-device data augmentation: random affine warps drawn per example from folded keys.
 
-Every transform (scale, rotation, translation, horizontal flip) is an affine map of the pixel grid,
+Every transform (scale, rotation, translation, padded crop, horizontal flip) is an affine map of the pixel grid,
 so a pipeline composes them into one 3x3 matrix per example, in the configured order as torchvision's
 `transforms.Compose` would apply them, and resamples each image once (bilinear, zero fill) instead
 of once per transform: one interpolation blur, one gather. It runs inside the jitted train step on
@@ -57,6 +57,15 @@ def random_translation(pixels: float) -> Transform:
     return draw
 
 
+def random_crop(padding: int) -> Transform:
+    """torchvision's RandomCrop(size, padding): a whole-pixel shift (dy, dx), each uniform in
+    {-padding, ..., padding}, zero-filled; integer offsets resample exactly, with no blur."""
+    def draw(key):
+        dy, dx = jax.random.randint(key, (2,), -padding, padding + 1).astype(jnp.float32)
+        return _matrix(1.0, 0.0, 0.0, 1.0, dy, dx)
+    return draw
+
+
 def random_flip(probability: float = 0.5) -> Transform:
     """Mirror left-right with the given probability."""
     def draw(key):
@@ -104,6 +113,7 @@ _BUILDERS = {
     "scale": lambda cfg: random_scale(cfg.scale) if cfg.scale else None,
     "rotate": lambda cfg: random_rotation(cfg.rotate) if cfg.rotate else None,
     "translate": lambda cfg: random_translation(cfg.translate) if cfg.translate else None,
+    "crop": lambda cfg: random_crop(cfg.crop) if cfg.crop else None,
     "flip": lambda cfg: random_flip(0.5) if cfg.flip else None,
 }
 
@@ -113,7 +123,11 @@ def from_config(cfg: AugmentConfig) -> Compose:
     unknown = [name for name in cfg.order if name not in _BUILDERS]
     if unknown:
         raise ValueError(f"augment.order has unknown transforms {unknown}; known: {sorted(_BUILDERS)}.")
-    for name in ("rotate", "translate", "scale"):
+    left_out = [name for name in _BUILDERS if name not in cfg.order and _BUILDERS[name](cfg)]
+    if left_out:
+        raise ValueError(f"augment.order {list(cfg.order)} leaves out {left_out}, which the config "
+                         f"turns on; add them to augment.order (first listed acts first).")
+    for name in ("rotate", "translate", "scale", "crop"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"augment.{name} must be >= 0, got {getattr(cfg, name)}.")
     if cfg.scale >= 1:

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnnjax.data import datasets, sources
+from cnnjax.data import datasets, imagefolder, sources, tfds_prepared
 from cnnjax.config import DataConfig
 
 _SPLIT_STREAM = 0x5EED  # keeps the validation split's draw apart from the epoch shuffles
@@ -49,26 +49,56 @@ def is_builtin(dataset: str) -> bool:
     return dataset in datasets.DATASETS
 
 
-def dataset_spec(dataset: str) -> datasets.DatasetSpec:
-    """The spec of a built-in, registered or import-path dataset (the last two are loaded)."""
-    return datasets.get_spec(dataset) if is_builtin(dataset) else sources.load(dataset).spec
+# Datasets named by a prefix and described from their data: each module has spec(cfg), load(cfg, split).
+_PREFIXED = {"imagefolder:": imagefolder, "tfds:": tfds_prepared}
 
 
-def load_split(dataset: str, split: str, *, data_dir: str | None = None,
-               manual_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+def _prefixed(dataset: str):
+    return next((m for prefix, m in _PREFIXED.items() if dataset.startswith(prefix)), None)
+
+
+def _as_config(cfg: DataConfig | str) -> DataConfig:
+    return DataConfig(dataset=cfg) if isinstance(cfg, str) else cfg
+
+
+def dataset_spec(cfg: DataConfig | str) -> datasets.DatasetSpec:
+    """The spec of any dataset (a name stands for its default config); a built-in's comes
+    without loading it, the others' from their data."""
+    cfg = _as_config(cfg)
+    if is_builtin(cfg.dataset):
+        return datasets.get_spec(cfg.dataset, cfg.label)
+    if (module := _prefixed(cfg.dataset)) is not None:
+        return module.spec(cfg)
+    _no_label(cfg)
+    return sources.load(cfg.dataset).spec
+
+
+def load_split(cfg: DataConfig | str, split: str) -> tuple[np.ndarray, np.ndarray]:
     """One whole split of any dataset: images in host units (see the module docstring), labels."""
-    if is_builtin(dataset):
-        return datasets.load(dataset, split, data_dir=data_dir, manual_dir=manual_dir)
-    source = sources.load(dataset)
+    cfg = _as_config(cfg)
+    if is_builtin(cfg.dataset):
+        return datasets.load(cfg.dataset, split, data_dir=cfg.data_dir, manual_dir=cfg.manual_dir,
+                             label=cfg.label)
+    if (module := _prefixed(cfg.dataset)) is not None:
+        return module.load(cfg, split)
+    _no_label(cfg)
+    source = sources.load(cfg.dataset)
     if split not in sources.SPLITS:
-        raise ValueError(f"Dataset {dataset!r} has no split {split!r}; choose one of "
+        raise ValueError(f"Dataset {cfg.dataset!r} has no split {split!r}; choose one of "
                          f"{', '.join(map(repr, sources.SPLITS))}.")
     return getattr(source, split)
 
 
+def _no_label(cfg: DataConfig) -> None:
+    if cfg.label or cfg.image_size:
+        field = "label" if cfg.label else "image_size"
+        raise ValueError(f"data.{field} does not apply to dataset {cfg.dataset!r} (arrays of your "
+                         f"own carry one label and their own size); remove the setting.")
+
+
 def data_spec(cfg: DataConfig) -> datasets.DatasetSpec:
     """The dataset's spec; with `data.classes` its num_classes is the number of classes kept."""
-    spec = dataset_spec(cfg.dataset)
+    spec = dataset_spec(cfg)
     classes = tuple(cfg.classes)
     if not classes:
         return spec
@@ -97,9 +127,8 @@ def load_data(cfg: DataConfig, seed: int) -> Data:
     subset exactly when it is for the whole dataset (with the same seed).
     """
     spec = data_spec(cfg)
-    images, labels = load_split(cfg.dataset, "train", data_dir=cfg.data_dir,
-                                manual_dir=cfg.manual_dir)
-    test = load_split(cfg.dataset, "test", data_dir=cfg.data_dir, manual_dir=cfg.manual_dir)
+    images, labels = load_split(cfg, "train")
+    test = load_split(cfg, "test")
     train_idx, val_idx = split_indices(len(labels), cfg.val_fraction, seed)
     pick = lambda x, y: select_classes(x, y, tuple(cfg.classes))
     return Data(spec=spec, train=pick(images[train_idx], labels[train_idx]),

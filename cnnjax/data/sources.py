@@ -33,7 +33,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from cnnjax import imports
-from cnnjax.data import datasets
+from cnnjax.data import datasets, store
 
 SPLITS = ("train", "test")
 _OPTIONAL = ("mean", "std", "class_names")
@@ -82,7 +82,8 @@ def registered() -> tuple[str, ...]:
 
 def load(name: str) -> Source:
     """The checked data of a registered or import-path dataset (not a built-in)."""
-    known = {**dict.fromkeys(datasets.DATASETS), **_REGISTRY}  # built-ins only for the error's list
+    # built-ins and the prefixed kinds only for the error's list
+    known = {**dict.fromkeys([*datasets.DATASETS, "imagefolder:PATH", "tfds:NAME"]), **_REGISTRY}
     obj = imports.lookup(known, name, "data.dataset")
     if name in _cache and _cache[name][0] is obj:
         return _cache[name][1]
@@ -139,7 +140,7 @@ def _check(name: str, raw: Mapping) -> Source:
     channels = train_images.shape[-1]
     computed = None
     if "mean" not in raw or "std" not in raw:
-        computed = _channel_stats(train_images)
+        computed = store.channel_stats(train_images)
     mean = _constants(what, "mean", raw["mean"], channels) if "mean" in raw else computed[0]
     std = _constants(what, "std", raw["std"], channels) if "std" in raw else computed[1]
     if not all(s > 0 for s in std):
@@ -191,14 +192,6 @@ def _check_split(what: str, split: str, raw: Mapping) -> tuple[np.ndarray, np.nd
         raise ValueError(f"{where}: labels must be integers 0..K-1, found {labels.min()}..."
                          f"{labels.max()}; renumber the classes from 0.")
     return _read_only(host_pixels(images, where)), _read_only(labels.astype(np.int32))
-
-
-def _channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and (population) std over all pixels of host `images`, in [0, 1] units."""
-    axes = tuple(range(images.ndim - 1))
-    mean = np.mean(images, axis=axes, dtype=np.float64) / 255.0
-    std = np.std(images, axis=axes, dtype=np.float64) / 255.0
-    return tuple(map(float, mean)), tuple(map(float, std))
 
 
 def _constants(what: str, key: str, value, channels: int) -> tuple[float, ...]:

@@ -66,14 +66,15 @@ class Run:
         dataset (or of `dataset`, of the same image shape); a run trained on a class subset
         (`data.classes`) is scored on those classes, relabelled as in training."""
         if images is None:
-            name = dataset or self.config.data.dataset
-            spec = input_pipeline.dataset_spec(name)
+            own = self.config.data
+            cfg = dataclasses.replace(own, dataset=dataset or own.dataset,
+                                      data_dir=data_dir or own.data_dir,
+                                      manual_dir=manual_dir or own.manual_dir)
+            spec = input_pipeline.dataset_spec(cfg)
             if spec.image_shape != self.spec.image_shape:
-                raise ValueError(f"dataset {name!r} has {spec.image_shape} images; the run's model "
-                                 f"takes {self.spec.image_shape}.")
-            images, labels = input_pipeline.load_split(
-                name, split, data_dir=data_dir or self.config.data.data_dir,
-                manual_dir=manual_dir or self.config.data.manual_dir)
+                raise ValueError(f"dataset {cfg.dataset!r} has {spec.image_shape} images; the run's "
+                                 f"model takes {self.spec.image_shape}.")
+            images, labels = input_pipeline.load_split(cfg, split)
             images, labels = input_pipeline.select_classes(images, labels,
                                                            tuple(self.config.data.classes))
         elif labels is None or len(labels) != len(images):

@@ -1,0 +1,281 @@
+"""Prepared datasets on disk: TFDS builders that write array_record files, read back whole through
+`data_source`, with no TensorFlow anywhere.
+
+Every TFDS-backed dataset of cnnjax (cnnjax/data/mnist.py, cifar.py, imagefolder.py) is an
+`ArrayRecordBuilder`: uint8 `tfds.features.Tensor` images (TensorFlow-free to encode and decode)
+and `ClassLabel` labels, records in source order (TFDS's key shuffling is off), prepared once under
+`<data_dir>/<builder name>/<version>/`. A failed preparation leaves nothing taken as prepared: TFDS
+writes into an `incomplete.*` directory that it removes on error and renames only on success.
+`read_split` also reads datasets prepared elsewhere in array_record (cnnjax/data/tfds_prepared.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import pathlib
+import socket
+import threading
+import urllib.parse
+import warnings
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import logging as absl_logging
+
+
+def default_data_dir() -> pathlib.Path:
+    """Where prepared datasets live: $CNNJAX_DATA_DIR if set, else ~/.cache/cnnjax/tfds."""
+    env = os.environ.get("CNNJAX_DATA_DIR")
+    if env:
+        return pathlib.Path(env).expanduser()
+    return pathlib.Path.home() / ".cache" / "cnnjax" / "tfds"
+
+
+def data_root(data_dir: str | os.PathLike | None) -> pathlib.Path:
+    return pathlib.Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+
+
+@contextlib.contextmanager
+def quiet(level: int = absl_logging.WARNING):
+    """TFDS's progress bars and logs below `level` off; cnnjax shows its own progress."""
+    tfds.disable_progress_bar()  # process-wide: TFDS has no way to read the previous setting
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(level)
+    try:
+        yield
+    finally:
+        absl_logging.set_verbosity(verbosity)
+
+
+def examples(images: np.ndarray, labels: Mapping[str, np.ndarray], keys=None
+             ) -> Iterator[tuple[int, dict]]:
+    """(key, record) pairs: one image and every label feature of each example, in order."""
+    keys = range(len(images)) if keys is None else keys
+    for i, key in enumerate(keys):
+        yield int(key), {"image": images[i], **{k: int(v[i]) for k, v in labels.items()}}
+
+
+class ArrayRecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """cnnjax's builders' common ground: array_record files in source order, no TFDS registry entry.
+
+    `skip_registration` and the `cnnjax_` names keep these apart from TFDS's own builders (which
+    read and decode through TensorFlow), in the registry and on disk alike. A subclass states its
+    `IMAGE_SHAPE` and `LABELS` (label feature -> class names, or a class count) and writes
+    `_split_generators`.
+    """
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release: uint8 Tensor images, ClassLabel labels."}
+    DESCRIPTION: ClassVar[str]
+    HOMEPAGE: ClassVar[str]
+    IMAGE_SHAPE: ClassVar[tuple[int, int, int]]
+    LABELS: ClassVar[Mapping[str, int | Sequence[str]]] = {"label": 10}
+    LABEL_ALIASES: ClassVar[Mapping[str, str]] = {}  # other names data.label may give a feature
+    MEAN: ClassVar[float | tuple[float, ...]]  # normalization constants, in [0, 1] units
+    STD: ClassVar[float | tuple[float, ...]]
+    NEEDS_DOWNLOAD: ClassVar[bool] = True
+
+    # TFDS's default looks for a checksums file beside the module through `code_path`, which needs
+    # `importlib_resources` (not installed); each builder states its checksums here instead.
+    @tfds.core.utils.classproperty
+    @classmethod
+    def url_infos(cls) -> dict[str, tfds.download.checksums.UrlInfo]:
+        return {}
+
+    def __init__(self, **kwargs):
+        super().__init__(file_format="array_record", **kwargs)
+
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.IMAGE_SHAPE)
+
+    def _features(self) -> tfds.features.FeaturesDict:
+        # Tensor, not tfds.features.Image: Image needs TensorFlow to encode a numpy array.
+        labels = {k: tfds.features.ClassLabel(num_classes=v) if isinstance(v, int)
+                  else tfds.features.ClassLabel(names=list(v)) for k, v in self.LABELS.items()}
+        return tfds.features.FeaturesDict({
+            "image": tfds.features.Tensor(shape=self.image_shape(), dtype=np.uint8), **labels})
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(builder=self, description=self.DESCRIPTION,
+                                     features=self._features(), supervised_keys=("image", "label"),
+                                     homepage=self.HOMEPAGE, disable_shuffling=True)
+
+    def prepare(self, manual_dir: str | os.PathLike | None = None) -> None:
+        """Writes the dataset's files (once), from `manual_dir` if given, else by downloading."""
+        if manual_dir is not None:
+            manual_dir = pathlib.Path(manual_dir).expanduser()
+            self.check_manual_dir(manual_dir)
+        self.download_and_prepare(download_config=download_config(manual_dir))
+
+    def check_manual_dir(self, manual_dir: pathlib.Path) -> None:
+        """Refuses a manual dir that lacks a file, naming it (a subclass's own rule)."""
+
+    def _generate_examples(self, images, labels, keys=None):
+        labels = labels if isinstance(labels, Mapping) else {"label": labels}
+        return examples(images, labels, keys)
+
+
+def download_config(manual_dir) -> tfds.download.DownloadConfig:
+    return tfds.download.DownloadConfig(
+        manual_dir=manual_dir,
+        try_download_gcs=False,  # our builders are not on TFDS's GCS bucket; skip the network probe
+        force_checksums_validation=True)  # a download without a registered checksum is an error
+
+
+def check_reachable(dataset: str, url: str, instructions: str, timeout_s: float = 5.0) -> None:
+    """Fails in seconds when offline, where TFDS's download retries would take minutes."""
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout_s).close()
+    except OSError as e:
+        raise FileNotFoundError(f"Dataset {dataset!r} is not prepared and {parts.hostname} cannot "
+                                f"be reached ({e}). {instructions}") from e
+
+
+def sha256(path: os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def warn_if_unofficial(files: Mapping[os.PathLike, str], dataset: str) -> None:
+    """One warning naming each manual-dir file whose sha256 is not its official file's.
+
+    Not a refusal: mirrors re-compress archives, so a good copy can differ byte for byte; the
+    content checks of each builder (sizes, headers, labels) still apply.
+    """
+    odd = [os.fspath(path) for path, official in files.items() if sha256(path) != official]
+    if odd:
+        warnings.warn(f"Dataset {dataset!r}: {', '.join(odd)} {'is' if len(odd) == 1 else 'are'} "
+                      f"not byte-identical to the official file{'s' if len(odd) > 1 else ''} "
+                      f"(sha256 differs); a mirror's re-compressed copy is fine, anything else "
+                      f"may not be the data you mean.", RuntimeWarning, stacklevel=3)
+
+
+# ----------------------------------------------------------------------------- reading
+
+_READ_CHUNK = 10_000  # records per __getitems__ call: bounds the list of dicts held at once
+_CACHE_SIZE = 8  # splits held in memory; full MNIST train is 47 MB, CIFAR-10 train 154 MB
+_cache: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}  # insertion-ordered: oldest first
+_cache_lock = threading.Lock()
+
+
+def cached(key: tuple, read: Callable[[], tuple[np.ndarray, np.ndarray]]
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """`read()`'s arrays, shared by later calls with the same key (include a stamp of the files)."""
+    with _cache_lock:
+        if key in _cache:
+            return _cache[key]
+    arrays = read()
+    with _cache_lock:
+        _cache[key] = arrays
+        while len(_cache) > _CACHE_SIZE:
+            del _cache[next(iter(_cache))]
+    return arrays
+
+
+def read_split(source, where: str, *, num_classes: int, image_key: str = "image",
+               label_key: str = "label", image_shape: tuple[int, ...] | None = None,
+               convert: Callable[[np.ndarray, int], np.ndarray] | None = None,
+               fix: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """A whole split of a TFDS data source: read-only uint8 (N, H, W, C) images and int32 labels.
+
+    Every image must have `image_shape` (by default the first one's) after `convert(image, index)`;
+    the error names the first that does not and `fix`, what to do about it.
+    """
+    n = len(source)
+    images = labels = None
+    for start in range(0, n, _READ_CHUNK):
+        stop = min(start + _READ_CHUNK, n)
+        records = source.__getitems__(list(range(start, stop)))
+        chunk = []
+        for i, record in enumerate(records, start):
+            image = np.asarray(record[image_key])
+            image = convert(image, i) if convert is not None else image
+            if image.ndim == 2:
+                image = image[..., None]
+            if image_shape is None:
+                image_shape = image.shape
+            if image.shape != tuple(image_shape) or image.dtype != np.uint8:
+                raise ValueError(f"{where}: example {i} is a {image.dtype} image shaped "
+                                 f"{image.shape}, expected uint8 {tuple(image_shape)}{fix}.")
+            chunk.append(image)
+        if images is None:
+            images = np.empty((n, *image_shape), np.uint8)
+            labels = np.empty((n,), np.int32)
+        images[start:stop] = np.stack(chunk)
+        labels[start:stop] = [record[label_key] for record in records]
+    if images is None:
+        raise ValueError(f"{where}: the split is empty.")
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    if bad.size:
+        raise ValueError(f"{where}: label {int(bad[0])} is out of range; labels must be in "
+                         f"[0, {num_classes - 1}] ({bad.size} labels are not).")
+    images.flags.writeable = False
+    labels.flags.writeable = False
+    return images, labels
+
+
+def load(builder: tfds.core.DatasetBuilder, split: str, *, label_key: str = "label",
+         prepare: Callable[[], None] | None = None, **read_kwargs: Any
+         ) -> tuple[np.ndarray, np.ndarray]:
+    """One split of `builder`'s dataset, prepared first (`prepare()`) if it is not yet."""
+    with quiet():
+        with quiet(absl_logging.ERROR):  # a dataset not yet prepared is no cause for a warning
+            prepared = builder.is_prepared()
+        if not prepared:
+            if prepare is None:
+                raise FileNotFoundError(f"{builder.data_path} is not prepared.")
+            prepare()
+        # The info file's mtime tells a re-prepared dataset from the one that was cached.
+        stamp = os.stat(builder.data_path / "dataset_info.json").st_mtime_ns
+        key = (os.fspath(pathlib.Path(builder.data_path).resolve()), split, label_key, stamp,
+               tuple(sorted((k, repr(v)) for k, v in read_kwargs.items())))
+        feature = builder.info.features[label_key]
+        where = f"{builder.data_path} (split {split!r})"
+        return cached(key, lambda: read_split(
+            builder.as_data_source(split), where, num_classes=feature.num_classes,
+            label_key=label_key, **read_kwargs))
+
+
+def holdout(labels: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
+    """A seeded, stratified hold-out mask: in each class, round(fraction * n) examples chosen by
+    `np.random.default_rng([seed, class])`, so the test split of a dataset without one is fixed
+    by the data alone (never by the run's seed) and has every class in proportion."""
+    mask = np.zeros(len(labels), bool)
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        n = int(round(fraction * len(rows)))
+        mask[np.random.default_rng([seed, int(c)]).permutation(rows)[:n]] = True
+    return mask
+
+
+def resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """An (H, W, C) uint8 image resized to (height, width) with Pillow's antialiased bicubic
+    filter (torchvision's Resize on PIL images); unchanged when it already has that size."""
+    from PIL import Image
+
+    if image.shape[:2] == tuple(size):
+        return image
+    squeeze = image.shape[-1] == 1
+    pil = Image.fromarray(image[..., 0] if squeeze else image)
+    out = np.asarray(pil.resize((size[1], size[0]), Image.Resampling.BICUBIC))
+    return out[..., None] if squeeze else out
+
+
+def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and (population) std over all pixels of (N, H, W, C) pixel-unit images,
+    in [0, 1] units: two float64 passes in chunks, so a large uint8 split is never copied whole."""
+    c, chunk = images.shape[-1], 4096
+    parts = lambda: (images[s:s + chunk].reshape(-1, c).astype(np.float64)
+                     for s in range(0, len(images), chunk))
+    count = images.size // c
+    mean = sum(x.sum(0) for x in parts()) / count
+    var = sum(np.square(x - mean).sum(0) for x in parts()) / count
+    return tuple(map(float, mean / 255.0)), tuple(map(float, np.sqrt(var) / 255.0))
