@@ -11,7 +11,8 @@ Gradients, Grad-CAM, Grad-CAM++), `checks` (the numbers that say whether a pictu
 # package; the function of that name, imported after, must win.
 from cnnjax.visualize.run_report import visualize_run
 from cnnjax.visualize import checks
-from cnnjax.visualize.actmax import ActMaxConfig, ActMaxResult, activation_maximization
+from cnnjax.visualize.actmax import (ActMaxConfig, ActMaxResult, activation_maximization,
+                                     pixel_bounds)
 from cnnjax.visualize.attribution import (completeness_gap, grad_cam, gradient, integrated_gradients,
                                           logits_fn, smoothgrad, spearman)
 from cnnjax.nn.capture import Layer, capture, conv_layers, list_layers, run_layers
@@ -19,5 +20,5 @@ from cnnjax.nn.health import FilterHealth, dead_filter_count, filter_health
 
 __all__ = ["ActMaxConfig", "ActMaxResult", "FilterHealth", "Layer", "activation_maximization",
            "capture", "checks", "completeness_gap", "conv_layers", "dead_filter_count", "filter_health",
-           "grad_cam", "gradient", "integrated_gradients", "list_layers", "logits_fn", "run_layers",
-           "smoothgrad", "spearman", "visualize_run"]
+           "grad_cam", "gradient", "integrated_gradients", "list_layers", "logits_fn", "pixel_bounds",
+           "run_layers", "smoothgrad", "spearman", "visualize_run"]

@@ -40,7 +40,9 @@ from jax import lax
 
 from cnnjax.data import augment
 from cnnjax.nn.capture import LOGITS, list_layers, run_layers
-from cnnjax.visualize.feature_maps import colorize, tile
+from cnnjax.visualize.feature_maps import colorize, rgb_grid, tile
+
+Bound = float | tuple[float, ...]  # one pixel-range end for all channels, or one per channel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +86,40 @@ class ActMaxResult:
     images: np.ndarray
     start: np.ndarray
     final: np.ndarray
-    bounds: tuple[float, float]  # the pixel range the images were kept in
+    bounds: tuple[Bound, Bound]  # the pixel range the images were kept in, per channel if it differs
+
+
+def pixel_bounds(mean: Bound, std: Bound) -> tuple[Bound, Bound]:
+    """The model-space values of pixels 0 and 1 (black, full) under `normalize(mean, std)`: two
+    numbers when one constant serves all channels, else two per-channel tuples (a colour
+    dataset's channels have their own mean and std, so their own range)."""
+    means, stds = (np.ravel(np.asarray(v, np.float64)) for v in (mean, std))
+    if means.size == 1 and stds.size == 1:
+        m, s = float(means[0]), float(stds[0])
+        return (0.0 - m) / s, (1.0 - m) / s
+    lo, hi = (0.0 - means) / stds, (1.0 - means) / stds
+    return tuple(map(float, lo)), tuple(map(float, hi))
+
+
+def _check_bounds(bounds, channels: int) -> tuple[Bound, Bound]:
+    """(low, high) as floats, or as per-channel tuples of `channels` floats; low < high."""
+    ends = []
+    for b in bounds:
+        values = np.ravel(np.asarray(b, np.float64))
+        if values.size not in (1, channels):
+            raise ValueError(f"bounds must be (low, high), each one number or {channels} (one per "
+                             f"channel), got {bounds}.")
+        ends.append(float(values[0]) if values.size == 1 else tuple(map(float, values)))
+    lo, hi = ends
+    if not np.all(np.asarray(lo) < np.asarray(hi)):
+        raise ValueError(f"bounds must be (low, high) with low < high, got {bounds}.")
+    return lo, hi
+
+
+def in_units(images: np.ndarray, bounds: tuple[Bound, Bound]) -> np.ndarray:
+    """Model-space (..., C) images -> [0, 1] on their pixel range, channel by channel."""
+    lo, hi = (np.asarray(b) if isinstance(b, tuple) else b for b in bounds)
+    return (images - lo) / (hi - lo)
 
 
 def spectrum_scale(h: int, w: int, decay_power: float) -> np.ndarray:
@@ -133,7 +168,7 @@ def _objective(out: jax.Array, rectify: bool) -> jax.Array:
 @functools.partial(jax.jit, static_argnames=("model", "layer", "cfg", "bounds", "image_shape"))
 def _ascend_all(variables, channels, keys, *, model, layer, cfg, bounds, image_shape):
     rectify = cfg.rectify and layer != LOGITS
-    lo, hi = bounds
+    lo, hi = (jnp.asarray(b, jnp.float32) if isinstance(b, tuple) else b for b in bounds)
     h, w, c = image_shape
     transforms = cfg.transforms()
     tx = optax.adam(cfg.learning_rate)
@@ -168,12 +203,13 @@ def _ascend_all(variables, channels, keys, *, model, layer, cfg, bounds, image_s
 
 def activation_maximization(model: nn.Module, variables: Mapping[str, Any], layer: str,
                             image_shape: Sequence[int], key: jax.Array, *,
-                            bounds: tuple[float, float],
+                            bounds: tuple[Bound, Bound],
                             channels: Sequence[int] | None = None,
                             cfg: ActMaxConfig = ActMaxConfig()) -> ActMaxResult:
     """Maximizes each of `channels` of `layer` (all of them by default; 'logits' for classes).
 
-    `bounds` is the pixel range in model space, e.g. ((0 - mean) / std, (1 - mean) / std); `key`
+    `bounds` is the pixel range in model space, `pixel_bounds(mean, std)`: two numbers, or two
+    per-channel sequences for a colour dataset normalized channel by channel; `key`
     seeds the starts and the transforms, one stream per channel id, so a channel's result does
     not depend on which others are optimized with it.
     """
@@ -186,9 +222,7 @@ def activation_maximization(model: nn.Module, variables: Mapping[str, Any], laye
     if channels.ndim != 1 or len(channels) == 0 or channels.min() < 0 or channels.max() >= width:
         raise ValueError(f"channels of {layer!r} must be a non-empty list in [0, {width}), got "
                          f"{channels.tolist()}.")
-    lo, hi = float(bounds[0]), float(bounds[1])
-    if not lo < hi:
-        raise ValueError(f"bounds must be (low, high) with low < high, got {bounds}.")
+    lo, hi = _check_bounds(bounds, image_shape[-1])
     keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.asarray(channels))  # one per channel id
     images, start, final = _ascend_all(variables, jnp.asarray(channels), keys, model=model,
                                        layer=layer, cfg=cfg, bounds=(lo, hi), image_shape=image_shape)
@@ -197,9 +231,11 @@ def activation_maximization(model: nn.Module, variables: Mapping[str, Any], laye
 
 
 def actmax_grid(result: ActMaxResult, cmap: str = "gray") -> np.ndarray:
-    """The optimized images as one RGBA grid on the pixel range they were kept in (a saturated
-    tile is a real saturated image); tile k is `result.channels[k]`, row-major. Colour images
-    show as their channel mean."""
-    lo, hi = result.bounds
-    stacked = np.moveaxis(result.images.mean(axis=-1), 0, -1)  # (H, W, K)
-    return colorize(tile((stacked - lo) / (hi - lo)), cmap, gap=0.5)  # grey gaps: white tiles show
+    """The optimized images as one RGBA grid on the pixel range they were kept in, channel by
+    channel (a saturated tile is a real saturated image); tile k is `result.channels[k]`,
+    row-major. Three channels show as RGB, one in `cmap`, any other count as their mean."""
+    unit = in_units(result.images, result.bounds)  # (K, H, W, C)
+    if unit.shape[-1] == 3:
+        return rgb_grid(unit, gap=0.5)
+    stacked = np.moveaxis(unit.mean(axis=-1), 0, -1)  # (H, W, K)
+    return colorize(tile(stacked), cmap, gap=0.5)  # grey gaps: white tiles show

@@ -22,6 +22,7 @@ import numpy as np
 
 from cnnjax.report.plots import new_figure
 from cnnjax.nn.capture import inference_variables, run_layers
+from cnnjax.visualize.feature_maps import displayed
 
 LogitsFn = Callable[[jax.Array], jax.Array]
 
@@ -173,7 +174,8 @@ def spearman(a, b) -> float:
 
 
 def overlay_figure(images: np.ndarray, maps: Mapping[str, np.ndarray], row_titles: list[str]):
-    """Rows of examples: the input, then each method's map as a heat overlay on it.
+    """Rows of examples: the input (RGB for three channels), then each method's map as a heat
+    overlay on its grey version, so the heat's colours are not confused with the image's.
 
     `images` is (N, H, W, C) in display range [0, 1]; each map (N, H, W) is scaled to its own
     example's maximum, so the colours compare pixels within a map, not across methods.
@@ -182,7 +184,8 @@ def overlay_figure(images: np.ndarray, maps: Mapping[str, np.ndarray], row_title
     fig, axes = new_figure(n, cols, figsize=(1.9 * cols, 1.9 * n), squeeze=False)
     gray = images.mean(axis=-1)
     for i in range(n):
-        axes[i, 0].imshow(images[i] if images.shape[-1] == 3 else gray[i], cmap="gray", vmin=0, vmax=1)
+        pixels, cmap = displayed(images[i])
+        axes[i, 0].imshow(pixels, cmap=cmap, vmin=0, vmax=1)
         axes[i, 0].set_title(row_titles[i], fontsize=8)
         for j, (name, m) in enumerate(maps.items(), start=1):
             m_i = np.asarray(m[i], np.float64)

@@ -69,9 +69,10 @@ def localization(maps: np.ndarray, masks: np.ndarray) -> Localization:
                         uniform_mass=float(area.mean()))
 
 
-def saturation(images: np.ndarray, bounds: tuple[float, float], tol: float = SATURATED) -> np.ndarray:
-    """(K, H, W, C) images -> (K,) fraction of values within `tol` of the range's ends."""
-    lo, hi = bounds
+def saturation(images: np.ndarray, bounds, tol: float = SATURATED) -> np.ndarray:
+    """(K, H, W, C) images -> (K,) fraction of values within `tol` of the range's ends; `bounds`
+    is (low, high), each a number or one per channel (a colour dataset's own ranges)."""
+    lo, hi = (np.asarray(b, np.float64) for b in bounds)
     unit = (np.asarray(images, np.float64) - lo) / (hi - lo)
     flat = unit.reshape(len(unit), -1)
     return ((flat <= tol) | (flat >= 1 - tol)).mean(axis=1)

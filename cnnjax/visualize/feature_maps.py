@@ -2,7 +2,8 @@
 
 Tiles are built as arrays and written with `imsave`, one pixel per activation (the HTML report
 scales them up without smoothing): a 64-channel grid costs milliseconds, not a matplotlib figure
-per channel. Channel k sits at row k // cols, column k % cols.
+per channel. Channel k sits at row k // cols, column k % cols. Input images (the overview's first
+panel, act-max results) are shown as they are: grey for one channel, RGB for three.
 """
 
 from __future__ import annotations
@@ -55,6 +56,34 @@ def colorize(grid: np.ndarray, cmap: str = "viridis", gap: float = 1.0) -> np.nd
     return (rgba * 255).round().astype(np.uint8)
 
 
+def displayed(image: np.ndarray) -> tuple[np.ndarray, str | None]:
+    """(H, W, C) display-range image -> (what `imshow` takes, its cmap): one channel as a grey
+    (H, W) map, three as RGB (no cmap), any other count as its channel mean in grey."""
+    image = np.asarray(image)
+    if image.shape[-1] == 1:
+        return image[..., 0], "gray"
+    if image.shape[-1] == 3:
+        return image, None
+    return image.mean(axis=-1), "gray"
+
+
+def rgb_grid(images: np.ndarray, cols: int | None = None, pad: int = 1,
+             gap: float = 0.5) -> np.ndarray:
+    """(K, H, W, 3) RGB values in [0, 1] -> RGBA uint8 grid, image k at row k // cols, column
+    k % cols as `tile` places channels; grey level `gap` between tiles and in unused ones."""
+    k, h, w, c = images.shape
+    if c != 3:
+        raise ValueError(f"an RGB grid takes (K, H, W, 3) images, got shape {images.shape}.")
+    cols = cols or math.ceil(math.sqrt(k))
+    rows = math.ceil(k / cols)
+    grid = np.full((rows * (h + pad) - pad, cols * (w + pad) - pad, 4), 1.0, np.float64)
+    grid[..., :3] = gap
+    for i in range(k):
+        r, q = divmod(i, cols)
+        grid[r * (h + pad):r * (h + pad) + h, q * (w + pad):q * (w + pad) + w, :3] = images[i]
+    return (np.clip(grid, 0.0, 1.0) * 255).round().astype(np.uint8)
+
+
 def channel_grid(fmap: np.ndarray, scale: str = "channel", cmap: str = "viridis") -> np.ndarray:
     """(H, W, C) feature map -> RGBA grid image of all C channels."""
     return colorize(tile(normalize_channels(fmap, scale)), cmap)
@@ -69,14 +98,16 @@ def overview_figure(image: np.ndarray, maps: Mapping[str, np.ndarray], scale: st
                     title: str = "", max_channels: int = 16):
     """One page from the input up the hierarchy: a row per layer, its first `max_channels` channels.
 
-    `image` is (H, W, C) in display range [0, 1]; maps are (H, W, C) per layer, in call order.
+    `image` is (H, W, C) in display range [0, 1], shown as `displayed` says (RGB for three
+    channels); maps are (H, W, C) per layer, in call order.
     """
     rows = 1 + len(maps)
     fig, axes = new_figure(rows, max_channels, figsize=(max_channels * 0.75, rows * 0.95),
                              squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
-    axes[0, 0].imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=1)
+    pixels, cmap = displayed(image)
+    axes[0, 0].imshow(pixels, cmap=cmap, vmin=0, vmax=1)
     axes[0, 0].set_title("input", fontsize=7, loc="left")
     for r, (name, fmap) in enumerate(maps.items(), start=1):
         shown = normalize_channels(fmap, scale)

@@ -20,7 +20,8 @@ from cnnjax.data import input_pipeline
 from cnnjax.report import logs as report
 from cnnjax.training.runs import Run, load_run
 from cnnjax.visualize import attribution, checks, feature_maps, html_report as H
-from cnnjax.visualize.actmax import ActMaxConfig, activation_maximization, actmax_grid
+from cnnjax.visualize.actmax import (ActMaxConfig, activation_maximization, actmax_grid, in_units,
+                                     pixel_bounds)
 from cnnjax.nn.capture import (LOGITS, Layer, capture, inference_variables, last_feature_layer,
                                list_layers, rectified_feature_layer, top_level)
 from cnnjax.nn.health import filter_health
@@ -35,7 +36,8 @@ REPORT = "report.html"
 
 
 def read_image_file(path: pathlib.Path, image_shape: tuple[int, int, int]) -> np.ndarray:
-    """A .npy (uint8, one image or a batch) or .png file as uint8 (N, H, W, C) for the model."""
+    """A .npy (uint8, one image or a batch) or .png file as uint8 (N, H, W, C) for the model; a
+    colour PNG for a 1-channel model is averaged, a grey one for a 3-channel model repeated."""
     path = pathlib.Path(path)
     if not path.exists():
         raise FileNotFoundError(f"image file {path} not found; --images takes test-set indices or "
@@ -45,9 +47,13 @@ def read_image_file(path: pathlib.Path, image_shape: tuple[int, int, int]) -> np
     elif path.suffix.lower() == ".png":
         import matplotlib.image
 
-        pixels = matplotlib.image.imread(path)[..., :3]  # floats in [0, 1]; alpha dropped
-        if pixels.ndim == 3 and image_shape[-1] == 1:
-            pixels = pixels.mean(axis=-1)
+        pixels = matplotlib.image.imread(path)  # floats in [0, 1]: (H, W) grey or (H, W, 3|4)
+        if pixels.ndim == 3:
+            pixels = pixels[..., :3]  # alpha dropped
+            if image_shape[-1] == 1:
+                pixels = pixels.mean(axis=-1)
+        elif image_shape[-1] == 3:
+            pixels = np.repeat(pixels[..., None], 3, axis=-1)
         pixels = np.round(pixels * 255).astype(np.uint8)
     else:
         raise ValueError(f"image file {path}: expected .npy or .png.")
@@ -60,8 +66,7 @@ def test_set(run: Run) -> tuple[np.ndarray, np.ndarray]:
     """The run's test split (its classes, as in training): (N, H, W, C) images in pixel units
     and their labels."""
     cfg = run.config.data
-    images, labels = input_pipeline.load_split(cfg.dataset, "test", data_dir=cfg.data_dir,
-                                               manual_dir=cfg.manual_dir)
+    images, labels = input_pipeline.load_split(cfg, "test")
     return input_pipeline.select_classes(images, labels, tuple(cfg.classes))
 
 
@@ -143,7 +148,7 @@ def visualize_run(run_dir: pathlib.Path | str, images: Sequence[str | int] | Non
     out.mkdir(exist_ok=True)
     x = input_pipeline.normalize(jnp.asarray(pixels), spec.mean, spec.std)
     display = pixels.astype(np.float32) / 255.0
-    bounds = ((0.0 - spec.mean) / spec.std, (1.0 - spec.mean) / spec.std)
+    bounds = pixel_bounds(spec.mean, spec.std)  # per channel for a colour dataset
     record: dict = {}  # the checks' numbers, written to checks.json beside the report's tables
     sections = [("run", "Run", _run_section(run, table))]
     sections.append(("curves", "Training curves", _curves_section(run_dir)))
@@ -230,7 +235,7 @@ def _load_recognizer(path, run: Run) -> Run:
 
 def _recognize(other: Run, images: np.ndarray, bounds) -> np.ndarray:
     """The other run's softmax on model-space images of this run, renormalized as it expects."""
-    pixels = (images - bounds[0]) / (bounds[1] - bounds[0])
+    pixels = in_units(images, bounds)
     x = (pixels - other.spec.mean) / other.spec.std
     logits = jax.jit(other.model.apply)(inference_variables(other.variables), jnp.asarray(x))
     return np.asarray(jax.nn.softmax(logits))
@@ -281,7 +286,8 @@ def _actmax_section(out, run: Run, layers, key, bounds, cfg, other, record) -> s
         if layer == LOGITS and other is not None:
             pictures += _recognition(other, result, bounds, record)
     report.write_json(out / "actmax.json", detail)
-    quality.append((f"reference: {len(test_pixels)} test digits", float(digits_sat.mean()),
+    kind = "digits" if image_shape[-1] == 1 else "images"
+    quality.append((f"reference: {len(test_pixels)} test {kind}", float(digits_sat.mean()),
                     float(digits_sat.max()), f"{int((digits_sat <= 0.1).sum())} / "
                     f"{len(digits_sat)}", float(digits_hf.mean())))
     body += pictures
@@ -324,7 +330,7 @@ def _attribution_section(out, run: Run, x, display, titles, cam_layer, smooth_ke
     def attributions(v, reinit, x, key):
         fn = attribution.logits_fn(model, v)
         targets = fn(x).argmax(-1)
-        baseline = jnp.full_like(x, bounds[0])  # black pixels: "no ink"
+        baseline = jnp.broadcast_to(jnp.asarray(bounds[0], x.dtype), x.shape)  # black: "no ink"
         result = {"targets": targets,
                   "gradient": attribution.gradient(fn, x, targets),
                   "smoothgrad": attribution.smoothgrad(fn, x, targets, key, samples),
