@@ -45,11 +45,11 @@ RECIPE = [
 def synthetic_archive(path: pathlib.Path, n_train: int, seed: int = 0) -> None:
     """A learnable stand-in for cifar-10-binary.tar.gz, in its exact format."""
     rng = np.random.default_rng(seed)
-    palette = rng.integers(40, 216, (10, 3))
+    palette = rng.integers(96, 160, (10, 3))
 
     def records(n):
         labels = rng.integers(0, 10, n)
-        images = rng.normal(palette[labels][:, None, None, :], 40, (n, 32, 32, 3))
+        images = rng.normal(palette[labels][:, None, None, :], 64, (n, 32, 32, 3))
         shift = rng.integers(-6, 7, (n, 2))
         images = np.stack([np.roll(im, tuple(s), (0, 1)) for im, s in zip(images, shift)])
         planes = np.clip(images, 0, 255).astype(np.uint8).transpose(0, 3, 1, 2).reshape(n, -1)

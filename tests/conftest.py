@@ -1,14 +1,35 @@
 """Shared test setup: prepared datasets go to a temporary TFDS dir unless CNNJAX_DATA_DIR is set;
-the tiny test models of `fixtures` are registered."""
+the tiny test models of `fixtures` are registered; compiled programs are shared through JAX's
+persistent compilation cache.
+
+The suite trains many small runs of the same few configs, each building its jitted functions
+anew, so most of its time was XLA compiling the same programs again. A session-private cache
+directory (set in the environment, so CLI subprocesses share it too) serves an identical program
+from the first compile; executables are looked up by their HLO and compile options, so a hit runs
+the very program a compile would have produced and every assertion holds as before.
+"""
 
 import os
+import shutil
+import sys
 import tempfile
 
 import pytest
 
+_JAX_CACHE = {"jax_persistent_cache_min_compile_time_secs": 0.0,
+              "jax_persistent_cache_min_entry_size_bytes": 0}  # cache every program
+
 
 def pytest_configure(config):
     os.environ.setdefault("CNNJAX_DATA_DIR", tempfile.mkdtemp(prefix="cnnjax-tfds-"))
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        cache = tempfile.mkdtemp(prefix="cnnjax-jax-cache-")
+        config.add_cleanup(lambda: shutil.rmtree(cache, ignore_errors=True))
+        settings = {**_JAX_CACHE, "jax_compilation_cache_dir": cache}
+        os.environ.update({name.upper(): str(value) for name, value in settings.items()})
+        if "jax" in sys.modules:  # imported already (by a plugin): its config read the env then
+            for name, value in settings.items():
+                sys.modules["jax"].config.update(name, value)
     import fixtures  # tests/ is on sys.path (pytest's rootdir-relative imports)
 
     fixtures.register()

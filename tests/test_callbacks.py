@@ -108,12 +108,15 @@ def test_a_callback_stops_the_run_and_it_resumes_exactly(whole, tmp_path):
     resumed = train_and_evaluate(cfg, run_dir)
     assert resumed.finished and resumed.summary["resumed"]
     assert (run_dir / "metrics.jsonl").read_bytes() == (whole_dir / "metrics.jsonl").read_bytes()
+    # the stopped runs wrote events past the checkpoints they resumed from: purged, not doubled
+    assert_tensorboard_equals_metrics(run_dir)
 
 
-def test_tensorboard_scalars_equal_metrics_jsonl(whole):
+def assert_tensorboard_equals_metrics(run_dir):
+    """Every number of metrics.jsonl once, at its step, read back with TensorBoard's own reader
+    (which applies a resumed run's purge)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run_dir = whole[0]
     events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0}).Reload()
     lines = read_jsonl(run_dir / "metrics.jsonl")
     expected = {}
@@ -129,6 +132,10 @@ def test_tensorboard_scalars_equal_metrics_jsonl(whole):
         assert [s for s, _ in got] == [s for s, _ in points], tag
         np.testing.assert_array_equal(np.float32([v for _, v in got]),
                                       np.float32([v for _, v in points]), err_msg=tag)
+
+
+def test_tensorboard_scalars_equal_metrics_jsonl(whole):
+    assert_tensorboard_equals_metrics(whole[0])
 
 
 def test_the_stages_compose_into_the_whole_job(whole, tmp_path):

@@ -7,6 +7,8 @@ import importlib.resources
 import io
 import socket
 import struct
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -295,3 +297,14 @@ def test_failed_preparation_leaves_nothing_that_loads(tmp_path, offline):
     images, labels = datasets.load("mnist", "test", data_dir=tmp_path / "tfds",
                                    manual_dir=tmp_path / "manual")
     np.testing.assert_array_equal(labels, written["test"][1])
+
+
+def test_processes_preparing_one_dataset_at_once_all_load_it(tmp_path):
+    """Two runs started together on a fresh data dir: one prepares, the other waits and reads."""
+    code = ("import sys; from cnnjax.data import datasets; "
+            "x, y = datasets.load('mnist5k', 'test', data_dir=sys.argv[1]); print(len(y), y.sum())")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in results]
+    assert [out.split()[-2:] for out, _ in results] == [["1000", "4500"]] * 2  # 100 per class

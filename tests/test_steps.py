@@ -15,7 +15,9 @@ from cnnjax.data.augment import from_config
 from cnnjax.config import AugmentConfig, ModelConfig, OptimConfig
 from cnnjax.nn.models import build_model
 from cnnjax.training.optim import make_optimizer, make_plateau
-from cnnjax.training.steps import CPU_MICROBATCH, create_train_state, grad_passes, make_train_step
+from cnnjax.data.mix import Mixing
+from cnnjax.training.steps import (CPU_MICROBATCH, StepOptions, create_train_state, grad_passes,
+                                   make_train_step)
 
 
 def test_grad_passes_picks_cache_sized_passes_on_cpu():
@@ -100,48 +102,54 @@ SHARDED = textwrap.dedent("""
     import jax, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     sys.path.insert(0, {tests!r})
-    from test_steps import _setup
-    from cnnjax.data.mix import Mixing
-    from cnnjax.training.steps import StepOptions, make_train_step
+    from test_steps import MIXINGS, _setup, _step_record
+    from cnnjax.training.steps import make_train_step
     assert jax.device_count() == 2
     model, tx, state, batch, augment = _setup(64, seed=3)
-    key = jax.random.key(4)
     sharding = NamedSharding(Mesh(np.asarray(jax.devices()), ("data",)), P("data"))
-    sharded = jax.device_put(batch, sharding)
     out = {{}}
-    for mixed, options in (("", StepOptions()), ("mixed_", StepOptions(mixing=Mixing(0.4, 1.0)))):
-        one = make_train_step(model, tx, 0.5, 0.25, augment, microbatch=64, options=options)(
-            jax.tree.map(lambda x: x.copy(), state), batch, key)
+    for mixed, options in MIXINGS.items():
         two = make_train_step(model, tx, 0.5, 0.25, augment, microbatch=8, options=options)(
             jax.device_put(jax.tree.map(lambda x: x.copy(), state), NamedSharding(sharding.mesh, P())),
-            sharded, key)
-        for name, (s, m) in (("one", one), ("two", two)):
-            out[mixed + name] = {{"metrics": {{k: float(v) for k, v in m.items()}},
-                                  "params": [np.asarray(p).ravel().tolist()
-                                             for p in jax.tree.leaves(s.params)]}}
-        out[mixed + "replicated"] = all(p.sharding.is_fully_replicated
-                                        for p in jax.tree.leaves(two[0].params))
+            jax.device_put(batch, sharding), jax.random.key(4))
+        out[mixed] = {{**_step_record(two), "replicated": all(
+            p.sharding.is_fully_replicated for p in jax.tree.leaves(two[0].params))}}
     print(json.dumps(out))
 """)
+MIXINGS = {"": StepOptions(), "mixed": StepOptions(mixing=Mixing(0.4, 1.0))}
+
+
+def _step_record(step) -> dict:
+    state, metrics = step
+    return {"metrics": {k: float(v) for k, v in metrics.items()},
+            "params": [np.asarray(p).ravel().tolist() for p in jax.tree.leaves(state.params)]}
 
 
 def test_passes_on_a_batch_sharded_over_two_devices():
     """Each pass takes a share of every device's rows: 2 devices x 4 passes of 8 rows = one step,
-    with and without mixup/CutMix (whose partners are rows of the whole, sharded batch)."""
+    with and without mixup/CutMix (whose partners are rows of the whole, sharded batch). The
+    one-device, one-pass reference steps run here, the two-device steps in a subprocess."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
            "JAX_PLATFORMS": "cpu"}
     code = SHARDED.format(tests=os.path.dirname(__file__))
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    for mixed in ("", "mixed_"):  # plain, and with mixup/CutMix keyed per example
-        for key, value in out[mixed + "one"]["metrics"].items():
-            assert out[mixed + "two"]["metrics"][key] == pytest.approx(value, rel=1e-5), (mixed, key)
-        for x, y in zip(out[mixed + "two"]["params"], out[mixed + "one"]["params"]):
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    model, tx, state, batch, augment = _setup(64, seed=3)
+    ones = {mixed: _step_record(make_train_step(model, tx, 0.5, 0.25, augment, microbatch=64,
+                                                options=options)(_copy(state), batch,
+                                                                 jax.random.key(4)))
+            for mixed, options in MIXINGS.items()}
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    twos = json.loads(stdout.strip().splitlines()[-1])
+    for mixed, one in ones.items():  # plain, and with mixup/CutMix keyed per example
+        two = twos[mixed]
+        for key, value in one["metrics"].items():
+            assert two["metrics"][key] == pytest.approx(value, rel=1e-5), (mixed, key)
+        for x, y in zip(two["params"], one["params"]):
             assert np.mean(np.abs(np.asarray(x) - np.asarray(y)) <= 1e-6) >= 0.999
-        assert out[mixed + "replicated"]  # parameters stay replicated
-    assert out["mixed_one"]["metrics"]["loss"] != out["one"]["metrics"]["loss"]
+        assert two["replicated"]  # parameters stay replicated
+    assert ones["mixed"]["metrics"]["loss"] != ones[""]["metrics"]["loss"]
 
 
 def test_eval_passes_sum_to_the_whole_batch():

@@ -12,6 +12,7 @@ writes into an `incomplete.*` directory that it removes on error and renames onl
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import pathlib
@@ -222,6 +223,22 @@ def read_split(source, where: str, *, num_classes: int, image_key: str = "image"
     return images, labels
 
 
+@contextlib.contextmanager
+def _preparing(builder: tfds.core.DatasetBuilder):
+    """One process at a time prepares a dataset: two runs started together on a fresh data dir
+    would otherwise race to rename the same TFDS output. The lock (fcntl, released by the kernel
+    when a holder dies) is a file of the data dir named after the dataset's folder."""
+    root = pathlib.Path(builder.data_dir_root)
+    root.mkdir(parents=True, exist_ok=True)
+    folder = pathlib.Path(builder.data_path).parent.relative_to(root)
+    fd = os.open(root / f".{'.'.join(folder.parts)}.prepare.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def load(builder: tfds.core.DatasetBuilder, split: str, *, label_key: str = "label",
          prepare: Callable[[], None] | None = None, **read_kwargs: Any
          ) -> tuple[np.ndarray, np.ndarray]:
@@ -232,7 +249,13 @@ def load(builder: tfds.core.DatasetBuilder, split: str, *, label_key: str = "lab
         if not prepared:
             if prepare is None:
                 raise FileNotFoundError(f"{builder.data_path} is not prepared.")
-            prepare()
+            with _preparing(builder):
+                with quiet(absl_logging.ERROR):
+                    prepared = builder.is_prepared()  # by the process that held the lock
+                if prepared:  # this builder's info was read before those files existed
+                    builder.info.read_from_directory(builder.data_path)
+                else:
+                    prepare()
         # The info file's mtime tells a re-prepared dataset from the one that was cached.
         stamp = os.stat(builder.data_path / "dataset_info.json").st_mtime_ns
         key = (os.fspath(pathlib.Path(builder.data_path).resolve()), split, label_key, stamp,

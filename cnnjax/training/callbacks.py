@@ -15,6 +15,7 @@ every checkpoint under the callback's `name`.
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import jax
@@ -235,9 +236,13 @@ class TimingLog(JsonlLog):
 
 
 class TensorBoard(Callback):
-    """TensorBoard event files in <run>/tensorboard (tensorboardX; no TensorFlow): every number
-    of metrics.jsonl as a scalar at its step, tagged `train/<name>` for step windows and
-    `epoch/<name>` for epoch lines. A resumed run purges events after its checkpoint's step."""
+    """TensorBoard event files in <run>/tensorboard (TensorBoard's own event writer; no
+    TensorFlow): every number of metrics.jsonl as a scalar at its step, tagged `train/<name>` for
+    step windows and `epoch/<name>` for epoch lines. A resumed run purges events after its
+    checkpoint's step (a SessionLog START at that step, as torch's and tensorboardX's writers do).
+
+    The writer is `tensorboard.summary.writer.EventFileWriter`, the one torch.utils.tensorboard
+    wraps; tensorboardX's SummaryWriter would import torch (~2 s) for scalars alone."""
 
     name = "tensorboard"
     SKIP = {"kind", "epoch", "step"}
@@ -253,17 +258,28 @@ class TensorBoard(Callback):
 
     def on_train_start(self, event: Event) -> None:
         if event.run.par.is_primary:
-            from tensorboardX import SummaryWriter
+            from tensorboard.compat.proto.event_pb2 import Event as TbEvent, SessionLog
+            from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
-            self.writer = SummaryWriter(str(event.run.run_dir / self.subdir), flush_secs=30,
-                                        purge_step=event.step + 1 if self._purge else None)
+            self.writer = EventFileWriter(str(event.run.run_dir / self.subdir), flush_secs=30)
+            if self._purge:
+                now = time.time()
+                self.writer.add_event(TbEvent(step=event.step + 1, wall_time=now,
+                                              file_version="brain.Event:2"))
+                self.writer.add_event(TbEvent(step=event.step + 1, wall_time=now,
+                                              session_log=SessionLog(status=SessionLog.START)))
 
     def _scalars(self, prefix: str, record: dict[str, Any]) -> None:
         if self.writer is None:
             return
-        for key, value in record.items():
-            if key not in self.SKIP and isinstance(value, (int, float)):
-                self.writer.add_scalar(f"{prefix}/{key}", float(value), record["step"])
+        from tensorboard.compat.proto.event_pb2 import Event as TbEvent
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        values = [Summary.Value(tag=f"{prefix}/{key}", simple_value=float(value))
+                  for key, value in record.items()
+                  if key not in self.SKIP and isinstance(value, (int, float))]
+        self.writer.add_event(TbEvent(step=int(record["step"]), wall_time=time.time(),
+                                      summary=Summary(value=values)))
 
     def on_log(self, event: LogEvent) -> None:
         self._scalars("train", event.record)
