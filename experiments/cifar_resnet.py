@@ -11,9 +11,10 @@ validation accuracy on 5,000 training images held out (data.val_fraction=0.1).
 
 Data: `cifar-10-binary.tar.gz` from https://www.cs.toronto.edu/~kriz/, downloaded by TFDS when there
 is network, else given with --manual-dir. ACCURACY NOT MEASURED ON THE REAL DATA: CIFAR cannot be
-downloaded where cnnjax is developed. Runtime: one batch-128 step of the full-width model takes about
-16 s on 2 CPU cores (ResNet-18 at 32x32 is ~0.56 GFLOP per image forward), so 200 epochs of 352
-steps are beyond a CPU; run it on an accelerator.
+downloaded where cnnjax is developed. Runtime: one batch-128 step of the full-width model takes
+4.4 s on 2 CPU cores (29 images/s, benchmarks/loader.py; ResNet-18 at 32x32 is ~0.56 GFLOP per image
+forward), so an epoch of 352 steps is 26 minutes and 200 epochs about 86 hours: run it on an
+accelerator.
 
 --synthetic N shows the pipeline end to end without the real archive: it writes a binary CIFAR-10
 archive of N training and N/5 test images (each class a colour, plus noise and a random offset, so

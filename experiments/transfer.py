@@ -8,7 +8,7 @@
    Adam/AMSGrad, lr 1e-3), each variant from a new 5-way head:
      frozen     the pretrained backbone frozen (BN in inference mode), only the head trains
      frozen_lr1e-2  the same with learning rate 1e-2 (the others keep 1e-3)
-     unfreeze   frozen, then layer4 trains too from epoch 3 on (after 2 epochs = 50 steps)
+     unfreeze   frozen, then layer4 trains too from epoch 3 on (after 2 epochs, 48-50 steps)
      finetune   the pretrained backbone and the head all train
      scratch    the same network from a random initialization
    and measure test accuracy on the 500 test digits 5-9 at the budgets in --at (nothing is selected
@@ -16,7 +16,7 @@
    run (plateau rule on, early stopping off) stopped after the budget, with a `Periodic` callback
    that evaluates the test digits at those steps.
 Writes transfer.md (the table), transfer.csv and transfer.png (accuracy against steps) in --out.
-About 4 minutes on 2 shared CPU cores (6 under heavy load); figures from one run are in the README.
+About 8 minutes on 2 CPU cores (480 s measured); figures from one run are in the README.
 
 Width: full ResNet-18 (width 64) takes ~6.3 s per batch-64 step with the small stem on 2 busy CPU
 cores, so the default is the same depth at width 8 (layer1..4: 8, 16, 32, 64 channels; 0.16 s per
