@@ -19,7 +19,9 @@ import time
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
+import cnnjax
 from cnnjax import Config, load_run, train_and_evaluate
 from cnnjax.cli import main
 from cnnjax.config import ModelConfig
@@ -27,6 +29,7 @@ from cnnjax.data import datasets
 from cnnjax.nn.models import build_model, check_geometry
 from cnnjax.training import rundir
 from cnnjax.training.checkpoint import CHECKSUMS, Checkpointer, DamagedCheckpoint
+from fixtures import write_cifar_archive
 
 # 5 of the 10 classes keep it small, and let `cnnjax eval --run` be tried on a class subset.
 CFG = ["model.features=4", "model.dense=8", "data.classes=0,1,2,3,4", "train.epochs=2",
@@ -233,11 +236,12 @@ for argv in json.loads(sys.argv[1]):
 """
 
 
-def cli_many(cases: list[list[str]]) -> list[CliResult]:
-    """Runs `cnnjax.cli.main` on each argv in one fresh interpreter (as the `cnnjax` command)."""
+def cli_many(cases: list[list[str]], cwd=None) -> list[CliResult]:
+    """Runs `cnnjax.cli.main` on each argv in one fresh interpreter (as the `cnnjax` command), in
+    `cwd` (where a run without --run-dir goes: checkpoints/...)."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore::DeprecationWarning"}
     proc = subprocess.run([sys.executable, "-c", _DRIVER, json.dumps(cases)], capture_output=True,
-                          text=True, timeout=600, env=env)
+                          text=True, timeout=600, env=env, cwd=cwd)
     outs = proc.stdout.split("@@case\n")[1:]
     errs = proc.stderr.split("@@case\n")[1:]
     assert len(outs) == len(cases), proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -298,6 +302,29 @@ def test_every_user_error_is_one_line_without_traceback(stopped, tmp_path):
         write_gz(manual / f"{prefix}-images-idx3-ubyte.gz", images, 2051)
         write_gz(manual / f"{prefix}-labels-idx1-ubyte.gz", labels, 2049)
 
+    cifar = {}  # a CIFAR-10 archive with its last test record cut short, one without batch 5
+    for name, damage in (("truncated", "test_batch.bin"), ("missing", "data_batch_5.bin")):
+        cifar[name] = tmp_path / f"cifar_{name}"
+        cifar[name].mkdir()
+        members = {f"cifar-10-batches-bin/{f}": bytes(3073 * 2)
+                   for f in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]}
+        members["cifar-10-batches-bin/batches.meta.txt"] = b"\n".join(
+            n.encode() for n in cnnjax.dataset_spec("cifar10").class_names)
+        if name == "truncated":
+            members["cifar-10-batches-bin/" + damage] = members["cifar-10-batches-bin/" + damage][:-5]
+        else:
+            del members["cifar-10-batches-bin/" + damage]
+        write_cifar_archive(cifar[name] / "cifar-10-binary.tar.gz", members)
+    folders = {}  # image folders with an empty class, and with a text file among the images
+    for name in ("empty", "stray"):
+        folders[name] = tmp_path / f"folder_{name}"
+        for c in ("cat", "dog"):
+            (folders[name] / c).mkdir(parents=True)
+            Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(folders[name] / c / "0.png")
+    (folders["empty"] / "cat" / "0.png").unlink()
+    (folders["stray"] / "dog" / "notes.txt").write_text("not an image")
+    data_dir = ["--data-dir", str(tmp_path / "tfds")]
+
     cases = {  # argv -> what the one message must name
         "empty features": (train + ["--set", "model.features=[]"], "model.features"),
         "NaN learning rate": (train + ["--set", "optim.learning_rate=NaN"], "finite"),
@@ -318,13 +345,29 @@ def test_every_user_error_is_one_line_without_traceback(stopped, tmp_path):
         "test files as train files": (train + ["--dataset", "mnist", "--manual-dir", str(manual),
                                                "--data-dir", str(tmp_path / "tfds")],
                                       "same images"),
+        "truncated CIFAR record": (train + ["--dataset", "cifar10", "--manual-dir",
+                                            str(cifar["truncated"])] + data_dir,
+                                   "test_batch.bin"),
+        "CIFAR batch missing": (train + ["--dataset", "cifar10", "--manual-dir",
+                                         str(cifar["missing"])] + data_dir, "data_batch_5.bin"),
+        "empty class folder": (train + ["--dataset", f"imagefolder:{folders['empty']}"] + data_dir,
+                               f"{folders['empty'] / 'cat'}"),
+        "non-image in a class folder": (train + ["--dataset", f"imagefolder:{folders['stray']}"]
+                                        + data_dir, "notes.txt"),
+        "unknown tfds: dataset": (train + ["--dataset", "tfds:nothing"] + data_dir, "'nothing'"),
+        "unknown label": (train + ["--dataset", "cifar100", "--set", "data.label=medium"],
+                          "data.label='medium'"),
+        "image size for arrays": (train + ["--set", "data.image_size=32"], "data.image_size"),
     }
-    results = cli_many([argv for argv, _ in cases.values()] + [["eval", "--run", str(subset)]])
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    results = cli_many([argv for argv, _ in cases.values()] + [["eval", "--run", str(subset)]], cwd)
     for (name, (_, expected)), result in zip(cases.items(), results):
         errors = [line for line in result.out.splitlines() if "error:" in line]
         assert result.rc == 2, (name, result.out[-3000:])
         assert "Traceback" not in result.out and "PAYLOAD RAN" not in result.out, (name, result.out)
         assert len(errors) == 1 and expected in errors[0], (name, result.out)
+    assert not (cwd / "checkpoints").exists()  # a refused run leaves no run directory behind
     evaluated = results[-1]
     assert evaluated.rc == 0, evaluated.out
     assert json.loads(evaluated.out.splitlines()[-1])["count"] > 0

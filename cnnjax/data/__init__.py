@@ -1,2 +1,4 @@
-"""Data: TFDS builders (`datasets`), the host-side input pipeline (`input_pipeline`) and on-device
-augmentation keyed per example (`augment`). Imports nothing of cnnjax but the config."""
+"""Data: datasets by name (`datasets`: the built-ins, on the TFDS machinery of `store`; `mnist`,
+`cifar`, `imagefolder`, `tfds_prepared`; a user's arrays in `sources`), the host-side input pipeline
+(`input_pipeline`) and on-device augmentation keyed per example (`augment`, `mix`). Imports nothing
+of cnnjax but the config."""

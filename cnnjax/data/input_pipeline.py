@@ -66,10 +66,12 @@ def dataset_spec(cfg: DataConfig | str) -> datasets.DatasetSpec:
     without loading it, the others' from their data."""
     cfg = _as_config(cfg)
     if is_builtin(cfg.dataset):
+        _not_for(cfg, "image_size", "a built-in dataset has one image size")
         return datasets.get_spec(cfg.dataset, cfg.label)
     if (module := _prefixed(cfg.dataset)) is not None:
         return module.spec(cfg)
-    _no_label(cfg)
+    for field in ("label", "image_size"):
+        _not_for(cfg, field, "arrays of your own carry one label and their own size")
     return sources.load(cfg.dataset).spec
 
 
@@ -77,11 +79,13 @@ def load_split(cfg: DataConfig | str, split: str) -> tuple[np.ndarray, np.ndarra
     """One whole split of any dataset: images in host units (see the module docstring), labels."""
     cfg = _as_config(cfg)
     if is_builtin(cfg.dataset):
+        _not_for(cfg, "image_size", "a built-in dataset has one image size")
         return datasets.load(cfg.dataset, split, data_dir=cfg.data_dir, manual_dir=cfg.manual_dir,
                              label=cfg.label)
     if (module := _prefixed(cfg.dataset)) is not None:
         return module.load(cfg, split)
-    _no_label(cfg)
+    for field in ("label", "image_size"):
+        _not_for(cfg, field, "arrays of your own carry one label and their own size")
     source = sources.load(cfg.dataset)
     if split not in sources.SPLITS:
         raise ValueError(f"Dataset {cfg.dataset!r} has no split {split!r}; choose one of "
@@ -89,11 +93,10 @@ def load_split(cfg: DataConfig | str, split: str) -> tuple[np.ndarray, np.ndarra
     return getattr(source, split)
 
 
-def _no_label(cfg: DataConfig) -> None:
-    if cfg.label or cfg.image_size:
-        field = "label" if cfg.label else "image_size"
-        raise ValueError(f"data.{field} does not apply to dataset {cfg.dataset!r} (arrays of your "
-                         f"own carry one label and their own size); remove the setting.")
+def _not_for(cfg: DataConfig, field: str, why: str) -> None:
+    if getattr(cfg, field):
+        raise ValueError(f"data.{field} does not apply to dataset {cfg.dataset!r} ({why}); remove "
+                         f"the setting.")
 
 
 def data_spec(cfg: DataConfig) -> datasets.DatasetSpec:

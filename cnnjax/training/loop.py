@@ -261,15 +261,18 @@ def setup(cfg: Config, run_dir: pathlib.Path | str | None = None) -> tuple[RunSe
     if run_dir is None and jax.process_count() > 1:
         raise ValueError("a multi-process run needs an explicit --run-dir shared by every process.")
     run_dir = pathlib.Path(run_dir if run_dir is not None else rundir.default_run_dir(cfg))
-    resuming = rundir.open_run_dir(run_dir, cfg, par.is_primary)
-    if par.is_primary and not resuming:
-        rundir.write_data_spec(run_dir, data.spec, n_steps)
-    ckpt = checkpoint.Checkpointer(run_dir, tc.keep_checkpoints, tc.async_checkpointing)
 
     init_rng, train_rng = seed_keys(tc.seed)
     state = jax.jit(lambda rng: create_train_state(model, tx, plateau, data.spec.image_shape, rng),
                     out_shardings=par.replicated)(init_rng)
     del init_rng
+    if not (run_dir.is_dir() and rundir.has_checkpoint(run_dir)):
+        # a new run: transfer.backbone is read (and refused) before the run directory exists
+        state = jax.device_put(transfer.initialize(state, cfg), par.replicated)
+    resuming = rundir.open_run_dir(run_dir, cfg, par.is_primary)
+    if par.is_primary and not resuming:
+        rundir.write_data_spec(run_dir, data.spec, n_steps)
+    ckpt = checkpoint.Checkpointer(run_dir, tc.keep_checkpoints, tc.async_checkpointing)
     progress = Progress(root_key=jax.random.key_data(train_rng).tolist())
     if resuming:
         state, loop, step = ckpt.restore(par.abstract(state))
@@ -277,8 +280,6 @@ def setup(cfg: Config, run_dir: pathlib.Path | str | None = None) -> tuple[RunSe
         train_rng = jax.random.wrap_key_data(np.asarray(progress.root_key, np.uint32))
         if par.is_primary:
             print(f"resuming {run_dir} from step {step} (epoch {progress.epoch}, batch {progress.batch})")
-    else:
-        state = jax.device_put(transfer.initialize(state, cfg), par.replicated)
     progress.last_checkpoint_step = int(state.step)
     # One compiled step per set of frozen layers (transfer learning): a recompile at unfreezing only.
     train_steps = transfer.EpochSteps(model, cfg.transfer, lambda m: make_train_step(

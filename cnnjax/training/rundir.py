@@ -129,11 +129,15 @@ def open_run_dir(run_dir: pathlib.Path, cfg: Config, primary: bool = True) -> bo
         raise
 
 
+def has_checkpoint(run_dir: pathlib.Path) -> bool:
+    """Whether the directory holds a checkpoint step, i.e. a run to resume."""
+    ckpt = run_dir / checkpoint.CKPT_DIR
+    return ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir())
+
+
 def _check_run_dir(run_dir: pathlib.Path, cfg: Config, primary: bool) -> bool:
     saved_path = run_dir / "config.json"
-    has_checkpoint = (run_dir / checkpoint.CKPT_DIR).is_dir() and any(
-        p.name.isdigit() for p in (run_dir / checkpoint.CKPT_DIR).iterdir())
-    if not has_checkpoint:
+    if not has_checkpoint(run_dir):
         if not primary:
             return False
         if (run_dir / "metrics.jsonl").exists():
