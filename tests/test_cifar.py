@@ -3,6 +3,8 @@ checksum files, and the standard CIFAR augmentation against a padded-crop refere
 
 import importlib.resources
 import json
+import socket
+import time
 import warnings
 
 import jax
@@ -195,3 +197,14 @@ def test_cnnjax_train_on_cifar10_files_end_to_end(tmp_path, cifar10_files):
     assert spec["mean"] == list(cifar.CnnjaxCifar10.MEAN)
     run = cnnjax.load_run(tmp_path / "run")
     assert run.evaluate(*expected["test"])["accuracy"] == result.summary["test"]["accuracy"]
+
+
+def test_offline_without_a_manual_dir_fails_fast_with_what_to_download(tmp_path, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "offline (test)")
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    start = time.perf_counter()
+    with pytest.raises(FileNotFoundError, match=r"www.cs.toronto.edu cannot be reached.*"
+                                                r"kriz/cifar-100-binary.tar.gz.*--manual-dir"):
+        input_pipeline.load_split(DataConfig(dataset="cifar100", data_dir=str(tmp_path)), "train")
+    assert time.perf_counter() - start < 30  # not TFDS's minutes of retries

@@ -259,7 +259,7 @@ def _rgb_dataset(n_train=640, n_test=160, seed=0):
 @pytest.mark.parametrize("model", [["model.name=resnet_tiny", "model.stem=small"]])
 def test_a_three_channel_32px_dataset_of_arrays_trains(tmp_path, model):
     cnnjax.register_dataset("test_rgb32", _rgb_dataset())
-    cfg = cnnjax.Config().override(["data.dataset=test_rgb32", "train.epochs=2",
+    cfg = cnnjax.Config().override(["data.dataset=test_rgb32", "train.epochs=1",
                                     "train.batch_size=32", "train.progress=false", *model])
     result = cnnjax.train_and_evaluate(cfg, tmp_path / "rgb")
     assert result.summary["test"]["count"] == 160 and result.summary["test"]["accuracy"] > 0.5
