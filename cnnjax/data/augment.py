@@ -1,8 +1,8 @@
 """On-device data augmentation: random affine warps drawn per example from folded keys.
 
-Every transform (scale, rotation, translation, padded crop, horizontal flip) is an affine map of the pixel grid,
-so a pipeline composes them into one 3x3 matrix per example, in the configured order as torchvision's
-`transforms.Compose` would apply them, and resamples each image once (bilinear, zero fill) instead
+Every transform (scale, rotation, translation, padded crop, horizontal flip) is an affine map of
+the pixel grid, so a pipeline composes them into one 3x3 matrix per example, in the configured
+order as torchvision's `transforms.Compose` would apply them, and resamples each image once (bilinear, zero fill) instead
 of once per transform: one interpolation blur, one gather. It runs inside the jitted train step on
 pixel values (before normalization, so the fill is black as in torchvision), vectorized with vmap.
 

@@ -12,7 +12,8 @@ either way (every batch present, whole records, labels in range).
 Splits: CIFAR-10 train = data_batch_1..5 (50,000), test = test_batch (10,000); CIFAR-100 train.bin
 (50,000) and test.bin (10,000), with the fine label as `label` and the superclass as
 `coarse_label` (`data.label=coarse`). Records keep the archive's order. Class names are the
-archive's (batches.meta.txt, fine/coarse_label_names.txt).
+official ones (also known before the archive is read); the archive's batches.meta.txt and
+fine/coarse_label_names.txt are checked against them, a difference warned about.
 
 The standard CIFAR augmentation is a random crop from the image zero-padded by 4 pixels and a
 horizontal flip: `--set augment.crop=4 --set augment.flip=true`, drawn per example from folded keys
@@ -103,6 +104,7 @@ def read_archive(path: pathlib.Path, members: dict[str, tuple[str, ...]], names_
 
 
 class _CifarBuilder(store.ArrayRecordBuilder, skip_registration=True):
+    DATASET: ClassVar[str]  # cnnjax's name for it
     ARCHIVE: ClassVar[str]
     PREFIX: ClassVar[str]  # the folder inside the archive
     SPLIT_FILES: ClassVar[dict[str, tuple[str, ...]]]
@@ -111,15 +113,11 @@ class _CifarBuilder(store.ArrayRecordBuilder, skip_registration=True):
     IMAGE_SHAPE = (_SIZE, _SIZE, 3)
     HOMEPAGE = "https://www.cs.toronto.edu/~kriz/cifar.html"
 
-    @classmethod
-    def manual_instructions(cls) -> str:
-        return (f"Download {_URL}{cls.ARCHIVE} on a machine with network and put it, under that "
-                f"name, in a directory passed as manual_dir= (--manual-dir on the command line).")
-
     @tfds.core.utils.classproperty
     @classmethod
     def MANUAL_DOWNLOAD_INSTRUCTIONS(cls) -> str:  # TFDS reads a manual dir only when this is set
-        return cls.manual_instructions()
+        return (f"Download {_URL}{cls.ARCHIVE} on a machine with network and put it, under that "
+                f"name, in a directory passed as manual_dir= (--manual-dir on the command line).")
 
     @tfds.core.utils.classproperty
     @classmethod
@@ -130,21 +128,18 @@ class _CifarBuilder(store.ArrayRecordBuilder, skip_registration=True):
 
     def check_manual_dir(self, manual_dir: pathlib.Path) -> None:
         if not (manual_dir / self.ARCHIVE).is_file():
-            raise FileNotFoundError(f"Dataset {self.name.removeprefix('cnnjax_')!r}: manual dir "
-                                    f"{manual_dir} lacks {self.ARCHIVE}. {self.manual_instructions()}")
+            raise FileNotFoundError(f"Dataset {self.DATASET!r}: manual dir {manual_dir} lacks "
+                                    f"{self.ARCHIVE}. {self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
 
     def _split_generators(self, dl_manager):
-        try:
-            manual_dir = dl_manager.manual_dir
-        except AssertionError:  # no manual dir, or an empty one: download
-            manual_dir = None
-        name = self.name.removeprefix("cnnjax_")
+        manual_dir = store.given_manual_dir(dl_manager)
+        name = self.DATASET
         if manual_dir is not None:
             self.check_manual_dir(manual_dir)
             path = manual_dir / self.ARCHIVE
             store.warn_if_unofficial({path: _ARCHIVES[self.ARCHIVE][1]}, name)
         else:
-            store.check_reachable(name, _URL, self.manual_instructions())
+            store.check_reachable(name, _URL, self.MANUAL_DOWNLOAD_INSTRUCTIONS)
             path = pathlib.Path(dl_manager.download(_URL + self.ARCHIVE))
         members = {s: tuple(self.PREFIX + f for f in files) for s, files in self.SPLIT_FILES.items()}
         names_files = {k: self.PREFIX + f for k, f in self.NAMES_FILES.items()}
@@ -175,6 +170,7 @@ class CnnjaxCifar10(_CifarBuilder, skip_registration=True):
     """CIFAR-10: 32x32 colour images in 10 classes, 50,000 train / 10,000 test."""
 
     name = "cnnjax_cifar10"
+    DATASET = "cifar10"
     DESCRIPTION = "CIFAR-10 from its binary archive, stored as uint8 tensors."
     ARCHIVE = "cifar-10-binary.tar.gz"
     PREFIX = "cifar-10-batches-bin/"
@@ -192,6 +188,7 @@ class CnnjaxCifar100(_CifarBuilder, skip_registration=True):
     """CIFAR-100: 32x32 colour images in 100 classes (20 superclasses), 50,000 / 10,000."""
 
     name = "cnnjax_cifar100"
+    DATASET = "cifar100"
     DESCRIPTION = "CIFAR-100 from its binary archive, stored as uint8 tensors; fine and coarse labels."
     ARCHIVE = "cifar-100-binary.tar.gz"
     PREFIX = "cifar-100-binary/"

@@ -171,12 +171,6 @@ def _scan(cfg: DataConfig) -> _Folder:
 
 # ----------------------------------------------------------------------------- pixels
 
-def _image_size(cfg: DataConfig) -> tuple[int, int] | None:
-    """`data.image_size` as (height, width); None keeps the stored size."""
-    size = tuple(cfg.image_size)
-    return None if not size else (size[0], size[0]) if len(size) == 1 else (size[0], size[1])
-
-
 def _header(path: pathlib.Path) -> tuple[str, tuple[int, int]]:
     """(Pillow mode, (height, width)) from the file's header, without decoding its pixels."""
     try:
@@ -276,7 +270,7 @@ def _stored_fingerprint(path: pathlib.Path) -> str | None:
 def _builder(cfg: DataConfig, folder: _Folder) -> tfds.core.DatasetBuilder:
     """A reader of the prepared copy if it matches the folder; else (deleting a stale copy) a
     `CnnjaxImageFolder` to prepare it, after the header pass that fixes the image shape."""
-    size = _image_size(cfg)
+    size = store.target_size(cfg.image_size)
     config = _builder_config(folder, size, cfg.test_fraction)
     data_dir = store.data_root(cfg.data_dir)
     path = data_dir / CnnjaxImageFolder.name / config.name / str(CnnjaxImageFolder.VERSION)
@@ -289,12 +283,6 @@ def _builder(cfg: DataConfig, folder: _Folder) -> tfds.core.DatasetBuilder:
                                  config=config, data_dir=os.fspath(data_dir))
 
 
-def _no_label(cfg: DataConfig) -> None:
-    if cfg.label:
-        raise ValueError(f"data.label={cfg.label!r} does not apply to dataset {cfg.dataset!r}: "
-                         f"an image folder has one label, its class folders; remove the setting.")
-
-
 def _load(cfg: DataConfig, folder: _Folder, split: str) -> tuple[np.ndarray, np.ndarray]:
     b = _builder(cfg, folder)
     return store.load(b, split, prepare=b.prepare if isinstance(b, CnnjaxImageFolder) else None,
@@ -305,7 +293,6 @@ def _load(cfg: DataConfig, folder: _Folder, split: str) -> tuple[np.ndarray, np.
 def load(cfg: DataConfig, split: str) -> tuple[np.ndarray, np.ndarray]:
     """One whole split: read-only uint8 (N, H, W, C) images and int32 labels, in sorted path
     order; prepared first if the folder has no matching prepared copy."""
-    _no_label(cfg)
     if split not in _SPLITS:
         raise ValueError(f"Dataset {cfg.dataset!r} has no split {split!r}; choose one of "
                          f"{', '.join(map(repr, _SPLITS))}.")
@@ -315,10 +302,9 @@ def load(cfg: DataConfig, split: str) -> tuple[np.ndarray, np.ndarray]:
 def spec(cfg: DataConfig) -> datasets.DatasetSpec:
     """The dataset's spec, with per-channel mean and std of the train split (before the
     validation set is carved out of it, so they do not depend on the seed); cached per process."""
-    _no_label(cfg)
     folder = _scan(cfg)
-    key = (cfg.dataset, os.fspath(store.data_root(cfg.data_dir)), _image_size(cfg),
-           cfg.test_fraction, folder.fingerprint)
+    key = (cfg.dataset, os.fspath(store.data_root(cfg.data_dir)),
+           store.target_size(cfg.image_size), cfg.test_fraction, folder.fingerprint)
     if key not in _specs:
         images, _ = _load(cfg, folder, "train")
         mean, std = store.channel_stats(images)

@@ -53,50 +53,58 @@ def is_builtin(dataset: str) -> bool:
 _PREFIXED = {"imagefolder:": imagefolder, "tfds:": tfds_prepared}
 
 
-def _prefixed(dataset: str):
-    return next((m for prefix, m in _PREFIXED.items() if dataset.startswith(prefix)), None)
-
-
 def _as_config(cfg: DataConfig | str) -> DataConfig:
     return DataConfig(dataset=cfg) if isinstance(cfg, str) else cfg
+
+
+# The data settings each kind of dataset does not take, and why: refused before anything loads.
+_NOT_FOR = {
+    "builtin": {"image_size": "a built-in dataset has one image size"},
+    "imagefolder:": {"label": "an image folder has one label, its class folders"},
+    "tfds:": {},
+    "arrays": {"label": "arrays of your own carry one label and their own size",
+               "image_size": "arrays of your own carry one label and their own size"},
+}
+
+
+def _checked_kind(cfg: DataConfig) -> str:
+    """The kind of `cfg`'s dataset, once each setting it does not take is known to be unset."""
+    kind = ("builtin" if is_builtin(cfg.dataset)
+            else next((p for p in _PREFIXED if cfg.dataset.startswith(p)), "arrays"))
+    for field, why in _NOT_FOR[kind].items():
+        if value := getattr(cfg, field):
+            shown = list(value) if isinstance(value, tuple) else repr(value)
+            raise ValueError(f"data.{field}={shown} does not apply to dataset {cfg.dataset!r} "
+                             f"({why}); remove the setting.")
+    return kind
 
 
 def dataset_spec(cfg: DataConfig | str) -> datasets.DatasetSpec:
     """The spec of any dataset (a name stands for its default config); a built-in's comes
     without loading it, the others' from their data."""
     cfg = _as_config(cfg)
-    if is_builtin(cfg.dataset):
-        _not_for(cfg, "image_size", "a built-in dataset has one image size")
+    kind = _checked_kind(cfg)
+    if kind == "builtin":
         return datasets.get_spec(cfg.dataset, cfg.label)
-    if (module := _prefixed(cfg.dataset)) is not None:
-        return module.spec(cfg)
-    for field in ("label", "image_size"):
-        _not_for(cfg, field, "arrays of your own carry one label and their own size")
+    if kind in _PREFIXED:
+        return _PREFIXED[kind].spec(cfg)
     return sources.load(cfg.dataset).spec
 
 
 def load_split(cfg: DataConfig | str, split: str) -> tuple[np.ndarray, np.ndarray]:
     """One whole split of any dataset: images in host units (see the module docstring), labels."""
     cfg = _as_config(cfg)
-    if is_builtin(cfg.dataset):
-        _not_for(cfg, "image_size", "a built-in dataset has one image size")
+    kind = _checked_kind(cfg)
+    if kind == "builtin":
         return datasets.load(cfg.dataset, split, data_dir=cfg.data_dir, manual_dir=cfg.manual_dir,
                              label=cfg.label)
-    if (module := _prefixed(cfg.dataset)) is not None:
-        return module.load(cfg, split)
-    for field in ("label", "image_size"):
-        _not_for(cfg, field, "arrays of your own carry one label and their own size")
+    if kind in _PREFIXED:
+        return _PREFIXED[kind].load(cfg, split)
     source = sources.load(cfg.dataset)
     if split not in sources.SPLITS:
         raise ValueError(f"Dataset {cfg.dataset!r} has no split {split!r}; choose one of "
                          f"{', '.join(map(repr, sources.SPLITS))}.")
     return getattr(source, split)
-
-
-def _not_for(cfg: DataConfig, field: str, why: str) -> None:
-    if getattr(cfg, field):
-        raise ValueError(f"data.{field} does not apply to dataset {cfg.dataset!r} ({why}); remove "
-                         f"the setting.")
 
 
 def data_spec(cfg: DataConfig) -> datasets.DatasetSpec:

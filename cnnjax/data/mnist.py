@@ -155,7 +155,7 @@ _OFFICIAL_COUNTS = {"train": 60_000, "test": 10_000}  # both MNIST and Fashion-M
 def _check_manual_splits(name: str, paths: dict, arrays: dict) -> None:
     """Refuses test images under the train names; warns on a file of an unofficial size.
 
-    Manual files are not checksummed (mirrors re-compress them), so these content checks are
+    A manual file's sha256 only warns (mirrors re-compress them), so these content checks are
     what stands between a mix-up and a run that trains on its own test set.
     """
     (train_images, _), (test_images, _) = arrays["train"], arrays["test"]
@@ -185,8 +185,6 @@ def _download_instructions(name: str, manual_dir: os.PathLike) -> str:
     return (f"Download {', '.join(_IDX_URLS[name] + f for f in _IDX_FILES.values())} on a machine "
             f"with network, keep the file names, and put them in {manual_dir} or in a directory "
             f"passed as manual_dir= (--manual-dir on the command line).")
-
-
 
 
 # ----------------------------------------------------------------------------- TFDS builders
@@ -231,13 +229,9 @@ class _IdxBuilder(store.ArrayRecordBuilder, skip_registration=True):
                 for f, (size, sha256) in _CHECKSUMS[cls.DATASET].items()}
 
     def _split_generators(self, dl_manager):
-        try:
-            manual_dir = dl_manager.manual_dir
-        except AssertionError:  # no manual dir, or an empty one: download
-            manual_dir = None
+        manual_dir = store.given_manual_dir(dl_manager)
         if manual_dir is not None:
-            if missing := _missing_manual_files(manual_dir):
-                raise _missing_files_error(self.DATASET, manual_dir, missing)
+            self.check_manual_dir(manual_dir)
             paths = {k: manual_dir / f for k, f in _IDX_FILES.items()}
             store.warn_if_unofficial({manual_dir / f: _CHECKSUMS[self.DATASET][f][1]
                                       for f in _IDX_FILES.values()}, self.DATASET)

@@ -119,6 +119,15 @@ class ArrayRecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
         return examples(images, labels, keys)
 
 
+def given_manual_dir(dl_manager) -> pathlib.Path | None:
+    """The manual dir TFDS hands `_split_generators`, or None when there is none (or an empty one:
+    then the builder downloads)."""
+    try:
+        return dl_manager.manual_dir
+    except AssertionError:
+        return None
+
+
 def download_config(manual_dir) -> tfds.download.DownloadConfig:
     return tfds.download.DownloadConfig(
         manual_dir=manual_dir,
@@ -277,6 +286,11 @@ def holdout(labels: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
         n = int(round(fraction * len(rows)))
         mask[np.random.default_rng([seed, int(c)]).permutation(rows)[:n]] = True
     return mask
+
+
+def target_size(image_size: Sequence[int]) -> tuple[int, int] | None:
+    """`data.image_size` as (height, width): (H, W), or (S,) for S x S; None keeps stored sizes."""
+    return (image_size[0], image_size[-1]) if image_size else None
 
 
 def resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:

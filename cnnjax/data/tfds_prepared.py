@@ -140,10 +140,6 @@ def _label_key(info: tfds.core.DatasetInfo, label: str, dataset: str) -> str:
     return key
 
 
-def _size(image_size: tuple[int, ...]) -> tuple[int, int] | None:
-    return None if not image_size else (image_size[0], image_size[-1])
-
-
 def _open(cfg: DataConfig) -> _Source:
     """The dataset `cfg` names, described from its files: a wrong name, config, version, format,
     split or feature is refused here, before any example is read."""
@@ -158,7 +154,8 @@ def _open(cfg: DataConfig) -> _Source:
     label_key = _label_key(info, cfg.label, cfg.dataset)
     return _Source(cfg.dataset, path, os.stat(path / "dataset_info.json").st_mtime_ns,
                    _image_key(info.features, cfg.dataset), label_key,
-                   tuple(info.features[label_key].names), "test" in splits, _size(cfg.image_size))
+                   tuple(info.features[label_key].names), "test" in splits,
+                   store.target_size(cfg.image_size))
 
 
 def _convert(image: np.ndarray, index: int, *, size: tuple[int, int] | None, where: str

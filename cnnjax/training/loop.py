@@ -266,7 +266,7 @@ def setup(cfg: Config, run_dir: pathlib.Path | str | None = None) -> tuple[RunSe
     state = jax.jit(lambda rng: create_train_state(model, tx, plateau, data.spec.image_shape, rng),
                     out_shardings=par.replicated)(init_rng)
     del init_rng
-    if not (run_dir.is_dir() and rundir.has_checkpoint(run_dir)):
+    if not rundir.has_checkpoint(run_dir):
         # a new run: transfer.backbone is read (and refused) before the run directory exists
         state = jax.device_put(transfer.initialize(state, cfg), par.replicated)
     resuming = rundir.open_run_dir(run_dir, cfg, par.is_primary)

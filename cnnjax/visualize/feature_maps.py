@@ -69,19 +69,14 @@ def displayed(image: np.ndarray) -> tuple[np.ndarray, str | None]:
 
 def rgb_grid(images: np.ndarray, cols: int | None = None, pad: int = 1,
              gap: float = 0.5) -> np.ndarray:
-    """(K, H, W, 3) RGB values in [0, 1] -> RGBA uint8 grid, image k at row k // cols, column
-    k % cols as `tile` places channels; grey level `gap` between tiles and in unused ones."""
-    k, h, w, c = images.shape
-    if c != 3:
+    """(K, H, W, 3) RGB values in [0, 1] -> RGBA uint8 grid, image k where `tile` puts channel k;
+    grey level `gap` between tiles and in unused ones."""
+    if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"an RGB grid takes (K, H, W, 3) images, got shape {images.shape}.")
-    cols = cols or math.ceil(math.sqrt(k))
-    rows = math.ceil(k / cols)
-    grid = np.full((rows * (h + pad) - pad, cols * (w + pad) - pad, 4), 1.0, np.float64)
-    grid[..., :3] = gap
-    for i in range(k):
-        r, q = divmod(i, cols)
-        grid[r * (h + pad):r * (h + pad) + h, q * (w + pad):q * (w + pad) + w, :3] = images[i]
-    return (np.clip(grid, 0.0, 1.0) * 255).round().astype(np.uint8)
+    planes = np.stack([tile(np.moveaxis(images[..., c], 0, -1), cols, pad) for c in range(3)], -1)
+    rgb = np.where(np.isnan(planes), gap, np.clip(planes, 0.0, 1.0))
+    rgba = np.concatenate([rgb, np.ones((*rgb.shape[:2], 1))], axis=-1)
+    return (rgba * 255).round().astype(np.uint8)
 
 
 def channel_grid(fmap: np.ndarray, scale: str = "channel", cmap: str = "viridis") -> np.ndarray:
