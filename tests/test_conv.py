@@ -1,8 +1,9 @@
 """cnnjax.nn.conv.Conv against flax's nn.Conv (same init, autodiff's gradients) and torch's conv2d.
 
-Its forward is XLA's convolution, but its kernel and bias gradients for thin inputs come from a
-hand-written rule (one matrix product over input patches); both code paths are checked here on
-geometries with strides, asymmetric padding and H != W.
+For thin inputs its forward is written out as taps (1-2 input channels) and its kernel and bias
+gradients come from a hand-written rule (one matrix product over input patches); elsewhere it is
+XLA's convolution and autodiff; every path is checked here on geometries with strides, asymmetric
+padding and H != W.
 """
 
 import flax.linen as nn
@@ -14,9 +15,9 @@ import pytest
 from cnnjax.nn.conv import TAPS_MAX, Conv
 
 CASES = [  # (in channels, kernel, stride, padding, bias)
-    (1, 3, 1, ((1, 1), (1, 1)), True),    # the seed CNN's conv1: the patches rule
+    (1, 3, 1, ((1, 1), (1, 1)), True),    # the seed CNN's conv1: taps, the patches rule
     (3, 3, 2, ((0, 1), (1, 0)), True),    # RGB, strided, asymmetric padding: patches rule
-    (1, 5, 1, ((2, 2), (2, 2)), False),   # no bias: patches rule, bias gradient dropped
+    (1, 5, 1, ((2, 2), (2, 2)), False),   # no bias: taps, patches rule, bias gradient dropped
     (5, 3, 1, ((1, 1), (1, 1)), True),    # 45 taps > TAPS_MAX: autodiff's gradients
     (8, 3, 2, ((0, 0), (0, 0)), False),
 ]

@@ -86,12 +86,37 @@ def test_patches_kernel_gradient_matches_float64_convolution(strides, padding):
     _check([Lowering("xla", "xla", "patches")], 2, 9, 12, 1, 5, padding, strides, kernel_hw=(5, 5))
 
 
+@pytest.mark.parametrize("strides, padding, kernel_hw, cin", [
+    ((1, 1), ((1, 1), (1, 1)), (3, 3), 1),   # the seed CNN's conv1
+    ((2, 1), ((0, 1), (2, 0)), (3, 3), 3),   # RGB, strided, asymmetric
+    ((1, 2), ((-1, 2), (1, -1)), (5, 5), 1),  # negative padding crops, as lax.pad does
+])
+def test_taps_forward_matches_float64_convolution(strides, padding, kernel_hw, cin):
+    for batch in (1, 4):
+        _check([Lowering("taps", "xla", "patches", "taps"), Lowering("taps", "xla", "xla", "xla")],
+               batch, 12, 9, cin, 6, padding, strides, kernel_hw, seed=batch)
+
+
+def test_taps_keeps_the_input_dtype_and_accumulates_in_float32():
+    rng = np.random.default_rng(0)
+    x, kernel = rng.standard_normal((2, 8, 8, 3)), rng.standard_normal((3, 3, 3, 4))
+    pads = ((1, 1), (1, 1))
+    exact = np.asarray(_reference(x, kernel, 0.0, (1, 1), pads))  # numpy float64 in, float64 out
+    lowering = Lowering("taps", "xla", "patches", "taps")
+    got = conv2d(jnp.asarray(x, jnp.bfloat16), jnp.asarray(kernel, jnp.bfloat16), None, (1, 1),
+                 pads, lowering)
+    assert got.dtype == jnp.bfloat16
+    # inputs rounded to bf16 (8 bits) then 27 products summed in f32: one bf16 rounding at the end
+    err = np.abs(np.asarray(got, np.float64) - exact).max() / np.abs(exact).max()
+    assert err < 2 ** -6, err
+
+
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="'auto' is XLA's own off the CPU")
 def test_auto_lowering_of_the_seed_cnn():
     model = build_model(ModelConfig(), 10)
     small, large = conv_lowerings(model, (28, 28, 1), 32), conv_lowerings(model, (28, 28, 1), 64)
-    assert small["conv1"] == large["conv1"] == dict(  # 9 taps <= TAPS_MAX: the patches product
-        forward="xla", input_grad="xla", kernel_grad="patches", inference="xla")
+    assert small["conv1"] == large["conv1"] == dict(  # 9 taps <= TAPS_MAX: taps, patches product
+        forward="taps", input_grad="xla", kernel_grad="patches", inference="xla")
     assert small["conv2"] == dict(forward="xla", input_grad="xla", kernel_grad="xla",
                                   inference="winograd")  # faster at <= 32 rows, slower above
     assert large["conv2"] == dict(forward="xla", input_grad="xla", kernel_grad="xla",
@@ -124,6 +149,8 @@ def test_winograd_preset_falls_back_where_the_layer_does_not_allow_it():
     ("xla/xla/xla/xla/xla", (3, 3, 1, 8), (1, 1), "neither a preset"),
     ("winograd/xla/xla", (3, 3, 1, 8), (2, 2), "3x3 kernel and stride 1"),
     ("xla/xla/patches", (3, 3, 32, 8), (1, 1), f"kh\\*kw\\*in <= {TAPS_MAX}"),
+    ("taps/xla/xla", (3, 3, 32, 8), (1, 1), "'taps' \\(the forward\\) is for thin layers"),
+    ("xla/taps/xla", (3, 3, 1, 8), (1, 1), "input_grad lowering must be one of"),
 ])
 def test_bad_lowering_specs_are_named(spec, shape, strides, message):
     with pytest.raises(ValueError, match=message):

@@ -1,10 +1,14 @@
-"""2-D convolution with bias, lowered per pass: XLA's convolution, Winograd, or a patches product.
+"""2-D convolution with bias, lowered per pass: XLA's convolution, Winograd, taps or a patches product.
 
 A convolution's passes (the forward of a differentiated call, the input gradient, the kernel
 gradient, and the forward of an undifferentiated call: inference) each have a lowering:
 - 'xla': XLA's NHWC/HWIO convolution (and autodiff's gradient convolutions), as `nn.Conv` lowers it.
 - 'winograd' / 'winograd4': Winograd F(2x2, 3x3) / F(4x4, 3x3) (cnnjax/nn/winograd.py), for stride-1
   3x3 layers only: 2.25x / 4x fewer multiplications as one batched matrix product.
+- 'taps' (forward and inference): for layers with few input taps (kh*kw*in <= TAPS_MAX), the
+  kh*kw*in broadcast multiply-adds written out, which XLA fuses with the bias and activation into
+  one loop; XLA:CPU's convolution with 1-3 input channels has nothing to contract and runs the
+  seed CNN's conv1 several times slower.
 - 'patches' (kernel gradient only): kernel and bias gradients as one matrix product,
   [patches, 1]^T @ g, for layers with few input taps (kh*kw*in <= TAPS_MAX: the first layer on 1-
   or 3-channel images), where autodiff feeds a weight-gradient convolution through two transposes
@@ -33,8 +37,8 @@ from cnnjax.nn import winograd
 TAPS_MAX = 32
 _DN = ("NHWC", "HWIO", "NHWC")
 WINOGRAD = {"winograd": 2, "winograd4": 4}  # lowering name -> output tile m of F(m x m, 3 x 3)
-CHOICES = {"forward": ("xla", *WINOGRAD), "input_grad": ("xla", *WINOGRAD),
-           "kernel_grad": ("xla", *WINOGRAD, "patches"), "inference": ("xla", *WINOGRAD)}
+CHOICES = {"forward": ("xla", *WINOGRAD, "taps"), "input_grad": ("xla", *WINOGRAD),
+           "kernel_grad": ("xla", *WINOGRAD, "patches"), "inference": ("xla", *WINOGRAD, "taps")}
 PRESETS = ("auto", "xla", *WINOGRAD)
 
 Pads = tuple[tuple[int, int], tuple[int, int]]
@@ -53,10 +57,18 @@ def winograd_eligible(kernel_hw: Sequence[int], strides: Sequence[int]) -> bool:
     return tuple(kernel_hw) == (3, 3) and tuple(strides) == (1, 1)
 
 
+# A thin layer's forward takes taps for at most this many input channels. Measured on 64 rows,
+# conv + ReLU + pool and their gradients: 1 channel 3x3 -43% time (5x5 -10%), 2 channels -15%,
+# 3 channels (RGB) +8% (docs/performance.md).
+TAPS_FORWARD_CHANNELS = 2
+
 # Inference on at most this many rows takes Winograd F(2x2, 3x3) in wide stride-1 3x3 layers: the
 # seed CNN's batch-32 evaluation ran 1.4-1.7x faster with it in conv2 on a quiet machine, batch 64
 # 0.85-0.9x, 128 0.4x (its transformed tiles leave the caches). Training keeps XLA's passes, each
-# of which beat Winograd's at 32-64 rows (docs/performance.md).
+# of which beat Winograd's at 32-64 rows, but for thin layers: their forward as taps (the whole
+# train step +10-24% at batch 32-512), their kernel gradient as the patches product. Their
+# inference stays XLA's: under evaluation's compiler options XLA fuses the whole forward pass into
+# one YNNPACK graph, which taps would split (docs/performance.md).
 WINOGRAD_INFERENCE_ROWS = 32
 
 
@@ -69,7 +81,8 @@ def auto_lowering(kernel_shape: Sequence[int], strides: Sequence[int], rows: int
     thin = kh * kw * cin <= TAPS_MAX
     winograd_inference = (not thin and rows <= WINOGRAD_INFERENCE_ROWS
                           and winograd_eligible((kh, kw), strides))
-    return Lowering("xla", "xla", "patches" if thin else "xla",
+    taps = thin and cin <= TAPS_FORWARD_CHANNELS
+    return Lowering("taps" if taps else "xla", "xla", "patches" if thin else "xla",
                     "winograd" if winograd_inference else "xla")
 
 
@@ -99,9 +112,11 @@ def resolve_lowering(spec: str, kernel_shape: Sequence[int], strides: Sequence[i
             raise ValueError(f"conv lowering {spec!r} for {layer}: Winograd needs a 3x3 kernel "
                              f"and stride 1, this layer has {kh}x{kw} stride {tuple(strides)}; use "
                              f"'xla' (or 'patches' for the kernel gradient) there.")
-    if parts[2] == "patches" and kh * kw * cin > TAPS_MAX:
-        raise ValueError(f"conv lowering {spec!r} for {layer}: 'patches' is for thin layers "
-                         f"(kh*kw*in <= {TAPS_MAX}), this one has {kh * kw * cin} taps; use 'xla'.")
+    for pass_, part in zip(CHOICES, parts):
+        if part in ("patches", "taps") and kh * kw * cin > TAPS_MAX:
+            raise ValueError(f"conv lowering {spec!r} for {layer}: '{part}' (the {pass_}) is for "
+                             f"thin layers (kh*kw*in <= {TAPS_MAX}), this one has "
+                             f"{kh * kw * cin} taps; use 'xla'.")
     return Lowering(*parts)
 
 
@@ -121,19 +136,46 @@ def _conv(x, kernel, strides, padding):
     return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_DN)
 
 
+def _pad(x: jax.Array, padding: Pads) -> jax.Array:
+    """Zero padding of H and W; negative widths crop, as in `lax.conv_general_dilated`."""
+    cfg = [(0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)]
+    return lax.pad(x, jnp.zeros((), x.dtype), cfg)
+
+
 def _patches(x, kernel_hw, strides, padding, out_hw) -> jax.Array:
     """(M, kh*kw*in) input patches, columns in the kernel's HWI order, M = N*out_h*out_w."""
-    xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+    xp = _pad(x, padding)
     (kh, kw), (sh, sw), (oh, ow) = kernel_hw, strides, out_hw
     taps = [xp[:, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw, :]
             for i in range(kh) for j in range(kw)]
     return jnp.concatenate(taps, axis=-1).reshape(-1, kh * kw * x.shape[-1])
 
 
+def _taps(x, kernel, strides, padding) -> jax.Array:
+    """The convolution as kh*kw*in broadcast multiply-adds of shifted input planes, accumulated in
+    at least f32. Elementwise, so XLA fuses it with the bias and activation into one loop."""
+    kh, kw, cin, _ = kernel.shape
+    (sh, sw), acc_dtype = strides, jnp.promote_types(x.dtype, jnp.float32)
+    # Materialized once: fused into the taps' loop, the input's producers (the pass's row gather,
+    # normalization, padding) ran once per tap, which cost all of the gain at 8 passes per step.
+    xp = lax.optimization_barrier(_pad(x, padding).astype(acc_dtype))
+    oh, ow = (xp.shape[1] - kh) // sh + 1, (xp.shape[2] - kw) // sw + 1
+    acc = None
+    for i in range(kh):
+        for j in range(kw):
+            plane = xp[:, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw, :]
+            for c in range(cin):
+                term = plane[..., c:c + 1] * kernel[i, j, c].astype(acc_dtype)
+                acc = term if acc is None else acc + term
+    return acc.astype(jnp.result_type(x, kernel))
+
+
 def _forward(x, kernel, strides, padding, how):
     """The convolution by `how`, and the transformed input if Winograd made one."""
     if how in WINOGRAD:
         return winograd.forward(x, kernel, padding, WINOGRAD[how])
+    if how == "taps":
+        return _taps(x, kernel, strides, padding), None
     return _conv(x, kernel, strides, padding), None
 
 
