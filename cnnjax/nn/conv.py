@@ -1,4 +1,4 @@
-"""2-D convolution with bias, lowered per pass: XLA's convolution, Winograd, taps or a patches product.
+"""2-D convolution with bias, lowered per pass: XLA's convolution, Winograd, taps or patches.
 
 A convolution's passes (the forward of a differentiated call, the input gradient, the kernel
 gradient, and the forward of an undifferentiated call: inference) each have a lowering:
@@ -57,18 +57,17 @@ def winograd_eligible(kernel_hw: Sequence[int], strides: Sequence[int]) -> bool:
     return tuple(kernel_hw) == (3, 3) and tuple(strides) == (1, 1)
 
 
-# A thin layer's forward takes taps for at most this many input channels. Measured on 64 rows,
-# conv + ReLU + pool and their gradients: 1 channel 3x3 -43% time (5x5 -10%), 2 channels -15%,
-# 3 channels (RGB) +8% (docs/performance.md).
+# 'auto' takes taps for the forward of thin layers with at most this many input channels (the
+# seed CNN's train step +7-18% at batch 32-512). Measured on 64 rows, conv + ReLU + pool and their
+# gradients: 1 channel 3x3 -43% time (5x5 -10%), 2 channels -15%, 3 channels (RGB) +8%. Their
+# inference stays XLA's: under evaluation's compiler options XLA fuses the whole forward pass into
+# one YNNPACK graph, which taps would split (docs/performance.md).
 TAPS_FORWARD_CHANNELS = 2
 
 # Inference on at most this many rows takes Winograd F(2x2, 3x3) in wide stride-1 3x3 layers: the
 # seed CNN's batch-32 evaluation ran 1.4-1.7x faster with it in conv2 on a quiet machine, batch 64
 # 0.85-0.9x, 128 0.4x (its transformed tiles leave the caches). Training keeps XLA's passes, each
-# of which beat Winograd's at 32-64 rows, but for thin layers: their forward as taps (the whole
-# train step +10-24% at batch 32-512), their kernel gradient as the patches product. Their
-# inference stays XLA's: under evaluation's compiler options XLA fuses the whole forward pass into
-# one YNNPACK graph, which taps would split (docs/performance.md).
+# of which beat Winograd's at 32-64 rows (docs/performance.md).
 WINOGRAD_INFERENCE_ROWS = 32
 
 
@@ -142,31 +141,35 @@ def _pad(x: jax.Array, padding: Pads) -> jax.Array:
     return lax.pad(x, jnp.zeros((), x.dtype), cfg)
 
 
-def _patches(x, kernel_hw, strides, padding, out_hw) -> jax.Array:
-    """(M, kh*kw*in) input patches, columns in the kernel's HWI order, M = N*out_h*out_w."""
-    xp = _pad(x, padding)
-    (kh, kw), (sh, sw), (oh, ow) = kernel_hw, strides, out_hw
-    taps = [xp[:, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw, :]
+def _shifted(xp: jax.Array, kernel_hw, strides) -> list[jax.Array]:
+    """The (N, out_h, out_w, in) input window under each kernel tap (i, j) of a padded input, in
+    the kernel's HW order."""
+    (kh, kw), (sh, sw) = kernel_hw, strides
+    oh, ow = (xp.shape[1] - kh) // sh + 1, (xp.shape[2] - kw) // sw + 1
+    return [xp[:, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw, :]
             for i in range(kh) for j in range(kw)]
-    return jnp.concatenate(taps, axis=-1).reshape(-1, kh * kw * x.shape[-1])
+
+
+def _patches(x, kernel_hw, strides, padding) -> jax.Array:
+    """(M, kh*kw*in) input patches, columns in the kernel's HWI order, M = N*out_h*out_w."""
+    taps = _shifted(_pad(x, padding), kernel_hw, strides)
+    return jnp.concatenate(taps, axis=-1).reshape(-1, len(taps) * x.shape[-1])
 
 
 def _taps(x, kernel, strides, padding) -> jax.Array:
     """The convolution as kh*kw*in broadcast multiply-adds of shifted input planes, accumulated in
     at least f32. Elementwise, so XLA fuses it with the bias and activation into one loop."""
     kh, kw, cin, _ = kernel.shape
-    (sh, sw), acc_dtype = strides, jnp.promote_types(x.dtype, jnp.float32)
+    acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
     # Materialized once: fused into the taps' loop, the input's producers (the pass's row gather,
     # normalization, padding) ran once per tap, which cost all of the gain at 8 passes per step.
     xp = lax.optimization_barrier(_pad(x, padding).astype(acc_dtype))
-    oh, ow = (xp.shape[1] - kh) // sh + 1, (xp.shape[2] - kw) // sw + 1
+    weights = kernel.astype(acc_dtype).reshape(kh * kw, cin, -1)
     acc = None
-    for i in range(kh):
-        for j in range(kw):
-            plane = xp[:, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw, :]
-            for c in range(cin):
-                term = plane[..., c:c + 1] * kernel[i, j, c].astype(acc_dtype)
-                acc = term if acc is None else acc + term
+    for window, w in zip(_shifted(xp, (kh, kw), strides), weights):
+        for c in range(cin):
+            term = window[..., c:c + 1] * w[c]
+            acc = term if acc is None else acc + term
     return acc.astype(jnp.result_type(x, kernel))
 
 
@@ -198,7 +201,7 @@ def _conv_bias_bwd(strides, padding, lowering, residuals, g):
     else:
         dx = jax.vjp(lambda x_: _conv(x_, kernel, strides, padding), x)[1](g)[0]
     if lowering.kernel_grad == "patches":
-        patches = _patches(x, (kh, kw), strides, padding, g.shape[1:3])
+        patches = _patches(x, (kh, kw), strides, padding)
         ones = jnp.ones((patches.shape[0], 1), patches.dtype)
         grads = jnp.concatenate([patches, ones], axis=1).T @ g.reshape(-1, cout)
         return dx, grads[:-1].reshape(kernel.shape), grads[-1]

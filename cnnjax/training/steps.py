@@ -62,7 +62,8 @@ CPU_TRAIN_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_F
 
 
 def train_compiler_options() -> dict[str, str] | None:
-    """Per-jit XLA options for train steps on the default backend (`jax.jit(compiler_options=)`)."""
+    """Per-jit XLA options for train steps (and small eval passes) on the default backend
+    (`jax.jit(compiler_options=)`)."""
     return dict(CPU_TRAIN_COMPILER_OPTIONS) if jax.default_backend() == "cpu" else None
 
 
@@ -287,24 +288,23 @@ def make_eval_step(model: nn.Module, mean: float, std: float, num_classes: int,
                 "count": jnp.sum(mask), "confusion": confusion}
         return sums if acc is None else jax.tree.map(jnp.add, acc, sums)
 
-    def compiled(xla_options):
-        return (jax.jit(eval_pass, static_argnums=3, compiler_options=xla_options),
-                jax.jit(eval_pass, static_argnums=3, donate_argnums=4, compiler_options=xla_options))
+    def compiled(xla):
+        return (jax.jit(eval_pass, static_argnums=3, compiler_options=xla),
+                jax.jit(eval_pass, static_argnums=3, donate_argnums=4, compiler_options=xla))
 
     small, large = compiled(train_compiler_options()), compiled(None)
-    passes_for = functools.cache(_eval_passes)
+
+    @functools.cache
+    def plan(rows: int):
+        """(first, more, passes) for `rows` per device."""
+        passes = _eval_passes(rows)
+        small_pass = jax.default_backend() == "cpu" and rows // passes <= CPU_EVAL_SMALL_PASS
+        return (*(small if small_pass else large), passes)
 
     def eval_step(state: TrainState, batch: dict[str, jax.Array]):
-        rows = _rows_per_device(batch)
-        passes = passes_for(rows)
-        first, more = small if _small_eval_pass(rows // passes) else large
-        return _sum_passes(first, more, passes, state, batch)
+        return _sum_passes(*plan(_rows_per_device(batch)), state, batch)
 
     return eval_step
-
-
-def _small_eval_pass(rows: int) -> bool:
-    return jax.default_backend() == "cpu" and rows <= CPU_EVAL_SMALL_PASS
 
 
 def _eval_passes(rows: int) -> int:
