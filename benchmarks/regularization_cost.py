@@ -24,8 +24,8 @@ from cnnjax.training.steps import create_train_state, make_train_step
 VARIANTS = {
     "baseline": [],
     "augment": ["augment.rotate=10", "augment.translate=2", "augment.scale=0.1"],
-    "dropout": ["model.dropout=0.5"],
-    "batch_norm": ["model.batch_norm=true"],
+    "dropout": ["model.kwargs.dropout=0.5"],
+    "batch_norm": ["model.kwargs.batch_norm=true"],
 }
 
 

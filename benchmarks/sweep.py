@@ -27,15 +27,12 @@ import time
 import jax
 import numpy as np
 
-from cnnjax.config import ModelConfig, OptimConfig
-from cnnjax.nn.models import build_model
-from cnnjax.training.optim import make_optimizer, make_plateau
-from cnnjax.training.steps import (create_train_state, make_train_step,
-                                   train_compiler_options)
+from cnnjax import Config, DatasetSpec, build, seed_keys
+from cnnjax.training.steps import train_compiler_options
 from cnnjax.training.sweep import init_states, loop_step, make_sweep_step, unstack
-from cnnjax.training.loop import seed_keys
 
 IMAGE_SHAPE, MEAN, STD = (28, 28, 1), 0.1307, 0.3081
+SPEC = DatasetSpec("mnist", 10, IMAGE_SHAPE, MEAN, STD, ("train", "test"), False)
 
 
 def main(argv=None) -> None:
@@ -47,11 +44,10 @@ def main(argv=None) -> None:
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     n, bs = args.seeds, args.batch_size
-    model, cfg = build_model(ModelConfig(), 10), OptimConfig()
-    tx, plateau = make_optimizer(cfg), make_plateau(cfg)
+    parts = build(Config(), SPEC, steps_per_epoch=1)
     # the body with the passes `cnnjax sweep` would use; the single step splits batches the same way
-    body = make_train_step(model, tx, MEAN, STD, compiled=False)  # its passes: grad_passes(bs)
-    single_step = make_train_step(model, tx, MEAN, STD)
+    body = parts.pure_train_step()  # its passes: grad_passes(bs)
+    single_step = parts.train_step()
     rng = np.random.default_rng(0)
     batches = [[{"image": rng.integers(0, 256, (bs, *IMAGE_SHAPE), dtype=np.uint8),
                  "label": rng.integers(0, 10, bs).astype(np.int32),
@@ -60,14 +56,14 @@ def main(argv=None) -> None:
     stacked = [{k: np.stack([b[k] for b in step]) for k in step[0]} for step in batches]
     seeds = list(range(n))
 
-    singles = [create_train_state(model, tx, plateau, IMAGE_SHAPE, seed_keys(s)[0]) for s in seeds]
+    singles = [parts.init_state(seed_keys(s)[0]) for s in seeds]
     train_keys = [seed_keys(s)[1] for s in seeds]
-    vstate, vkeys = init_states(model, tx, plateau, IMAGE_SHAPE, seeds)
-    mstate, _ = init_states(model, tx, plateau, IMAGE_SHAPE, seeds)
-    ustate, _ = init_states(model, tx, plateau, IMAGE_SHAPE, seeds)
+    vstate, vkeys = init_states(parts, seeds)
+    mstate, _ = init_states(parts, seeds)
+    ustate, _ = init_states(parts, seeds)
     vstep, ustep = make_sweep_step(body, "vmap"), make_sweep_step(body, "unroll")
     lstep = loop_step(single_step)
-    lstate, lkeys = init_states(model, tx, plateau, IMAGE_SHAPE, seeds)
+    lstate, lkeys = init_states(parts, seeds)
     lstate, lkeys = lstep.pack(unstack(lstate, n), list(lkeys))
     mstep = jax.jit(lambda st, b, k: jax.lax.map(lambda a: body(*a), (st, b, k)), donate_argnums=0,
                     compiler_options=train_compiler_options())

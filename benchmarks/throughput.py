@@ -55,16 +55,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from cnnjax.config import ModelConfig, OptimConfig
+from cnnjax import Config, DatasetSpec, build
 from cnnjax.data.input_pipeline import train_batches
 from cnnjax.nn.conv import conv_lowerings
-from cnnjax.nn.models import build_model
-from cnnjax.training.optim import make_optimizer, make_plateau
-from cnnjax.training.steps import create_train_state, make_eval_step, make_train_step
 
 MEAN, STD = 0.1307, 0.3081
 IMAGE_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10
+SPEC = DatasetSpec("mnist", NUM_CLASSES, IMAGE_SHAPE, MEAN, STD, ("train", "test"), False)
 POOL_SIZE = 4_000  # in-memory images the batches are drawn from
 HOST_SHARE_CALLS = 3
 WARMUP_STEPS = 1  # untimed (but synchronized, so it calibrates the step count) before each loop
@@ -155,14 +153,12 @@ class JaxRunner:
     """cnnjax's train step and a jitted forward + argmax; one train state across batch sizes."""
 
     def __init__(self, seed: int, lowering: str = "auto", name: str = "cnnjax"):
-        cfg = OptimConfig()
         self.name = name
-        self.model = build_model(ModelConfig(conv_lowering=lowering), NUM_CLASSES)
-        tx = make_optimizer(cfg)
-        self.state = create_train_state(self.model, tx, make_plateau(cfg), IMAGE_SHAPE,
-                                        jax.random.key(seed))
-        self.train_step = make_train_step(self.model, tx, MEAN, STD)
-        self.eval_step = make_eval_step(self.model, MEAN, STD, NUM_CLASSES)
+        # what `cnnjax train` builds for the default config (the seed CNN, torch's Adam/AMSGrad)
+        parts = build(Config().set("model.kwargs.conv_lowering", lowering), SPEC, steps_per_epoch=1)
+        self.model = parts.model
+        self.state = parts.init_state(jax.random.key(seed))
+        self.train_step, self.eval_step = parts.train_step(), parts.eval_step
         self.rng = jax.random.key(seed + 1)
         self.compile_s: dict[str, dict[int, float]] = {"train": {}, "eval": {}}
         self.host_share: list[float] = []

@@ -17,8 +17,10 @@ _EXPORTS = {
                      "TrainConfig", "TransferConfig"), "cnnjax.config"),
     # training: the whole job, its stages and what they return
     **dict.fromkeys(("train_and_evaluate", "setup", "start", "train_epoch", "end_epoch", "finish",
-                     "save", "close_epoch", "RunSetup", "RunResult", "Progress", "StepLog",
-                     "EarlyStop", "seed_keys"), "cnnjax.training.loop"),
+                     "close_epoch", "RunSetup", "RunResult", "StepLog"), "cnnjax.training.loop"),
+    **dict.fromkeys(("LoopState", "Best", "Timing"), "cnnjax.training.loop_state"),
+    # the one way to build a run's model, optimizer, state and steps
+    **dict.fromkeys(("build", "RunParts", "seed_keys"), "cnnjax.training.builder"),
     # callbacks
     **dict.fromkeys(("Callback", "CallbackList", "Control", "Event", "StepEvent", "LogEvent",
                      "EpochEvent", "EndEvent", "Periodic", "StopAtStep", "CheckpointEvery",
@@ -28,12 +30,15 @@ _EXPORTS = {
     # steps and the optimizer, for scripts that write their own loop
     **dict.fromkeys(("TrainState", "StepOptions", "create_train_state", "make_train_step",
                      "make_eval_step", "evaluate", "inference_state"), "cnnjax.training.steps"),
-    **dict.fromkeys(("make_optimizer", "make_plateau"), "cnnjax.training.optim"),
+    **dict.fromkeys(("make_optimizer", "make_plateau", "register_optimizer", "register_schedule"),
+                    "cnnjax.training.optim"),
+    "register_augmentation": "cnnjax.data.augment",
     # models and data
     **dict.fromkeys(("build_model", "check_model", "register_model", "SeedCNN", "count_params"),
                     "cnnjax.nn.models"),
     **dict.fromkeys(("register_loss", "cross_entropy"), "cnnjax.training.losses"),
     "register_dataset": "cnnjax.data.sources",
+    "DatasetSpec": "cnnjax.data.datasets",
     **dict.fromkeys(("load_data", "dataset_spec", "load_split", "steps_per_epoch",
                      "train_batches", "eval_batches", "normalize"),
                     "cnnjax.data.input_pipeline"),

@@ -1,6 +1,7 @@
 """The `cnnjax` command: parses a config and calls one library function.
 
-    cnnjax train [--dataset mnist5k] [--epochs N] [--batch-size B] [--seed S] [--set key=value ...]
+    cnnjax train [--config FILE] [--dataset mnist5k] [--epochs N] [--batch-size B] [--seed S]
+                 [--set key=value ...]
     cnnjax train --resume DIR
     cnnjax eval --run DIR [--dataset NAME] [--split test] [--step N]
     cnnjax visualize --run DIR [--images INDEX|FILE ...] [--layer NAME ...]
@@ -29,7 +30,9 @@ def _config_flags(p, seed_help: str | None = None) -> None:
     p.add_argument("--manual-dir", help="directory holding the official files when offline: the "
                    "four IDX .gz files (mnist, fashion_mnist) or cifar-10/100-binary.tar.gz")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="any config field, e.g. --set optim.learning_rate=3e-4 --set model.features=16,32")
+                   help="any config field, e.g. --set optim.learning_rate=3e-4 --set model.kwargs.features=16,32")
+    p.add_argument("--config", type=pathlib.Path, metavar="FILE",
+                   help="start from a saved config.json (any run's), the other flags on top")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
 
 
@@ -102,6 +105,8 @@ def config_from_args(args: argparse.Namespace, base: Config | None = None) -> Co
     flags = {"data.dataset": args.dataset, "train.epochs": args.epochs,
              "train.batch_size": args.batch_size, "train.seed": args.seed,
              "data.data_dir": args.data_dir, "data.manual_dir": args.manual_dir}
+    if base is None and getattr(args, "config", None) is not None:
+        base = _read_config_file(args.config)
     cfg = base or Config()
     for key, value in flags.items():
         if value is not None:
@@ -110,6 +115,18 @@ def config_from_args(args: argparse.Namespace, base: Config | None = None) -> Co
     if args.quiet:
         cfg = cfg.set("train.progress", False)
     return cfg
+
+
+def _read_config_file(path: pathlib.Path) -> Config:
+    """A config.json (a run's, or written by hand), read through the same checks as a run's."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--config {path}: no such file; give a run's config.json.")
+    try:
+        return Config.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"--config {path} is not valid JSON ({err}).") from None
+    except ValueError as err:
+        raise ValueError(f"--config {path}: {err}") from None
 
 
 def _run_train(args) -> int:
@@ -122,6 +139,9 @@ def _run_train(args) -> int:
     run_dir = args.resume or args.run_dir
     if args.resume and args.run_dir and args.resume != args.run_dir:
         raise ValueError("give either --resume DIR or --run-dir DIR, not two different directories.")
+    if args.resume and args.config:
+        raise ValueError("--resume DIR continues the run with its own config; --config FILE "
+                         "starts a new one: give one of them.")
     base = load_config(args.resume) if args.resume else None
     result = train_and_evaluate(config_from_args(args, base), run_dir, stop_at_step=args.stop_at_step)
     if not result.finished:

@@ -7,6 +7,7 @@ so a run can be reproduced or inspected from its directory alone.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import types
@@ -39,25 +40,13 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    name: str = "seed_cnn"  # a registered name (@cnnjax.register_model) or package.module:Name
-    kwargs: dict = dataclasses.field(default_factory=dict)  # constructor args of such a model
-    features: tuple[int, ...] = (32, 64)  # one conv + ReLU + pool block per entry
-    kernel_size: int = 3
-    stride: int = 1
-    padding: Union[int, str] = 1  # an int P, 'same' or 'valid'
-    pool: str = "max"  # 'max' or 'avg'
-    pool_size: int = 2
-    pool_stride: int | None = None  # None: equal to pool_size (non-overlapping)
-    dense: tuple[int, ...] = (128,)  # hidden Dense + ReLU layers before the classifier
-    dropout: float = 0.0  # before the classifier (the seed uses 0.5); keys per example and step
-    conv_dropout: float = 0.0  # after each conv block's pool
-    batch_norm: bool = False  # conv -> BN -> ReLU, as the seed's section 4.3
-    bn_momentum: float = 0.9  # flax's decay of the running stats; torch's momentum 0.1 = 1 - 0.9
-    conv_lowering: str = "auto"  # per conv pass: 'auto', 'xla', 'winograd', 'fwd/dx/dk' or one per layer, comma-separated (cnnjax/nn/conv.py)
-    # ResNets (model.name resnet18, resnet34; cnnjax/nn/resnet.py):
-    width: int | None = None  # channels of layer1, doubling per stage; None: the preset's (64)
-    stem: str = "imagenet"  # 'imagenet' (7x7/2 conv + max-pool) or 'small' (3x3/1, for 28-32 px)
-    grayscale: str = "repeat"  # 1-channel images: 'repeat' to RGB, or 'stem' (a 1-channel conv1)
+    """A model is a name and its constructor's arguments, cnnjax's own presets included: `seed_cnn`
+    (the seed's SeedCNN: features, kernel_size, padding, pool, dense, dropout, batch_norm, ...),
+    `resnet18`, `resnet34` (width, stem, grayscale, bn_momentum), a registered name or
+    `package.module:Name`; built as `Model(num_classes=..., **kwargs)` (cnnjax/nn/models.py)."""
+
+    name: str = "seed_cnn"
+    kwargs: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,17 +61,15 @@ class AugmentConfig:
     order: tuple[str, ...] = ("scale", "rotate", "translate", "crop", "flip")  # first acts first
     mixup: float = 0.0  # Beta(a, a) mixing of each example with the batch's previous one; 0: off
     cutmix: float = 0.0  # the same with a pasted box (area 1 - lambda); with mixup, p = 0.5 each
+    # Arguments of registered or import-path transforms named in `order`, by name:
+    # {"mylab.aug:elastic": {"alpha": 3}} (cnnjax/data/augment.py)
+    kwargs: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         for field in ("mixup", "cutmix"):
             if getattr(self, field) < 0:
                 raise ValueError(f"augment.{field}={getattr(self, field)} is not valid: give the "
                                  f"Beta distribution's alpha (> 0), or 0 for off.")
-
-
-# The values of OptimConfig.name and .schedule (what each means: cnnjax/training/optim.py).
-OPTIMIZERS = ("torch_adam", "adam", "adamw", "sgd")
-SCHEDULES = ("plateau", "constant", "cosine", "warmup_cosine", "onecycle")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,18 +84,22 @@ class OptimConfig:
     plateau_patience: int = 3  # in torch's convention
     plateau_threshold: float = 1e-4  # torch's relative threshold
     min_lr: float = 1e-6  # the plateau rule's floor; where cosine and warmup_cosine end
-    name: str = "torch_adam"  # one of OPTIMIZERS (cnnjax/training/optim.py)
-    schedule: str = "plateau"  # one of SCHEDULES; all but plateau are per step, over epochs x steps
+    # a registered optimizer (torch_adam, adam, adamw, sgd: cnnjax/training/optim.py) or
+    # package.module:factory, called factory(cfg, learning_rate) -> optax.GradientTransformation
+    name: str = "torch_adam"
+    # a registered schedule (plateau, constant, cosine, warmup_cosine, onecycle) or an import path;
+    # all but plateau and constant are per step, over epochs x steps
+    schedule: str = "plateau"
     warmup_steps: int = 0  # warmup_cosine's linear rise from 0; onecycle's rise (0: torch's 30%)
     momentum: float = 0.9  # sgd only
     nesterov: bool = False  # sgd only
     clip_norm: float | None = None  # global gradient norm limit, as torch.nn.utils.clip_grad_norm_
     ema_decay: float | None = None  # an EMA of the parameters (torch's AveragedModel), e.g. 0.999
+    kwargs: dict = dataclasses.field(default_factory=dict)  # a user's optimizer's own arguments
+    schedule_kwargs: dict = dataclasses.field(default_factory=dict)  # a user's schedule's
 
     def __post_init__(self):
         checks = [
-            ("name", self.name in OPTIMIZERS, f"choose one of {', '.join(OPTIMIZERS)}"),
-            ("schedule", self.schedule in SCHEDULES, f"choose one of {', '.join(SCHEDULES)}"),
             ("warmup_steps", self.warmup_steps >= 0, "use 0 or a positive number of steps"),
             ("momentum", 0.0 <= self.momentum < 1.0, "use a value in [0, 1)"),
             ("nesterov", not self.nesterov or self.momentum > 0,
@@ -168,6 +159,18 @@ class TransferConfig:
     unfreeze_after_epochs: int = 0  # ...this many epochs
     backbone_lr_scale: float = 1.0  # learning-rate factor for the trained, non-head parameters
 
+    @property
+    def groups(self) -> bool:
+        """Whether parameter groups train apart (frozen, unfrozen later, or slower)."""
+        return (bool(self.freeze) or bool(self.unfreeze) or self.unfreeze_after_epochs != 0
+                or self.backbone_lr_scale != 1.0)
+
+    @property
+    def active(self) -> bool:
+        """Whether the run starts from other weights or treats parameter groups apart; a run
+        with neither never reaches the transfer module."""
+        return self.backbone is not None or self.groups
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -186,13 +189,12 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Config":
-        return _build(cls, d, "")
-
-    def replace(self, **sections) -> "Config":
-        return dataclasses.replace(self, **sections)
+        """A config from its dict (config.json), written by this or an earlier cnnjax."""
+        return _build(cls, migrate(d), "")
 
     def override(self, assignments: typing.Iterable[str]) -> "Config":
-        """Applies 'section.field=value' strings, e.g. 'optim.learning_rate=3e-4'."""
+        """Applies 'section.field=value' strings, e.g. 'optim.learning_rate=3e-4'; a dict field
+        takes its entries as 'section.field.key=value' ('model.kwargs.dropout=0.5')."""
         cfg = self
         for item in assignments:
             key, sep, raw = item.partition("=")
@@ -201,20 +203,119 @@ class Config:
             cfg = cfg.set(key.strip(), raw.strip())
         return cfg
 
+    def get(self, key: str) -> Any:
+        """The value at 'section.field' or 'section.field.key...' (a dict entry); KeyError if unset."""
+        section_name, field_name, path = _split_key(self, key)
+        value = getattr(getattr(self, section_name), field_name)
+        for part in path:
+            if not isinstance(value, dict) or part not in value:
+                raise KeyError(key)
+            value = value[part]
+        return value
+
     def set(self, key: str, raw: Any) -> "Config":
-        """Returns a copy with `key` ('section.field') set; a string value is parsed to the field's type."""
-        section_name, _, field_name = key.partition(".")
-        sections = {f.name: f for f in dataclasses.fields(self)}
-        if section_name not in sections or not field_name:
-            raise ValueError(f"unknown config key {key!r}; keys look like 'train.epochs', sections: "
-                             f"{', '.join(sections)}.")
+        """A copy with `key` set; a string value is parsed to the field's type (JSON first), a
+        value for an entry of a dict field ('model.kwargs.features') as JSON, a comma list or text."""
+        section_name, field_name, path = _split_key(self, key)
         section = getattr(self, section_name)
-        hints = typing.get_type_hints(type(section))
-        if field_name not in hints:
-            raise ValueError(f"unknown config key {key!r}; fields of {section_name!r}: "
-                             f"{', '.join(hints)}.")
-        value = _parse(raw, hints[field_name], key) if isinstance(raw, str) else _coerce(raw, hints[field_name], key)
-        return dataclasses.replace(self, **{section_name: dataclasses.replace(section, **{field_name: value})})
+        hint = typing.get_type_hints(type(section))[field_name]
+        if path:
+            value = _set_in(getattr(section, field_name), path,
+                            _parse_free(raw) if isinstance(raw, str) else raw)
+        else:
+            value = _parse(raw, hint, key) if isinstance(raw, str) else _coerce(raw, hint, key)
+        try:
+            return dataclasses.replace(self, **{section_name: dataclasses.replace(section, **{field_name: value})})
+        except ValueError as err:
+            raise ValueError(f"{key}={raw!r}: {err}") from None
+
+    def keys(self) -> list[str]:
+        """Every 'section.field' key, in declaration order."""
+        return [f"{s.name}.{f.name}" for s in dataclasses.fields(self)
+                for f in dataclasses.fields(getattr(self, s.name))]
+
+
+# Where a field of an earlier ModelConfig now lives: model.kwargs (for the model that takes it).
+LEGACY_MODEL_FIELDS = {
+    "features": (32, 64), "kernel_size": 3, "stride": 1, "padding": 1, "pool": "max",
+    "pool_size": 2, "pool_stride": None, "dense": (128,), "dropout": 0.0, "conv_dropout": 0.0,
+    "batch_norm": False, "bn_momentum": 0.9, "conv_lowering": "auto", "width": None,
+    "stem": "imagenet", "grayscale": "repeat",
+}
+
+
+def migrate(d: dict[str, Any]) -> dict[str, Any]:
+    """A config.json of an earlier cnnjax in today's layout. ModelConfig carried the built-in
+    models' fields until models became `name` + `kwargs`: each one set away from its old default
+    moves into `model.kwargs` (those defaults are the built-ins' own, so nothing else changes)."""
+    model = d.get("model")
+    if not isinstance(model, dict) or not set(model) & set(LEGACY_MODEL_FIELDS):
+        return d
+    model = dict(model)
+    kwargs = dict(model.get("kwargs") or {})
+    for name, default in LEGACY_MODEL_FIELDS.items():
+        if name in model:
+            value = model.pop(name)
+            same = (list(value) == list(default) if isinstance(value, (list, tuple))
+                    and isinstance(default, tuple) else value == default)
+            if not same:
+                kwargs[name] = value
+    model["kwargs"] = kwargs
+    return {**d, "model": model}
+
+
+def _split_key(cfg: Config, key: str) -> tuple[str, str, tuple[str, ...]]:
+    """(section, field, path within a dict field) of a key; an unknown key names the closest."""
+    section_name, _, rest = key.partition(".")
+    field_name, _, tail = rest.partition(".")
+    sections = {f.name: f for f in dataclasses.fields(cfg)}
+    if section_name not in sections or not field_name:
+        raise ValueError(f"unknown config key {key!r}{_closest(key, cfg.keys())}; keys look like "
+                         f"'train.epochs', sections: {', '.join(sections)}.")
+    hints = typing.get_type_hints(type(getattr(cfg, section_name)))
+    if field_name not in hints:
+        hint = ""
+        if section_name == "model" and field_name in LEGACY_MODEL_FIELDS:
+            hint = (f" A model's settings are its constructor's arguments: --set "
+                    f"model.kwargs.{field_name}=...")
+        raise ValueError(f"unknown config key {key!r}{_closest(key, cfg.keys())}; fields of "
+                         f"{section_name!r}: {', '.join(hints)}.{hint}")
+    path = tuple(tail.split(".")) if tail else ()
+    if path and hints[field_name] is not dict:
+        raise ValueError(f"config key {key!r}: {section_name}.{field_name} is not a dict field; "
+                         f"set it as {section_name}.{field_name}=value.")
+    if any(not p for p in path):
+        raise ValueError(f"config key {key!r} has an empty part.")
+    return section_name, field_name, path
+
+
+def _closest(key: str, keys: typing.Sequence[str]) -> str:
+    match = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def _set_in(tree: dict, path: tuple[str, ...], value: Any) -> dict:
+    """A copy of `tree` with `value` at `path` (dicts made on the way)."""
+    head, rest = path[0], path[1:]
+    out = dict(tree)
+    if rest:
+        inner = out.get(head, {})
+        out[head] = _set_in(inner if isinstance(inner, dict) else {}, rest, value)
+    else:
+        out[head] = value
+    return out
+
+
+def _parse_free(raw: str) -> Any:
+    """A command-line value with no declared type: JSON, else a comma-separated list, else text."""
+    text = raw.strip()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        pass
+    if "," in text:
+        return [_json_or_text(v) for v in text.split(",")]
+    return text
 
 
 def _build(cls, d: dict[str, Any], prefix: str):
@@ -222,6 +323,8 @@ def _build(cls, d: dict[str, Any], prefix: str):
     unknown = set(d) - set(hints)
     if unknown:
         raise ValueError(f"unknown config keys {sorted(prefix + k for k in unknown)}.")
+    if not isinstance(d, dict):
+        raise ValueError(f"config {prefix.rstrip('.')}: {d!r} is not a section (a JSON object).")
     kwargs = {}
     for name, value in d.items():
         hint = hints[name]

@@ -43,6 +43,28 @@ def lookup(registry: dict[str, Any], name: str, what: str) -> Any:
     return registry[name]
 
 
+def call(fn: Callable, what: str, *args, **kwargs) -> Any:
+    """`fn(*args, **kwargs)` where `fn` is a user's (or a built-in's) factory: a ValueError it
+    raises passes as it is (it names the setting); any other error becomes one ValueError naming
+    `what`, the error and the line of the factory's own code that raised it."""
+    try:
+        return fn(*args, **kwargs)
+    except ValueError:
+        raise
+    except Exception as err:  # the user's code: any failure is reported as theirs
+        raise ValueError(f"{what}: {where(err)}{type(err).__name__}: {err}") from None
+
+
+def where(err: BaseException) -> str:
+    """'file.py:12: ' of the innermost frame outside cnnjax and the libraries, or ''."""
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(err.__traceback__)
+              if "site-packages" not in f.filename and "/cnnjax/" not in f.filename
+              and not f.filename.startswith("<")]
+    return f"{frames[-1].filename}:{frames[-1].lineno}: " if frames else ""
+
+
 def registrar(registry: dict[str, Any], what: str) -> Callable:
     """A decorator factory: `@register(name)` puts the decorated object in `registry`."""
 

@@ -34,7 +34,7 @@ import cnnjax
 
 RECIPE = [
     "data.dataset=cifar10", "data.val_fraction=0.1",
-    "model.name=resnet18", "model.stem=small",
+    "model.name=resnet18", "model.kwargs.stem=small",
     "optim.name=sgd", "optim.learning_rate=0.1", "optim.momentum=0.9", "optim.nesterov=true",
     "optim.weight_decay=5e-4", "optim.schedule=cosine", "optim.min_lr=0",
     "augment.crop=4", "augment.flip=true",
@@ -80,7 +80,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any other config override")
     args = parser.parse_args()
-    overrides = RECIPE + [f"train.epochs={args.epochs}", f"model.width={args.width}",
+    overrides = RECIPE + [f"train.epochs={args.epochs}", f"model.kwargs.width={args.width}",
                           f"train.seed={args.seed}"]
     name = f"s{args.seed}"
     if args.synthetic:

@@ -19,10 +19,10 @@ from cnnjax import Config, load_data, load_run, new_figure, read_jsonl, train_an
 AUGMENT = ["augment.rotate=10", "augment.translate=2", "augment.scale=0.1"]
 VARIANTS = {
     "baseline": [],
-    "dropout": ["model.dropout=0.5"],
-    "batch_norm": ["model.batch_norm=true"],
+    "dropout": ["model.kwargs.dropout=0.5"],
+    "batch_norm": ["model.kwargs.batch_norm=true"],
     "augment": AUGMENT,
-    "all": ["model.dropout=0.5", "model.batch_norm=true", *AUGMENT],
+    "all": ["model.kwargs.dropout=0.5", "model.kwargs.batch_norm=true", *AUGMENT],
 }
 
 

@@ -50,7 +50,7 @@ VARIANTS = {
 
 
 def model_settings(width: int) -> list[str]:
-    return ["model.name=resnet18", f"model.width={width}", "model.stem=small",
+    return ["model.name=resnet18", f"model.kwargs.width={width}", "model.kwargs.stem=small",
             "train.progress=false"]
 
 

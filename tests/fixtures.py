@@ -7,18 +7,25 @@ import tarfile
 
 import numpy as np
 
-from cnnjax.nn.models import MODELS, SeedCNN
-from cnnjax.nn.resnet import RESNETS, ResNet
+from cnnjax.nn.models import MODELS, SeedCNN, register_model
+from cnnjax.nn.resnet import ResNet
 
 TinySeedCNN = functools.partial(SeedCNN, features=(4, 8), dense=(16,))
 # One block per stage, 8 channels wide, the small-image stem.
 TinyResNet = functools.partial(ResNet, stage_sizes=(1, 1, 1, 1), width=8, stem="small")
 
 
+def lion_factory(cfg, learning_rate):
+    """An optimizer factory named by import path in tests: optax's Lion with optim.kwargs."""
+    import optax
+
+    return optax.lion(learning_rate, **cfg.kwargs)
+
+
 def register() -> None:
     """Makes `model.name=resnet_tiny` reach TinyResNet, for tests that train through a config."""
-    RESNETS.setdefault("resnet_tiny", (TinyResNet, 8))
-    MODELS.setdefault("resnet_tiny", TinyResNet)
+    if "resnet_tiny" not in MODELS:
+        register_model("resnet_tiny", TinyResNet)
 
 
 def cifar_records(images, labels) -> bytes:

@@ -9,7 +9,7 @@ import pytest
 import cnnjax
 from cnnjax import Callback, Config, Periodic, load_run, read_jsonl, train_and_evaluate
 
-SMALL = ["model.features=4,8", "model.dense=16", "train.epochs=2", "train.batch_size=64",
+SMALL = ["model.kwargs.features=4,8", "model.kwargs.dense=16", "train.epochs=2", "train.batch_size=64",
          "train.progress=false", "train.log_every=5"]
 STEPS_PER_EPOCH = 3200 // 64
 
@@ -138,20 +138,37 @@ def test_tensorboard_scalars_equal_metrics_jsonl(whole):
     assert_tensorboard_equals_metrics(whole[0])
 
 
-def test_the_stages_compose_into_the_whole_job(whole, tmp_path):
-    """A script that calls setup/train_epoch/end_epoch/finish itself writes the same run."""
-    cfg = small_config("train.keep_checkpoints=100", "train.checkpoint_every_steps=10")
-    run, state = cnnjax.setup(cfg, tmp_path / "by-hand")
+def test_the_stages_by_hand_are_a_plain_training_loop(tmp_path):
+    """README's recipe, the stages called by a script, against a training loop written here from
+    the public step API alone: the same batches (a function of seed and epoch), the same train
+    key, one validation pass per epoch; the epoch lines' figures are that loop's, bit for bit."""
+    cfg = small_config("train.early_stopping_patience=0")
+    run, state, loop = cnnjax.setup(cfg, tmp_path / "by-hand")
     hooks = cnnjax.CallbackList(cnnjax.default_callbacks(cfg))
-    cnnjax.start(run, state, hooks)
-    for epoch in run.epochs():
-        state, _ = cnnjax.train_epoch(run, state, epoch, hooks)
-        state, _ = cnnjax.end_epoch(run, state, epoch, hooks)
-    result = cnnjax.finish(run, state, hooks)
+    loop = cnnjax.start(run, state, loop, hooks)
+    for epoch in run.epochs(loop):
+        state, loop = cnnjax.train_epoch(run, state, loop, hooks)
+        state, loop = cnnjax.end_epoch(run, state, loop, hooks)
+        if loop.stop_reason or loop.stopped_early:
+            break
+    result = cnnjax.finish(run, state, loop, hooks)
     hooks.close()
-    assert (tmp_path / "by-hand" / "metrics.jsonl").read_bytes() == \
-        (whole[0] / "metrics.jsonl").read_bytes()
-    assert result.summary["test"] == whole[1].summary["test"]
+    assert result.finished and loop.epoch == 3
+
+    data = cnnjax.load_data(cfg.data, 0)
+    parts = cnnjax.build(cfg, data.spec, STEPS_PER_EPOCH)
+    init_key, train_key = cnnjax.seed_keys(0)
+    state, step, expected = parts.init_state(init_key), parts.train_step(), []
+    for epoch in (1, 2):  # the plateau rule cuts after 4 epochs: its scale stays 1 here
+        losses = []
+        for batch in cnnjax.train_batches(*data.train, 64, 0, epoch):
+            state, metrics = step(state, batch, train_key)
+            losses.append(float(metrics["loss"]))
+        val = cnnjax.evaluate(parts.eval_step, state, cnnjax.eval_batches(*data.val, 800))
+        expected.append((epoch * STEPS_PER_EPOCH, float(np.mean(losses)), val["loss"],
+                         val["accuracy"]))
+    epochs = [r for r in read_jsonl(tmp_path / "by-hand" / "metrics.jsonl") if r["kind"] == "epoch"]
+    assert [(r["step"], r["train_loss"], r["val_loss"], r["val_accuracy"]) for r in epochs] == expected
 
 
 def test_bad_callbacks_and_triggers_are_refused():
@@ -162,3 +179,8 @@ def test_bad_callbacks_and_triggers_are_refused():
     with pytest.raises(TypeError, match="not a callback"):
         cnnjax.CallbackList([object()])
     assert cnnjax.is_due(10, every=5) and cnnjax.is_due(7, at=(7,)) and not cnnjax.is_due(7, every=5)
+    # asked at log lines 7 steps apart, a multiple of 10 passed since the last one: 14, 21, 35, ...
+    asked = range(7, 71, 7)
+    assert [s for p, s in zip([0, *asked], asked) if cnnjax.is_due(s, every=10, since=p)] == \
+        [14, 21, 35, 42, 56, 63, 70]
+    assert not cnnjax.is_due(9, at=(5,), since=5) and cnnjax.is_due(9, at=(6,), since=5)

@@ -186,7 +186,7 @@ def test_cnnjax_train_on_cifar10_files_end_to_end(tmp_path, cifar10_files):
     write(manual, members)
     cfg = cnnjax.Config().override([
         "data.dataset=cifar10", f"data.manual_dir={manual}", f"data.data_dir={tmp_path / 'tfds'}",
-        "data.val_fraction=0.25", "model.features=4", "model.dense=8", "augment.crop=4",
+        "data.val_fraction=0.25", "model.kwargs.features=4", "model.kwargs.dense=8", "augment.crop=4",
         "augment.flip=true", "train.epochs=1", "train.batch_size=3", "train.progress=false"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)

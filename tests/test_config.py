@@ -5,7 +5,7 @@ import json
 import pytest
 
 from cnnjax.cli import config_from_args, main
-from cnnjax.config import Config
+from cnnjax.config import Config, ModelConfig
 
 
 def test_defaults_are_the_seed_programs():
@@ -14,22 +14,51 @@ def test_defaults_are_the_seed_programs():
     assert (cfg.optim.learning_rate, cfg.optim.weight_decay, cfg.optim.amsgrad) == (1e-3, 1e-5, True)
     assert (cfg.optim.plateau_factor, cfg.optim.plateau_patience, cfg.optim.min_lr) == (0.5, 3, 1e-6)
     assert cfg.train.early_stopping_patience == 7
-    assert cfg.model.features == (32, 64) and cfg.model.dense == (128,)
+    assert cfg.model.name == "seed_cnn" and cfg.model.kwargs == {}
 
 
 def test_overrides_parse_each_type():
-    cfg = Config().override(["optim.learning_rate=3e-4", "optim.amsgrad=false", "model.features=16,32,64",
-                             "model.padding=same", "model.padding=2", "data.manual_dir=/x/y",
-                             "model.dense=256", "model.pool_stride=null", "train.epochs=3"])
+    cfg = Config().override(["optim.learning_rate=3e-4", "optim.amsgrad=false", "model.kwargs.features=16,32,64",
+                             "model.kwargs.padding=same", "model.kwargs.padding=2", "data.manual_dir=/x/y",
+                             "model.kwargs.dense=256", "model.kwargs.pool_stride=null", "train.epochs=3",
+                             "data.classes=3", 'augment.kwargs={"my.aug:warp": {"alpha": 0.5}}'])
     assert cfg.optim.learning_rate == 3e-4 and cfg.optim.amsgrad is False
-    assert cfg.model.features == (16, 32, 64) and cfg.model.dense == (256,)
-    assert cfg.model.padding == 2 and cfg.model.pool_stride is None
-    assert cfg.data.manual_dir == "/x/y" and cfg.train.epochs == 3
-    assert Config().set("model.padding", "same").model.padding == "same"
+    assert cfg.model.kwargs == {"features": [16, 32, 64], "padding": 2, "dense": 256,
+                                "pool_stride": None}
+    assert cfg.data.manual_dir == "/x/y" and cfg.train.epochs == 3 and cfg.data.classes == (3,)
+    assert Config().set("model.kwargs.padding", "same").model.kwargs == {"padding": "same"}
+    assert cfg.get("model.kwargs.features") == [16, 32, 64]
+    assert cfg.augment.kwargs == {"my.aug:warp": {"alpha": 0.5}}  # a name with dots: as JSON
+
+
+def test_model_kwargs_reach_the_module_as_its_field_types():
+    from cnnjax.nn.models import build_model
+
+    model = build_model(Config().override(["model.kwargs.features=16,32", "model.kwargs.dense=64",
+                                           "model.kwargs.padding=same"]).model, 10)
+    assert (model.features, model.dense, model.padding) == ((16, 32), (64,), "same")
+    with pytest.raises(ValueError, match="SeedCNN takes features, kernel_size"):
+        build_model(Config().set("model.kwargs.featurs", "8").model, 10)
+
+
+def test_an_earlier_config_json_reads_through_the_migration():
+    """config.json as cnnjax wrote it before models became name + kwargs: the built-in model's
+    fields move into model.kwargs where they differ from their defaults."""
+    old = {"model": {"name": "seed_cnn", "kwargs": {}, "features": [8, 16], "kernel_size": 3,
+                     "stride": 1, "padding": "same", "pool": "max", "pool_size": 2,
+                     "pool_stride": None, "dense": [128], "dropout": 0.5, "conv_dropout": 0.0,
+                     "batch_norm": False, "bn_momentum": 0.9, "conv_lowering": "auto",
+                     "width": None, "stem": "imagenet", "grayscale": "repeat"}}
+    assert Config.from_dict(old).model.kwargs == {"features": [8, 16], "padding": "same",
+                                                  "dropout": 0.5}
+    old["model"].update(name="resnet18", features=[32, 64], padding=1, dropout=0.0, width=16,
+                        stem="small")
+    assert Config.from_dict(old).model == ModelConfig("resnet18", {"width": 16, "stem": "small"})
 
 
 def test_json_round_trip_restores_tuples_and_types():
-    cfg = Config().override(["model.features=8,16", "optim.learning_rate=2e-3", "model.padding=valid"])
+    cfg = Config().override(["model.kwargs.features=8,16", "optim.learning_rate=2e-3",
+                             "model.kwargs.padding=valid", "augment.kwargs.warp.alpha=2"])
     back = Config.from_dict(json.loads(cfg.to_json()))
     assert back == cfg
 
@@ -45,6 +74,9 @@ def test_config_is_frozen():
     ("train.epochs", "section.field=value"),
     ("train.epochs=three", "train.epochs"),
     ("optim.amsgrad=2", "optim.amsgrad"),
+    ("train.epoch=3", "did you mean 'train.epochs'"),
+    ("model.dropout=0.5", "model.kwargs.dropout"),
+    ("train.epochs.x=1", "not a dict field"),
 ])
 def test_bad_overrides_name_the_key(item, needle):
     with pytest.raises(ValueError, match=needle.replace(".", r"\.")):

@@ -32,7 +32,7 @@ from cnnjax.training.checkpoint import CHECKSUMS, Checkpointer, DamagedCheckpoin
 from fixtures import write_cifar_archive
 
 # 5 of the 10 classes keep it small, and let `cnnjax eval --run` be tried on a class subset.
-CFG = ["model.features=4", "model.dense=8", "data.classes=0,1,2,3,4", "train.epochs=2",
+CFG = ["model.kwargs.features=4", "model.kwargs.dense=8", "data.classes=0,1,2,3,4", "train.epochs=2",
        "train.progress=false", "train.log_every=5", "train.checkpoint_every_steps=5"]
 CLI_CFG = [arg for item in CFG for arg in ("--set", item)]
 
@@ -264,7 +264,7 @@ def write_gz(path, array, magic):
 
 def test_every_user_error_is_one_line_without_traceback(stopped, tmp_path):
     torch = pytest.importorskip("torch")
-    train = ["train", "--quiet", "--epochs", "1", "--set", "model.features=4", "--set", "model.dense=8"]
+    train = ["train", "--quiet", "--epochs", "1", "--set", "model.kwargs.features=4", "--set", "model.kwargs.dense=8"]
 
     truncated_config = tmp_path / "truncated_config"
     shutil.copytree(stopped, truncated_config)
@@ -326,11 +326,11 @@ def test_every_user_error_is_one_line_without_traceback(stopped, tmp_path):
     data_dir = ["--data-dir", str(tmp_path / "tfds")]
 
     cases = {  # argv -> what the one message must name
-        "empty features": (train + ["--set", "model.features=[]"], "model.features"),
+        "empty features": (train + ["--set", "model.kwargs.features=[]"], "model.kwargs.features"),
         "NaN learning rate": (train + ["--set", "optim.learning_rate=NaN"], "finite"),
         "infinite weight decay": (train + ["--set", "optim.weight_decay=Infinity"], "finite"),
-        "kernel too large": (train + ["--set", "model.kernel_size=30"], "model.kernel_size=30"),
-        "zero-width dense": (train + ["--set", "model.dense=0"], "model.dense"),
+        "kernel too large": (train + ["--set", "model.kwargs.kernel_size=30"], "conv1 (kernel_size=30"),
+        "zero-width dense": (train + ["--set", "model.kwargs.dense=0"], "model.kwargs.dense"),
         "file as run dir": (train + ["--run-dir", str(a_file)], "is a file"),
         "truncated config.json": (["train", "--resume", str(truncated_config)],
                                   f"{truncated_config / 'config.json'}"),
@@ -383,9 +383,9 @@ def test_run_predict_takes_an_empty_batch(stopped):
     assert run.logits(empty).shape == (0, 5) and run.predict(empty).shape == (0,)
 
 
-@pytest.mark.parametrize("kernel_size, layer", [(30, "conv1 (model.kernel_size=30"), (31, "conv1:")])
+@pytest.mark.parametrize("kernel_size, layer", [(30, "conv1 (kernel_size=30"), (31, "conv1:")])
 def test_kernel_that_does_not_fit_is_named(kernel_size, layer):
-    model = build_model(ModelConfig(kernel_size=kernel_size), 10)
+    model = build_model(ModelConfig(kwargs={"kernel_size": kernel_size}), 10)
     with pytest.raises(ValueError, match="^" + re.escape(layer)):
         check_geometry(model, (28, 28, 1))
 

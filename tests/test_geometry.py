@@ -242,8 +242,9 @@ def test_global_pools_match_numpy():
 
 # --- SeedCNN's shapes against the same network in torch -------------------------------------------
 
-def torch_blocks(torch, cfg: ModelConfig, image_hw=(28, 28)):
-    """The (C, H, W) shape after each conv and pool of `cfg`'s network built in torch, by name."""
+def torch_blocks(torch, cfg, image_hw=(28, 28)):
+    """The (C, H, W) shape after each conv and pool of a SeedCNN's network (`cfg`: the module)
+    built in torch, by name."""
     nn = torch.nn
     x = torch.zeros(1, 1, *image_hw)
     shapes, in_ch = {}, 1
@@ -265,20 +266,24 @@ def torch_blocks(torch, cfg: ModelConfig, image_hw=(28, 28)):
     return shapes
 
 
+def seed_cnn(**kwargs):
+    return build_model(ModelConfig(kwargs=kwargs), 10)
+
+
 SHAPE_CONFIGS = [
-    ModelConfig(),  # the seed: padding 1, stride 1, max pool 2
-    ModelConfig(padding="same"),
-    ModelConfig(padding="valid"),
-    ModelConfig(padding=0, stride=2),
-    ModelConfig(padding=1, stride=2, pool="avg"),
-    ModelConfig(padding="same", stride=2, kernel_size=4, features=(8, 16)),  # 28-14-7-4-2
-    ModelConfig(kernel_size=5, padding=2, pool_size=3, pool_stride=2, features=(8, 16)),
+    seed_cnn(),  # the seed: padding 1, stride 1, max pool 2
+    seed_cnn(padding="same"),
+    seed_cnn(padding="valid"),
+    seed_cnn(padding=0, stride=2),
+    seed_cnn(padding=1, stride=2, pool="avg"),
+    seed_cnn(padding="same", stride=2, kernel_size=4, features=(8, 16)),  # 28-14-7-4-2
+    seed_cnn(kernel_size=5, padding=2, pool_size=3, pool_stride=2, features=(8, 16)),
 ]
 
 
 @pytest.mark.parametrize("cfg", SHAPE_CONFIGS, ids=lambda c: f"{c.padding}-s{c.stride}-{c.pool}")
 def test_seed_cnn_shapes_match_torch(torch, cfg):
-    model = build_model(cfg, 10)
+    model = cfg
     expected = torch_blocks(torch, cfg)
     images = jax.ShapeDtypeStruct((4, 28, 28, 1), jnp.float32)
     variables, shapes = traced_init(model, images)
@@ -307,7 +312,7 @@ def traced_init(model, images):
 
 
 def test_feature_maps_can_be_read_from_intermediates():
-    model = build_model(ModelConfig(), 10)
+    model = seed_cnn()
     images = jax.ShapeDtypeStruct((4, 28, 28, 1), jnp.float32)
     variables = jax.eval_shape(model.init, jax.random.key(0), images)
     _, state = jax.eval_shape(lambda v, x: model.apply(v, x, mutable=["intermediates"]),
@@ -318,14 +323,14 @@ def test_feature_maps_can_be_read_from_intermediates():
 
 
 IMPOSSIBLE = [
-    (ModelConfig(kernel_size=9, padding="valid", features=(8, 16, 32)), "conv3"),  # 28-20-10-2-1
-    (ModelConfig(pool_size=4, features=(8, 16, 32)), "pool3"),  # 28-7-1, then a 4-window on 1
+    (seed_cnn(kernel_size=9, padding="valid", features=(8, 16, 32)), "conv3"),  # 28-20-10-2-1
+    (seed_cnn(pool_size=4, features=(8, 16, 32)), "pool3"),  # 28-7-1, then a 4-window on 1
 ]
 
 
 @pytest.mark.parametrize("cfg, layer", IMPOSSIBLE)
 def test_impossible_model_fails_at_init_naming_the_layer(cfg, layer):
-    model = build_model(cfg, 10)
+    model = cfg
     with pytest.raises(ValueError, match=layer):
         model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1), jnp.float32))
     with pytest.raises(ValueError, match=layer):

@@ -233,7 +233,7 @@ def test_cnnjax_trains_on_a_folder_of_colour_images(tmp_path):
                 _write(tmp_path / "data" / split / name / f"{i}.{'png' if i % 2 else 'jpg'}", pixels)
     cfg = cnnjax.Config().override([
         f"data.dataset=imagefolder:{tmp_path / 'data'}", f"data.data_dir={tmp_path / 'tfds'}",
-        "model.features=4", "model.dense=8", "train.epochs=1", "train.batch_size=8",
+        "model.kwargs.features=4", "model.kwargs.dense=8", "train.epochs=1", "train.batch_size=8",
         "train.eval_batch_size=16", "train.progress=false"])
     result = cnnjax.train_and_evaluate(cfg, tmp_path / "run")
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

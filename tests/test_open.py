@@ -166,28 +166,21 @@ def test_label_smoothing_matches_the_formula_and_bad_losses_are_refused():
 
 
 def test_early_stopping_can_watch_validation_accuracy():
-    """A rising loss with rising accuracy: watching accuracy, every epoch improves."""
-    early, state = cnnjax.EarlyStop(), None
-    from cnnjax.training.optim import make_plateau
-    plateau = make_plateau(cnnjax.OptimConfig())
-    params = {"w": jnp.zeros(2)}
-
-    class S:  # the two fields close_epoch reads and replaces
-        def __init__(self, plateau_state):
-            self.step, self.plateau_state = jnp.int32(7), plateau_state
-
-        def replace(self, plateau_state):
-            return S(plateau_state)
-
-    state = S(plateau.init(params))
+    """A rising loss with rising accuracy: watching accuracy, every epoch improves, and the best
+    so far holds the accuracy itself under its own name."""
+    cfg = cnnjax.Config().override(["train.monitor=val_accuracy", "model.kwargs.features=4,8",
+                                    "model.kwargs.dense=16", "train.early_stopping_patience=1"])
+    parts = cnnjax.build(cfg, cnnjax.dataset_spec("mnist5k"), steps_per_epoch=10)
+    state, loop = parts.init_state(jax.random.key(0)), cnnjax.LoopState(best=cnnjax.Best("val_accuracy"))
     improved = []
-    for epoch, (loss, acc) in enumerate([(0.5, 0.80), (0.6, 0.85), (0.7, 0.90)], start=1):
-        state, record, _ = cnnjax.close_epoch(state, plateau, early, 3, epoch,
-                                              {"loss": loss, "accuracy": acc}, (0.1, 0.9), 1e-3,
-                                              "val_accuracy")
+    for loss, acc in [(0.5, 0.80), (0.6, 0.85), (0.7, 0.90), (0.4, 0.90), (0.3, 0.89)]:
+        state, loop, record = cnnjax.close_epoch(parts, state, loop, {"loss": loss, "accuracy": acc},
+                                                 [(0.1, 0.9)])
         improved.append(record["improved"])
-    assert improved == [True, True, True] and early.best_epoch == 3
-    assert early.best_val_loss == pytest.approx(0.10)  # the watched value: 1 - accuracy
+    # a tie is no improvement; the second epoch without one (patience 1) ends the run
+    assert improved == [True, True, True, False, False] and loop.stopped_early
+    assert (loop.best.epoch, loop.best.value) == (3, 0.90)
+    assert loop.best.to_json() == {"epoch": 3, "step": 0, "val_accuracy": 0.90}
 
 
 def test_mixing_is_keyed_per_example_not_per_position():
@@ -222,7 +215,7 @@ def test_mixing_is_keyed_per_example_not_per_position():
 
 
 def test_bfloat16_training_stays_close_to_float32(tmp_path):
-    base = ["model.features=8,16", "model.dense=32", "train.epochs=1", "train.progress=false",
+    base = ["model.kwargs.features=8,16", "model.kwargs.dense=32", "train.epochs=1", "train.progress=false",
             "train.log_every=5"]
     runs = {}
     for dtype in ("float32", "bfloat16"):
@@ -256,7 +249,7 @@ def _rgb_dataset(n_train=640, n_test=160, seed=0):
 
 
 # The SeedCNN on 32x32x3 images: tests/test_cifar.py trains it on CIFAR-format files.
-@pytest.mark.parametrize("model", [["model.name=resnet_tiny", "model.stem=small"]])
+@pytest.mark.parametrize("model", [["model.name=resnet_tiny", "model.kwargs.stem=small"]])
 def test_a_three_channel_32px_dataset_of_arrays_trains(tmp_path, model):
     cnnjax.register_dataset("test_rgb32", _rgb_dataset())
     cfg = cnnjax.Config().override(["data.dataset=test_rgb32", "train.epochs=1",

@@ -14,8 +14,8 @@ from cnnjax.report.logs import read_jsonl
 
 # Batch norm, dropout and augmentation all on: their statistics and draws must not depend on the
 # device count. One epoch of 50 steps, a checkpoint every 20.
-CFG = ["model.features=8,16", "model.dense=32", "train.epochs=1", "train.progress=false",
-       "model.batch_norm=true", "model.dropout=0.5", "augment.rotate=10", "augment.translate=2",
+CFG = ["model.kwargs.features=8,16", "model.kwargs.dense=32", "train.epochs=1", "train.progress=false",
+       "model.kwargs.batch_norm=true", "model.kwargs.dropout=0.5", "augment.rotate=10", "augment.translate=2",
        "train.checkpoint_every_steps=20"]
 
 

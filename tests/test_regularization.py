@@ -85,7 +85,7 @@ def test_dropout_masks_are_per_example_and_scaled():
 
 
 def test_dropout_needs_a_key_in_training_and_is_off_in_eval():
-    model = build_model(ModelConfig(features=(4, 8), dense=(16,), dropout=0.5), 10)
+    model = build_model(ModelConfig(kwargs=dict(features=(4, 8), dense=(16,), dropout=0.5)), 10)
     x = jnp.ones((2, 28, 28, 1))
     variables = model.init(jax.random.key(0), x)
     with pytest.raises(flax.errors.InvalidRngError):
@@ -150,8 +150,8 @@ def test_batch_norm_matches_torch_in_train_and_eval():
     np.testing.assert_allclose(bn_j.apply(variables, jnp.asarray(x), use_running_average=True), yt, atol=1e-5)
 
 
-ALL_ON = ["model.features=8,16", "model.dense=32", "train.epochs=2", "train.progress=false",
-          "model.dropout=0.5", "model.batch_norm=true", "augment.rotate=10", "augment.translate=2",
+ALL_ON = ["model.kwargs.features=8,16", "model.kwargs.dense=32", "train.epochs=2", "train.progress=false",
+          "model.kwargs.dropout=0.5", "model.kwargs.batch_norm=true", "augment.rotate=10", "augment.translate=2",
           "augment.scale=0.1"]
 
 

@@ -130,13 +130,13 @@ def test_parameter_counts_match_torchvision():
 
 
 def test_build_model_presets_and_errors():
-    model = build_model(ModelConfig(name="resnet18", stem="small", width=16), 5)
+    model = build_model(ModelConfig(name="resnet18", kwargs=dict(stem="small", width=16)), 5)
     assert (model.stage_sizes, model.width, model.stem, model.num_classes) == ((2, 2, 2, 2), 16, "small", 5)
     assert build_model(ModelConfig(name="resnet_tiny"), 10).width == 8
     with pytest.raises(ValueError, match="stem must be one of"):
-        build_model(ModelConfig(name="resnet18", stem="tiny"), 10)
+        build_model(ModelConfig(name="resnet18", kwargs=dict(stem="tiny")), 10)
     with pytest.raises(ValueError, match="grayscale must be one of"):
-        build_model(ModelConfig(name="resnet18", grayscale="rgb"), 10)
+        build_model(ModelConfig(name="resnet18", kwargs=dict(grayscale="rgb")), 10)
 
 
 def test_feature_shape_and_intermediates():

@@ -40,7 +40,7 @@ def test_grad_passes_refuses_what_would_change_the_step():
 
 
 def test_batch_norm_with_microbatch_fails_before_the_run_starts(tmp_path):
-    cfg = Config().override(["model.batch_norm=true", "train.microbatch=16", "train.epochs=1"])
+    cfg = Config().override(["model.kwargs.batch_norm=true", "train.microbatch=16", "train.epochs=1"])
     with pytest.raises(ValueError, match="train.microbatch=16 would split each step"):
         train_and_evaluate(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
@@ -48,7 +48,7 @@ def test_batch_norm_with_microbatch_fails_before_the_run_starts(tmp_path):
 
 def _setup(batch_size: int, seed: int = 0):
     """A SeedCNN with dropout and augmentation on (per-example draws), its state and a batch."""
-    model = build_model(ModelConfig(features=(8, 16), dense=(32,), dropout=0.5), 10)
+    model = build_model(ModelConfig(kwargs=dict(features=(8, 16), dense=(32,), dropout=0.5)), 10)
     tx = make_optimizer(OptimConfig())
     state = create_train_state(model, tx, make_plateau(OptimConfig()), (28, 28, 1),
                                jax.random.key(seed))
@@ -89,11 +89,17 @@ def test_passes_give_the_whole_batch_step_with_dropout_and_augmentation():
 
 
 def test_default_step_splits_large_cpu_batches():
-    """Batch 128 runs as two passes by default; its step is the one-pass step."""
+    """Batch 128 runs as two passes of 64 by default: bit for bit the step given microbatch=64,
+    which sums its passes in another order than the one-pass step (so the bits tell them apart)
+    and equals that step up to rounding."""
     model, tx, state, batch, augment = _setup(128, seed=1)
     key = jax.random.key(2)
     default = make_train_step(model, tx, 0.5, 0.25, augment)(_copy(state), batch, key)
+    halves = make_train_step(model, tx, 0.5, 0.25, augment, microbatch=64)(_copy(state), batch, key)
     one = make_train_step(model, tx, 0.5, 0.25, augment, microbatch=128)(state, batch, key)
+    assert grad_passes(128) == 2
+    bits = lambda step: [np.asarray(x).tobytes() for x in jax.tree.leaves(step[0].params)]
+    assert bits(default) == bits(halves) and bits(default) != bits(one)
     _assert_same_step(default, one)
 
 

@@ -11,7 +11,7 @@ from cnnjax.cli import main
 from cnnjax.data.datasets import load
 from cnnjax.report.logs import read_jsonl
 
-SMALL = ["model.features=8,16", "model.dense=32", "train.epochs=2", "train.batch_size=64",
+SMALL = ["model.kwargs.features=8,16", "model.kwargs.dense=32", "train.epochs=2", "train.batch_size=64",
          "train.progress=false", "train.log_every=10"]
 
 
@@ -35,7 +35,17 @@ def test_run_directory_holds_everything(run_dir):
     assert summary["val"]["count"] == 800 and summary["test"]["count"] == 1000
     assert np.asarray(summary["test"]["confusion"]).sum() == 1000
     assert summary["test"]["accuracy"] > 0.8  # two epochs of a tiny CNN already learn digits
-    assert 0 <= summary["dead_filters"] <= 8 + 16  # of the conv filters, after training
+    # dead filters: conv channels whose ReLU output is 0 at every position of every validation
+    # image, counted here from the model's own conv outputs
+    import cnnjax
+    run = load_run(run_dir)
+    val = cnnjax.load_data(run.config.data, run.config.train.seed).val[0]
+    _, state = run.model.apply(run.variables, cnnjax.normalize(val, run.spec.mean, run.spec.std),
+                               mutable=["intermediates"])
+    peaks = [np.asarray(v[0]).max(axis=(0, 1, 2)) for k, v in state["intermediates"].items()
+             if k.startswith("conv")]
+    assert [p.size for p in peaks] == [8, 16]
+    assert summary["dead_filters"] == sum(int((p <= 0).sum()) for p in peaks)
 
 
 def test_metrics_log_has_step_and_epoch_lines(run_dir):
@@ -100,10 +110,10 @@ def test_best_parameters_are_the_ones_kept(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, needle", [
-    (["model.kernel_size=9", "model.padding=valid", "model.features=8,8,8"], "conv3"),
+    (["model.kwargs.kernel_size=9", "model.kwargs.padding=valid", "model.kwargs.features=8,8,8"], "conv3"),
     (["train.batch_size=5000"], "batch_size"),
     (["data.dataset=cifar11"], "cifar11"),
-    (["model.pool=median"], "median"),
+    (["model.kwargs.pool=median"], "median"),
 ])
 def test_bad_config_fails_before_training(tmp_path, overrides, needle):
     with pytest.raises(ValueError, match=needle):

@@ -19,6 +19,7 @@ from cnnjax.data.input_pipeline import data_spec, select_classes
 from cnnjax.nn.models import SeedCNN
 from cnnjax.training.optim import make_optimizer, make_plateau
 from fixtures import TinyResNet
+from cnnjax.training.builder import build
 from cnnjax.training.steps import create_train_state, make_train_step
 
 IMAGE_SHAPE = (28, 28, 1)
@@ -49,8 +50,7 @@ def batches(n, seed=0, size=16, num_classes=5):
 
 def train(model, tx, state, cfg, epoch, n_steps, seed):
     """`n_steps` train steps with the model of `epoch`; returns the state."""
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    step = make_train_step(transfer.model_for_epoch(model, cfg.transfer, variables, epoch), tx,
+    step = make_train_step(transfer.model_for_epoch(model, cfg.transfer, state, epoch), tx,
                            0.1307, 0.3081)
     for batch in batches(n_steps, seed):
         state, metrics = step(state, batch, jax.random.key(1))
@@ -111,20 +111,22 @@ def test_freezing_a_middle_stage_lets_the_rest_train():
         assert all(changed(start, after, prefix).values()), prefix
 
 
-def test_epoch_steps_compile_once_per_set_of_frozen_layers():
-    cfg = config(freeze="backbone", unfreeze="layer2", unfreeze_after_epochs=2)
-    model = SmallResNet(num_classes=5)
-    variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *IMAGE_SHAPE)))
-    state = types.SimpleNamespace(params=variables["params"], batch_stats=variables["batch_stats"])
-    built = []
-    steps = transfer.EpochSteps(model, cfg.transfer, lambda m: built.append(m.frozen) or len(built))
-    assert [steps(state, epoch) for epoch in (1, 2, 3, 4, 1)] == [1, 1, 2, 2, 1]
-    assert built == [("bn1", "conv1", "layer1", "layer2"), ("bn1", "conv1", "layer1")]
+def test_a_run_compiles_one_step_per_set_of_frozen_layers():
+    cfg = config(freeze="backbone", unfreeze="layer2", unfreeze_after_epochs=2).override(
+        ["model.name=resnet_tiny", "model.kwargs.stage_sizes=1,1"])
+    parts = build(cfg, data_spec(DataConfig()), steps_per_epoch=4)
+    steps = [parts.train_step(epoch) for epoch in (1, 2, 3, 4, 1)]
+    assert [s is steps[0] for s in steps] == [True, True, False, False, True]
+    assert steps[2] is steps[3]
+    frozen = [transfer.model_for_epoch(parts.model, cfg.transfer, parts.abstract_state(), e).frozen
+              for e in (1, 3)]
+    assert frozen == [("bn1", "conv1", "layer1", "layer2"), ("bn1", "conv1", "layer1")]
 
 
 def test_seed_cnn_with_batch_norm_refuses_frozen_bn_layers():
     model = SeedCNN(features=(4, 8), dense=(16,), batch_norm=True)
-    variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *IMAGE_SHAPE)))
+    variables = types.SimpleNamespace(**jax.eval_shape(model.init, jax.random.key(0),
+                                                       jnp.zeros((1, *IMAGE_SHAPE))))
     with pytest.raises(ValueError, match="cannot keep frozen batch norm"):
         transfer.model_for_epoch(model, config(freeze="bn1", head="fc2").transfer, variables, 1)
     assert transfer.model_for_epoch(model, config(freeze="conv1", head="fc2").transfer,
@@ -167,12 +169,12 @@ def test_labels_scale_and_unfreeze_schedule():
     assert transfer.frozen_at(cfg.transfer, PARAMS, 2) == ("conv1",)
 
 
-def test_plain_transfer_config_keeps_the_default_optimizer():
-    cfg = config(backbone="/some/run")  # loading weights alone changes nothing in the optimizer
-    a, b = updates_over(transfer.make_transfer_optimizer(cfg, 10), 3), updates_over(make_optimizer(cfg.optim), 3)
-    jax.tree.map(np.testing.assert_array_equal, a, b)
-    state = transfer.make_transfer_optimizer(cfg, 10).init(PARAMS)
-    assert jax.tree.structure(state) == jax.tree.structure(make_optimizer(cfg.optim).init(PARAMS))
+def test_loading_weights_alone_keeps_the_default_optimizer():
+    cfg = config(backbone="/some/run")  # read only when the state is made: not here
+    parts = build(cfg, data_spec(DataConfig()), steps_per_epoch=10)
+    plain = make_optimizer(cfg.optim)
+    assert jax.tree.structure(parts.tx.init(PARAMS)) == jax.tree.structure(plain.init(PARAMS))
+    jax.tree.map(np.testing.assert_array_equal, updates_over(parts.tx, 3), updates_over(plain, 3))
 
 
 @pytest.mark.parametrize("fields, message", [
@@ -220,7 +222,7 @@ def backbone_run(tmp_path_factory):
     model = SmallResNet(num_classes=5)
     state = new_state(model, transfer.make_transfer_optimizer(config(freeze="conv1"), 2), seed=3)
     ckpt = checkpoint.Checkpointer(run_dir, async_save=False)
-    ckpt.save(7, state, {"best_step": 7}, val_loss=0.5)
+    ckpt.save(7, state, {"best": {"epoch": 1, "step": 7, "val_loss": 0.5}}, {"val_loss": 0.5})
     ckpt.close()
     (run_dir / "summary.json").write_text(json.dumps({"best_step": 7}))
     return run_dir, snapshot(state)
@@ -232,7 +234,7 @@ def test_backbone_from_a_run_gets_a_new_head(backbone_run):
     model = SmallResNet(num_classes=3)
     fresh = new_state(model, make_optimizer(cfg.optim), seed=9)
     head = np.array(fresh.params["fc"]["kernel"], copy=True)
-    loaded = snapshot(transfer.initialize(fresh, cfg))
+    loaded = snapshot(transfer.initialize(fresh, cfg, model))
     assert loaded["params/fc/kernel"].shape == (16, 3)
     np.testing.assert_array_equal(loaded["params/fc/kernel"], head)
     for key, value in loaded.items():
@@ -260,7 +262,7 @@ def test_cnnjax_train_fine_tunes_a_frozen_backbone_from_an_earlier_run(tmp_path)
     5-9 with the backbone frozen; the backbone and its BN statistics come back bit-identical."""
     import numpy as np
     from cnnjax import Config, load_run, train_and_evaluate
-    base = ["model.name=resnet_tiny", "model.stem=small", "train.epochs=1", "train.progress=false",
+    base = ["model.name=resnet_tiny", "model.kwargs.stem=small", "train.epochs=1", "train.progress=false",
             "train.batch_size=128"]
     train_and_evaluate(Config().override(base + ["data.classes=0,1,2,3,4"]), tmp_path / "pre")
     summary = train_and_evaluate(Config().override(base + [

@@ -31,7 +31,7 @@ from cnnjax.visualize import (ActMaxConfig, activation_maximization, attribution
 from cnnjax.nn.capture import last_feature_layer, preactivation, rectified_feature_layer, top_level
 from cnnjax.visualize.feature_maps import normalize_channels, tile
 
-SMALL = ["model.features=8,16", "model.dense=32", "train.epochs=1", "train.progress=false"]
+SMALL = ["model.kwargs.features=8,16", "model.kwargs.dense=32", "train.epochs=1", "train.progress=false"]
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from cnnjax.visualize.html_report import data_uri
 from cnnjax.visualize.run_report import read_image_file
 
 SHAPE = (16, 16, 3)
-SMALL = ["model.features=4,8", "model.dense=16", "train.epochs=1", "train.batch_size=32",
+SMALL = ["model.kwargs.features=4,8", "model.kwargs.dense=16", "train.epochs=1", "train.batch_size=32",
          "train.progress=false"]
 
 

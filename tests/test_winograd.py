@@ -131,7 +131,7 @@ def test_auto_lowering_of_the_seed_cnn():
 
 def test_a_lowering_per_layer():
     per_layer = conv_lowerings(
-        build_model(ModelConfig(conv_lowering="xla,winograd/xla/xla/winograd4"), 10), (28, 28, 1),
+        build_model(ModelConfig(kwargs={"conv_lowering": "xla,winograd/xla/xla/winograd4"}), 10), (28, 28, 1),
         8)
     assert per_layer == {
         "conv1": dict(forward="xla", input_grad="xla", kernel_grad="xla", inference="xla"),
@@ -166,4 +166,4 @@ def test_bad_lowering_specs_are_named(spec, shape, strides, message):
 def test_a_lowering_per_layer_needs_one_per_layer():
     assert layer_specs("xla", 3) == ("xla",) * 3
     with pytest.raises(ValueError, match="gives 3 lowerings for 2 conv layers"):
-        build_model(ModelConfig(conv_lowering="xla,xla,xla"), 10)
+        build_model(ModelConfig(kwargs={"conv_lowering": "xla,xla,xla"}), 10)

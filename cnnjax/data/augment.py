@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.ndimage import map_coordinates
 
+from cnnjax import imports
 from cnnjax.config import AugmentConfig
 
 # A transform draws one example's forward 3x3 affine matrix (in pixel coordinates centred on the
@@ -109,21 +110,23 @@ class Compose:
         return jax.vmap(lambda img, k: warp(img, self.matrix(k)))(images, keys)
 
 
-_BUILDERS = {
-    "scale": lambda cfg: random_scale(cfg.scale) if cfg.scale else None,
-    "rotate": lambda cfg: random_rotation(cfg.rotate) if cfg.rotate else None,
-    "translate": lambda cfg: random_translation(cfg.translate) if cfg.translate else None,
-    "crop": lambda cfg: random_crop(cfg.crop) if cfg.crop else None,
-    "flip": lambda cfg: random_flip(0.5) if cfg.flip else None,
-}
+# Name -> factory(cfg: AugmentConfig) -> Transform, or None when the config leaves it off. The
+# built-ins read their magnitude from their own field; a user's transform, registered or named by
+# an import path in `augment.order`, reads its arguments from `augment.kwargs[name]`.
+AUGMENTATIONS: dict[str, Callable] = {}
+register_augmentation = imports.registrar(AUGMENTATIONS, "augmentation")
+register_augmentation("scale", lambda cfg: random_scale(cfg.scale) if cfg.scale else None)
+register_augmentation("rotate", lambda cfg: random_rotation(cfg.rotate) if cfg.rotate else None)
+register_augmentation("translate",
+                      lambda cfg: random_translation(cfg.translate) if cfg.translate else None)
+register_augmentation("crop", lambda cfg: random_crop(cfg.crop) if cfg.crop else None)
+register_augmentation("flip", lambda cfg: random_flip(0.5) if cfg.flip else None)
+BUILT_IN = ("scale", "rotate", "translate", "crop", "flip")
 
 
 def from_config(cfg: AugmentConfig) -> Compose:
     """The pipeline a config asks for, in `cfg.order`; transforms left at zero/off are skipped."""
-    unknown = [name for name in cfg.order if name not in _BUILDERS]
-    if unknown:
-        raise ValueError(f"augment.order has unknown transforms {unknown}; known: {sorted(_BUILDERS)}.")
-    left_out = [name for name in _BUILDERS if name not in cfg.order and _BUILDERS[name](cfg)]
+    left_out = [name for name in BUILT_IN if name not in cfg.order and AUGMENTATIONS[name](cfg)]
     if left_out:
         raise ValueError(f"augment.order {list(cfg.order)} leaves out {left_out}, which the config "
                          f"turns on; add them to augment.order (first listed acts first).")
@@ -132,5 +135,19 @@ def from_config(cfg: AugmentConfig) -> Compose:
             raise ValueError(f"augment.{name} must be >= 0, got {getattr(cfg, name)}.")
     if cfg.scale >= 1:
         raise ValueError(f"augment.scale must be < 1 (a zoom range of 1 ± scale), got {cfg.scale}.")
-    transforms = [_BUILDERS[name](cfg) for name in cfg.order]
+    unused = sorted(set(cfg.kwargs) - set(cfg.order))
+    if unused:
+        raise ValueError(f"augment.kwargs has arguments for {unused}, which augment.order does not "
+                         f"name; add them to augment.order or remove their arguments.")
+    transforms = []
+    for name in cfg.order:
+        if not imports.is_import_path(name) and name not in AUGMENTATIONS:
+            raise ValueError(f"augment.order has unknown transform {name!r}; known: "
+                             f"{', '.join(sorted(AUGMENTATIONS))}, or an import path "
+                             f"package.module:factory.")
+        transform = imports.lookup(AUGMENTATIONS, name, "augment.order")(cfg)
+        if transform is not None and not callable(transform):
+            raise ValueError(f"augmentation {name!r} gave a {type(transform).__name__}; a factory "
+                             f"returns a Transform, key -> 3x3 affine matrix, or None for off.")
+        transforms.append(transform)
     return Compose(tuple(t for t in transforms if t is not None))

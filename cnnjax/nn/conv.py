@@ -126,7 +126,7 @@ def layer_specs(spec: str, layers: int) -> tuple[str, ...]:
     if len(specs) == 1:
         return specs * layers
     if len(specs) != layers:
-        raise ValueError(f"model.conv_lowering={spec!r} gives {len(specs)} lowerings for "
+        raise ValueError(f"conv_lowering={spec!r} gives {len(specs)} lowerings for "
                          f"{layers} conv layers; give one for all of them or one per layer.")
     return specs
 

@@ -169,7 +169,7 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], template: dict[str, Any]
     if problems:
         raise ValueError(f"{source} does not fit the model ({len(problems)} problems):\n"
                          + "\n".join(problems) + "\nCheck the architecture options (model.name, "
-                         "model.width, model.stem, model.grayscale) against the weights' model; "
+                         "model.kwargs' width, stem, grayscale) against the weights' model; "
                          "a new head is listed in transfer.head.")
     return jax.tree_util.tree_unflatten(treedef, out)
 

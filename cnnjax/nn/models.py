@@ -9,8 +9,11 @@ editing the model (a sown name may not repeat a submodule's, hence the suffix).
 
 from __future__ import annotations
 
+import collections.abc
+import dataclasses
 import inspect
-from typing import Sequence
+import typing
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +24,7 @@ from cnnjax.config import ModelConfig
 from cnnjax.nn.conv import Conv, layer_specs
 from cnnjax.nn.geometry import Padding, explicit_padding, output_shape
 from cnnjax.nn.layers import POOLS, ExampleDropout, Pool, flatten
-from cnnjax.nn.resnet import RESNETS
+from cnnjax.nn.resnet import ResNet18, ResNet34
 
 conv_init = nn.initializers.normal(stddev=0.01)
 dense_init = nn.initializers.xavier_uniform()
@@ -45,11 +48,21 @@ class SeedCNN(nn.Module):
     bn_momentum: float = 0.9
     conv_lowering: str = "auto"  # cnnjax.nn.conv's spec: one for every conv, or one per conv
 
+    def check(self) -> None:
+        """Raises ValueError naming the setting (a model.kwargs entry) that cannot build a network."""
+        if not self.features or any(not isinstance(f, int) or f <= 0 for f in self.features):
+            raise ValueError(f"model.kwargs.features must list one positive conv width per block, "
+                             f"got {list(self.features)}; e.g. model.kwargs.features=32,64.")
+        if self.pool not in POOLS:
+            raise ValueError(f"model.kwargs.pool must be one of {sorted(POOLS)}, got {self.pool!r}.")
+        if any(width <= 0 for width in self.dense):
+            raise ValueError(f"model.kwargs.dense must list positive layer widths (or nothing), got "
+                             f"{list(self.dense)}; e.g. model.kwargs.dense=128.")
+        layer_specs(self.conv_lowering, len(self.features))
+
     def feature_shape(self, image_hw: Sequence[int]) -> tuple[int, int, int]:
         """(H, W, C) after the last pool, from the output-size arithmetic; raises on bad geometry."""
-        if not self.features or any(not isinstance(f, int) or f <= 0 for f in self.features):
-            raise ValueError(f"model.features must list one positive conv width per block, got "
-                             f"{list(self.features)}; e.g. model.features=32,64.")
+        self.check()
         hw = tuple(image_hw)
         for i, _ in enumerate(self.features, start=1):
             conv_in = hw
@@ -59,12 +72,12 @@ class SeedCNN(nn.Module):
             except ValueError as err:
                 if hw == conv_in:
                     raise
-                raise ValueError(f"conv{i} (model.kernel_size={self.kernel_size}, model.stride="
-                                 f"{self.stride}, model.padding={self.padding!r}) shrinks "
+                raise ValueError(f"conv{i} (kernel_size={self.kernel_size}, stride="
+                                 f"{self.stride}, padding={self.padding!r}) shrinks "
                                  f"{conv_in[0]}x{conv_in[1]} to {hw[0]}x{hw[1]}, too small for "
                                  f"pool{i}'s window {self.pool_size}: use a smaller "
-                                 f"model.kernel_size or model.stride, more model.padding, fewer "
-                                 f"model.features, or a smaller model.pool_size.") from err
+                                 f"model.kwargs.kernel_size or stride, more padding, fewer "
+                                 f"features, or a smaller pool_size.") from err
         return (*hw, self.features[-1])
 
     @nn.compact
@@ -108,58 +121,63 @@ class SeedCNN(nn.Module):
                         name=f"fc{len(self.dense) + 1}")(x)
 
 
-# Name -> the module class (or preset) it builds. Built-ins and users' models share it: a model
-# registered with `@register_model("name")` or named by an import path `package.module:Name` is
-# built as `Model(num_classes=..., **model.kwargs)`; seed_cnn and the ResNets read their fields of
-# ModelConfig instead.
-MODELS = {"seed_cnn": SeedCNN, **{name: preset for name, (preset, _) in RESNETS.items()}}
+# Name -> the module class (or preset) it builds, cnnjax's own and users' alike: every model is
+# built as `Model(num_classes=..., **model.kwargs)`.
+MODELS: dict[str, Any] = {}
 register_model = imports.registrar(MODELS, "model")
+register_model("seed_cnn", SeedCNN)
+register_model("resnet18", ResNet18)
+register_model("resnet34", ResNet34)
 
 
 def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
-    """The model a config names, with geometry checked against nothing yet (see `check_model`)."""
+    """The model a config names, its own checks passed (geometry comes with `check_model`)."""
     factory = imports.lookup(MODELS, cfg.name, "model.name")
-    builtin = cfg.name in RESNETS or factory is SeedCNN
-    if cfg.kwargs and builtin:
-        raise ValueError(f"model.kwargs={cfg.kwargs} is for registered or import-path models; "
-                         f"{cfg.name} takes its settings from the model.* fields.")
-    if cfg.name in RESNETS:
-        preset, width = RESNETS[cfg.name]
-        model = preset(num_classes=num_classes, width=width if cfg.width is None else cfg.width,
-                       stem=cfg.stem, grayscale=cfg.grayscale, bn_momentum=cfg.bn_momentum)
-        model.check()  # a bad stem or grayscale option fails here, before any compile
-        if cfg.conv_lowering != "auto":
-            raise ValueError(f"model.conv_lowering={cfg.conv_lowering!r} applies to seed_cnn's "
-                             f"convolutions only; leave it 'auto' for {cfg.name}.")
-        return model
-    if not builtin:
-        return _build_user_model(cfg, factory, num_classes)
-    if cfg.pool not in POOLS:
-        raise ValueError(f"model.pool must be one of {sorted(POOLS)}, got {cfg.pool!r}.")
-    layer_specs(cfg.conv_lowering, len(cfg.features))  # a wrong count fails here, before any compile
-    if any(width <= 0 for width in cfg.dense):
-        raise ValueError(f"model.dense must list positive layer widths (or nothing), got "
-                         f"{list(cfg.dense)}; e.g. model.dense=128.")
-    return SeedCNN(
-        num_classes=num_classes, features=tuple(cfg.features), kernel_size=cfg.kernel_size,
-        stride=cfg.stride, padding=cfg.padding, pool=cfg.pool, pool_size=cfg.pool_size,
-        pool_stride=cfg.pool_stride, dense=tuple(cfg.dense), dropout=cfg.dropout,
-        conv_dropout=cfg.conv_dropout, batch_norm=cfg.batch_norm, bn_momentum=cfg.bn_momentum,
-        conv_lowering=cfg.conv_lowering)
-
-
-def _build_user_model(cfg: ModelConfig, factory, num_classes: int) -> nn.Module:
+    kwargs = _typed_kwargs(factory, cfg.kwargs)
     try:
-        model = factory(num_classes=num_classes, **cfg.kwargs)
+        model = factory(num_classes=num_classes, **kwargs)
     except TypeError as err:
         raise ValueError(f"model {cfg.name!r} cannot be built as {_name(factory)}(num_classes="
-                         f"{num_classes}, **{cfg.kwargs}): {err}. Give its constructor a "
-                         f"`num_classes` field and pass the others in model.kwargs.") from None
+                         f"{num_classes}, **{cfg.kwargs}): {err}. Its settings go in model.kwargs "
+                         f"(--set model.kwargs.NAME=VALUE); {_fields(factory)}") from None
     if not isinstance(model, nn.Module):
         raise ValueError(f"model {cfg.name!r} built a {type(model).__name__}, not a flax.linen "
                          f"Module.")
     _check_call_signature(model, cfg.name)
+    if hasattr(model, "check"):  # a model's own argument checks, before anything is traced
+        model.check()
     return model
+
+
+def _module_class(factory) -> type | None:
+    while hasattr(factory, "func"):  # functools.partial presets
+        factory = factory.func
+    return factory if isinstance(factory, type) and dataclasses.is_dataclass(factory) else None
+
+
+def _fields(factory) -> str:
+    cls = _module_class(factory)
+    if cls is None:
+        return "see its signature."
+    names = [f.name for f in dataclasses.fields(cls)
+             if f.init and f.name not in ("parent", "name", "num_classes")]
+    return f"{cls.__name__} takes {', '.join(names)}."
+
+
+def _typed_kwargs(factory, kwargs: dict) -> dict:
+    """JSON's lists as the tuples a module's sequence fields hold (hashable, as Flax wants), and a
+    lone number where a sequence is declared as a one-element tuple ('features=32')."""
+    cls = _module_class(factory)
+    hints = typing.get_type_hints(cls) if cls is not None else {}
+    out = {}
+    for key, value in kwargs.items():
+        sequence = typing.get_origin(hints.get(key)) in (tuple, collections.abc.Sequence)
+        if isinstance(value, list):
+            value = tuple(value)
+        elif sequence and isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = (value,)
+        out[key] = value
+    return out
 
 
 def _name(obj) -> str:

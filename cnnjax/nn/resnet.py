@@ -221,6 +221,3 @@ class ResNet(nn.Module):
 
 ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2))
 ResNet34 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3))
-
-# Name -> (preset, its default width); model.width in a config overrides the width.
-RESNETS = {"resnet18": (ResNet18, 64), "resnet34": (ResNet34, 64)}

@@ -15,21 +15,22 @@ every checkpoint under the callback's `name`.
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+import zlib
+from typing import Any, Callable, Iterable, Sequence
 
 import jax
 import numpy as np
 
 from cnnjax.report import logs, plots
 
-if TYPE_CHECKING:  # the loop imports this module; these names are only annotations here
-    from cnnjax.training.loop import Progress, RunSetup
-
 
 @dataclasses.dataclass
 class Control:
-    """What the callbacks ask of the loop; it reads and clears it after each hook."""
+    """What callbacks ask of the loop: a stop (with its reason) or a checkpoint. The loop reads
+    the requests after each hook; a stop takes effect at the next log line or epoch end, after a
+    checkpoint, and a checkpoint request at the next log line (an epoch's end saves anyway)."""
 
     stop_reason: str | None = None
     checkpoint_requested: bool = False
@@ -43,25 +44,48 @@ class Control:
 
 @dataclasses.dataclass(frozen=True)
 class Event:
-    """What every hook gets: the run's setup, its position, the state, and the control."""
+    """What every hook gets, and all a callback may use (the built-in ones included).
 
-    run: "RunSetup"
-    progress: "Progress"
+    `state` is the train state (immutable; the next step donates its arrays, so `jax.device_get`
+    what you keep); `best` the best epoch so far (`loop_state.Best`); `key` a PRNG key of this
+    callback's own, folded from the run's key and the callback's name (fold in `step` for a
+    fresh draw each time)."""
+
+    step: int
+    epoch: int
     state: Any
     control: Control
-
-    @property
-    def step(self) -> int:
-        return int(self.state.step)
-
-    @property
-    def epoch(self) -> int:
-        return self.progress.epoch
+    best: Any
+    config: Any  # the run's Config
+    run_dir: pathlib.Path
+    is_primary: bool  # the process that writes logs, plots and summaries
+    steps_per_epoch: int
+    _run: Any = dataclasses.field(repr=False, compare=False, default=None)
+    callback_name: str = ""
 
     def evaluate(self, split: str = "val", state: Any = None) -> dict[str, Any]:
         """Loss, accuracy, count and confusion matrix of `state` (default: the current one) on
         the 'val' or 'test' split; costs one pass over the split."""
-        return self.run.evaluate(self.state if state is None else state, split)
+        return self._run.evaluate(self.state if state is None else state, split)
+
+    def images(self, split: str = "val") -> tuple[np.ndarray, np.ndarray]:
+        """The split's images (host units, read-only) and labels, as the run holds them."""
+        return self._run.images(split)
+
+    @property
+    def model(self):
+        """The run's Flax module (training and evaluation apply it to normalized images)."""
+        return self._run.parts.model
+
+    @property
+    def spec(self):
+        """The data's spec: image shape, classes, normalization."""
+        return self._run.parts.spec
+
+    @property
+    def key(self) -> jax.Array:
+        return jax.random.fold_in(self._run.train_key,
+                                  zlib.crc32(self.callback_name.encode()) & 0x7FFFFFFF)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +97,8 @@ class StepEvent(Event):
 
 @dataclasses.dataclass(frozen=True)
 class LogEvent(Event):
-    """Every `train.log_every` steps: `record` is the metrics.jsonl line (window means)."""
+    """Every `train.log_every` steps and at an epoch's last step: `record` is the metrics.jsonl
+    line (window means)."""
 
     record: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -92,7 +117,7 @@ class EpochEvent(Event):
 class EndEvent(Event):
     """After the final evaluation, on the process that writes the run directory, before
     summary.json is written: a callback may add fields to `summary`. `state` holds the best
-    parameters."""
+    parameters (their EMA, when the run keeps one)."""
 
     summary: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -115,9 +140,15 @@ class Callback:
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-def is_due(count: int, every: int | None = None, at: Iterable[int] = ()) -> bool:
-    """The one rule for "is it time": `count` is a multiple of `every`, or one of `at`."""
-    return bool(every) and count % every == 0 or count in set(at)
+def is_due(count: int, every: int | None = None, at: Iterable[int] = (),
+           since: int | None = None) -> bool:
+    """The one rule for "is it time": a multiple of `every`, or a count in `at`, lies in
+    (since, count]; `since` defaults to count - 1 (asked at every count). Logs, checkpoints and
+    `Periodic` all ask it."""
+    since = count - 1 if since is None else since
+    if every and count // every > since // every:
+        return True
+    return any(since < a <= count for a in at)
 
 
 class Periodic(Callback):
@@ -176,17 +207,21 @@ class StopAtStep(Callback):
 
 
 class CheckpointEvery(Callback):
-    """Checkpoints mid-epoch at the first log line `every` or more steps after the last save
+    """Checkpoints mid-epoch at the first log line at or after each multiple of `every` steps
     (`train.checkpoint_every_steps`); every epoch end checkpoints anyway."""
 
     def __init__(self, every: int):
         if every < 0:
             raise ValueError(f"train.checkpoint_every_steps must be >= 0, got {every}.")
-        self.every = every
+        self.every, self.last = every, 0
+
+    def on_train_start(self, event: Event) -> None:
+        self.last = event.step
 
     def on_log(self, event: LogEvent) -> None:
-        if self.every and event.step - event.progress.last_checkpoint_step >= self.every:
+        if is_due(event.step, self.every, since=self.last):
             event.control.checkpoint()
+        self.last = event.step
 
 
 class JsonlLog(Callback):
@@ -206,8 +241,7 @@ class JsonlLog(Callback):
         self._keep = int(state["lines"])
 
     def on_train_start(self, event: Event) -> None:
-        self.writer = logs.JsonlWriter(event.run.run_dir / self.filename, self._keep,
-                                       event.run.par.is_primary)
+        self.writer = logs.JsonlWriter(event.run_dir / self.filename, self._keep, event.is_primary)
 
     def close(self) -> None:
         if self.writer is not None:
@@ -257,11 +291,11 @@ class TensorBoard(Callback):
         self._purge = True
 
     def on_train_start(self, event: Event) -> None:
-        if event.run.par.is_primary:
+        if event.is_primary:
             from tensorboard.compat.proto.event_pb2 import Event as TbEvent, SessionLog
             from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
-            self.writer = EventFileWriter(str(event.run.run_dir / self.subdir), flush_secs=30)
+            self.writer = EventFileWriter(str(event.run_dir / self.subdir), flush_secs=30)
             if self._purge:
                 now = time.time()
                 self.writer.add_event(TbEvent(step=event.step + 1, wall_time=now,
@@ -303,11 +337,9 @@ class ProgressBar(Callback):
     def on_train_start(self, event: Event) -> None:
         from tqdm.auto import tqdm
 
-        run, p = event.run, event.progress
-        self.bar = tqdm(total=run.cfg.train.epochs * run.steps_per_epoch,
-                        initial=(p.epoch - 1) * run.steps_per_epoch + p.batch,
-                        disable=not (run.cfg.train.progress and run.par.is_primary), unit="step",
-                        dynamic_ncols=True)
+        self.bar = tqdm(total=event.config.train.epochs * event.steps_per_epoch, initial=event.step,
+                        disable=not (event.config.train.progress and event.is_primary),
+                        unit="step", dynamic_ncols=True)
 
     def on_step(self, event: StepEvent) -> None:
         self.bar.update(1)
@@ -329,19 +361,20 @@ class ProgressBar(Callback):
 
 
 class AugmentationGrid(Callback):
-    """augmentations.png: 16 training images over four augmented draws, as the step draws them."""
+    """augmentations.png: 16 training images over four augmented draws, at the start of a run."""
+
+    name = "augmentation_grid"
 
     def on_train_start(self, event: Event) -> None:
-        run = event.run
-        if not run.augmenter.transforms or run.resuming or not run.par.is_primary:
-            return
-        from cnnjax.training.steps import AUGMENT_STREAM
+        from cnnjax.data import augment
 
-        images = run.data.train[0]
+        augmenter = augment.from_config(event.config.augment)
+        if not augmenter.transforms or event.step or not event.is_primary:
+            return
+        images = event.images("train")[0]
         sample = np.linspace(0, len(images) - 1, 16).astype(np.int32)
-        key = jax.random.fold_in(jax.random.fold_in(run.train_rng, 0), AUGMENT_STREAM)
-        plots.augmentation_grid(run.run_dir / "augmentations.png", run.augmenter, images[sample],
-                                key, sample)
+        plots.augmentation_grid(event.run_dir / "augmentations.png", augmenter, images[sample],
+                                event.key, sample)
 
 
 class DeadFilterCount(Callback):
@@ -351,10 +384,9 @@ class DeadFilterCount(Callback):
     def on_train_end(self, event: EndEvent) -> None:
         from cnnjax.nn.health import dead_filter_count
 
-        run = event.run
         variables = {"params": event.state.params, "batch_stats": event.state.batch_stats}
-        event.summary["dead_filters"] = dead_filter_count(run.model, variables, run.data.val[0],
-                                                          run.data.spec)
+        event.summary["dead_filters"] = dead_filter_count(event.model, variables,
+                                                          event.images("val")[0], event.spec)
 
 
 def default_callbacks(cfg, stop_at_step: int | None = None) -> list[Callback]:
@@ -387,7 +419,8 @@ class CallbackList:
         for c in self.callbacks:
             fn = getattr(c, hook, None)
             if fn is not None:
-                fn(event)
+                fn(dataclasses.replace(event, callback_name=getattr(c, "name", None)
+                                       or type(c).__name__))
 
     def state_dict(self) -> dict[str, Any]:
         out = {}

@@ -30,6 +30,7 @@ import warnings
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
@@ -132,9 +133,9 @@ class Checkpointer:
         self._saving: int | None = None  # the step whose save is in flight
         preservation = policies.AnyPreservationPolicy([
             policies.LatestN(keep),
-            # Only epochs that improved the validation loss carry metrics, so the best of them is
-            # the latest improvement, the same one early stopping picked.
-            policies.BestN(get_metric_fn=lambda m: m["val_loss"], reverse=True, n=1,
+            # Only epochs that improved the monitored figure carry metrics, so the best of them
+            # is the latest improvement, the same one early stopping picked.
+            policies.BestN(get_metric_fn=_lower_is_better, reverse=True, n=1,
                            keep_checkpoints_without_metrics=False),
         ])
         # Saves always go through orbax's async checkpointer, whose finalization hook writes the
@@ -152,14 +153,16 @@ class Checkpointer:
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def save(self, step: int, state, loop: dict[str, Any], val_loss: float | None = None) -> None:
-        """Starts saving (asynchronously where enabled); `val_loss` marks a best-so-far candidate."""
+    def save(self, step: int, state, loop: dict[str, Any], best: dict[str, float] | None = None
+             ) -> None:
+        """Starts saving (asynchronously where enabled); `best` ({'val_loss': 0.07} or
+        {'val_accuracy': 0.98}, the monitored figure) marks a best-so-far candidate."""
         t0 = time.perf_counter()
         self.manager.wait_until_finished()  # one save in flight, so `_saving` names it
         self._saving = step
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                         loop=ocp.args.JsonSave(loop)),
-                          metrics=None if val_loss is None else {"val_loss": float(val_loss)},
+                          metrics=None if best is None else {k: float(v) for k, v in best.items()},
                           force=True)
         if not self.async_save:
             self.manager.wait_until_finished()
@@ -177,6 +180,35 @@ class Checkpointer:
         t0 = time.perf_counter()
         self.manager.wait_until_finished()
         self.seconds_blocked += time.perf_counter() - t0
+
+    def take_blocked(self) -> float:
+        """Seconds the loop waited on saves since the last call (each timing line counts its own)."""
+        blocked, self.seconds_blocked = self.seconds_blocked, 0.0
+        return blocked
+
+    def read_loop(self, step: int) -> dict[str, Any]:
+        """The loop's JSON of `step`, verified, without restoring the train state."""
+        self.verify(step)
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(
+                loop=ocp.args.JsonRestore()))["loop"]
+        except Exception as err:  # orbax raises many types for damaged files
+            raise DamagedCheckpoint(f"orbax cannot read {self.directory / str(step)} "
+                                    f"({_first_line(err)})") from err
+
+    def restore_as_stored(self, step: int) -> dict[str, Any]:
+        """The train state of `step` as numpy arrays of the stored shapes, verified: no model or
+        optimizer needed (a backbone may come from a run of any optimizer or class count)."""
+        self.verify(step)
+        try:
+            meta = self.manager.item_metadata(step)["state"]
+            target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), meta,
+                                  is_leaf=lambda x: hasattr(x, "shape"))
+            return self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target)))["state"]
+        except Exception as err:  # orbax/tensorstore raise many types for damaged files
+            raise DamagedCheckpoint(f"orbax cannot read {self.directory / str(step)} "
+                                    f"({_first_line(err)})") from err
 
     def check_fits(self, step: int, abstract_state) -> None:
         """Raises ValueError naming every parameter path whose shape differs from the model's."""
@@ -259,6 +291,14 @@ class Checkpointer:
     def close(self) -> None:
         self.wait()
         self.manager.close()
+
+
+def _lower_is_better(metrics: dict[str, float]) -> float:
+    """The best checkpoint's order: the validation loss, or the accuracy negated (checkpoints of
+    earlier runs carry 'val_loss', which for val_accuracy runs held 1 - accuracy)."""
+    if "val_accuracy" in metrics:
+        return -metrics["val_accuracy"]
+    return metrics["val_loss"]
 
 
 def _first_line(err: Exception) -> str:

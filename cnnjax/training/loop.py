@@ -1,19 +1,23 @@
-"""The training loop as four stages a script can call, in the order one batch goes through them:
+"""The training loop as stages a script can call, in the order one batch goes through them:
 
-    run, state = setup(cfg, run_dir)              # data, model, state, run directory, resume
-    for epoch in run.epochs():
-        state, stop = train_epoch(run, state, epoch, callbacks)   # the epoch's steps
-        state, stop = end_epoch(run, state, epoch, callbacks)     # eval, plateau, early stop, ckpt
-    result = finish(run, state, callbacks)        # best parameters, test, summary.json
+    run, state, loop = setup(cfg, run_dir)       # data, the run's parts, run directory, resume
+    loop = start(run, state, loop, callbacks)    # the callbacks' saved state, on_train_start
+    for epoch in run.epochs(loop):
+        state, loop = train_epoch(run, state, loop, callbacks)   # the epoch's steps
+        state, loop = end_epoch(run, state, loop, callbacks)     # eval, plateau, early stop, ckpt
+        if loop.stop_reason or loop.stopped_early:
+            break
+    result = finish(run, state, loop, callbacks)  # best parameters, test, summary.json
 
 `train_and_evaluate(cfg, run_dir, callbacks=[...])` is exactly that, with `default_callbacks`
-(logs, TensorBoard, progress bar, checkpoints, ...) before the caller's own. Every check that can
-fail on the user's input runs in `setup`, before anything is compiled.
+(logs, TensorBoard, progress bar, checkpoints, ...) before the caller's own. `RunSetup` describes the
+run and never changes; `LoopState` (cnnjax/training/loop_state.py) is what changes, handed from
+stage to stage. Every check that can fail on the user's input runs in `setup`, before anything is
+compiled (`builder.build`).
 
-Resume is exact: a checkpoint holds the train state and the loop's `Progress` (epoch, batch within
-it, early-stopping state, the callbacks' state); batch order is a function of (seed, epoch) and
-every random draw of (key, step, example), so a resumed run writes the same metrics.jsonl, byte
-for byte, as one that never stopped.
+Resume is exact: a checkpoint holds the train state and the loop state; batch order is a
+function of (seed, epoch) and every random draw of (key, step, example), so a resumed run writes
+the same metrics.jsonl, byte for byte, as one that never stopped.
 """
 
 from __future__ import annotations
@@ -22,79 +26,44 @@ import dataclasses
 import pathlib
 import statistics
 import time
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 import numpy as np
-from flax.training.early_stopping import EarlyStopping
 
-from cnnjax.config import Config, TrainConfig
-from cnnjax.data import augment, input_pipeline
+from cnnjax.config import Config
+from cnnjax.data import input_pipeline
 from cnnjax.nn.conv import conv_lowerings
-from cnnjax.nn.models import build_model, check_model, count_params, has_batch_stats
+from cnnjax.nn.models import count_params
 from cnnjax.report import logs, plots
-from cnnjax.training import checkpoint, parallel, rundir, transfer
-from cnnjax.training.callbacks import (Callback, CallbackList, EndEvent, EpochEvent, Event,
-                                       LogEvent, StepEvent, default_callbacks)
-from cnnjax.training.optim import ema_params, learning_rate_at, make_plateau, plateau_step
-from cnnjax.training.steps import (StepOptions, TrainState, create_train_state, eval_pass_rows,
-                                   evaluate, grad_passes, make_eval_step, make_train_step)
-
-
-@dataclasses.dataclass
-class Progress:
-    """Where the loop stands, saved as JSON with every checkpoint."""
-
-    epoch: int = 1  # the epoch in progress
-    batch: int = 0  # batches of that epoch already trained
-    best_epoch: int = 0
-    best_step: int = 0
-    best_val_loss: float | None = None  # None until the first evaluation
-    patience_count: int = 0
-    epoch_steps: list = dataclasses.field(default_factory=list)  # [loss, accuracy] so far this epoch
-    epoch_rates: list = dataclasses.field(default_factory=list)
-    epoch_seconds: list = dataclasses.field(default_factory=list)
-    checkpoint_seconds: float = 0.0  # blocked on saves, as counted in the epochs' timing lines
-    first_step_s: float | None = None
-    stopped_early: bool = False
-    last_checkpoint_step: int = 0
-    root_key: list = dataclasses.field(default_factory=list)  # jax.random.key_data of the run key
-    callbacks: dict = dataclasses.field(default_factory=dict)  # each callback's state_dict()
-
-
-def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
-    """(init key, train key) of a run with this seed."""
-    init_rng, train_rng = jax.random.split(jax.random.key(seed))
-    return init_rng, train_rng
+from cnnjax.training import builder, checkpoint, parallel, rundir
+from cnnjax.training.builder import RunParts
+from cnnjax.training.callbacks import (Callback, CallbackList, Control, EndEvent, EpochEvent,
+                                       Event, LogEvent, StepEvent, default_callbacks, is_due)
+from cnnjax.training.loop_state import LoopState
+from cnnjax.training.optim import ema_params, plateau_step
+from cnnjax.training.steps import TrainState, eval_pass_rows, evaluate
 
 
 class StepLog:
-    """Collects per-step metrics on device and pulls them to the host once per `every` steps.
+    """Per-step metrics kept on device and pulled to the host once per log line: every
+    `train.log_every` steps (`is_due`) and at an epoch's last step."""
 
-    Pulled [loss, accuracy] pairs go to `epoch_steps` (a list the caller may own, such as the
-    saved `Progress.epoch_steps`) until `epoch_means` empties it."""
-
-    def __init__(self, every: int, epoch_steps: list | None = None):
-        if every <= 0:
-            raise ValueError(f"train.log_every must be positive, got {every}.")
-        self.every = every
-        self.first_step = 1  # the step number of the first pending metrics; see `start`
+    def __init__(self, every: int, first_step: int):
+        self.every, self.first_step = every, first_step  # first_step: of the first pending metrics
         self.pending: list[dict] = []
-        self.epoch_steps = [] if epoch_steps is None else epoch_steps
 
     def add(self, metrics: dict) -> bool:
+        """Keeps a step's metrics; True when a log line is due after it."""
         self.pending.append(metrics)
-        return len(self.pending) >= self.every
+        return is_due(self.first_step + len(self.pending) - 1, self.every)
 
-    def start(self, first_step: int) -> None:
-        """The next metrics added are those of step `first_step` (at each epoch's start)."""
-        self.first_step = first_step
-
-    def pull(self, epoch: int) -> dict[str, Any] | None:
-        """Window means as one deterministic record; raises on the first non-finite step."""
+    def pull(self, epoch: int) -> tuple[dict[str, Any], list[tuple[float, float]]] | None:
+        """(the window's metrics.jsonl record, each step's (loss, accuracy)), one host sync;
+        raises on the first non-finite step."""
         if not self.pending:
             return None
-        window = jax.device_get(self.pending)  # one host-device sync for the whole window
+        window = jax.device_get(self.pending)
         self.pending = []
         for i, m in enumerate(window):
             if not m["finite"]:
@@ -102,96 +71,78 @@ class StepLog:
                     f"non-finite loss ({float(m['loss'])}) or gradient norm ({float(m['grad_norm'])}) "
                     f"at step {self.first_step + i} (epoch {epoch}); the update was not applied. "
                     f"Lower optim.learning_rate or check the data.")
-        self.epoch_steps += [[float(m["loss"]), float(m["accuracy"])] for m in window]
         keys = [k for k in window[0] if k != "finite"]
         record = {k: float(np.mean([m[k] for m in window])) for k in keys}
         last = self.first_step + len(window) - 1
         self.first_step = last + 1
-        return {"kind": "step", "epoch": epoch, "step": last, **record}
-
-    def epoch_means(self) -> tuple[float, float]:
-        """Mean train loss and accuracy over every step pulled since the last call."""
-        loss, acc = np.mean(self.epoch_steps, axis=0)
-        del self.epoch_steps[:]
-        return float(loss), float(acc)
+        return ({"kind": "step", "epoch": epoch, "step": last, **record},
+                [(float(m["loss"]), float(m["accuracy"])) for m in window])
 
 
-def check_lengths(tc: TrainConfig) -> None:
-    """train.epochs and train.log_every, checked before anything is built (train and sweep)."""
-    for key in ("epochs", "log_every"):
-        if getattr(tc, key) <= 0:
-            raise ValueError(f"train.{key} must be positive, got {getattr(tc, key)}.")
-
-
-def patience(tc: TrainConfig) -> int:
+def patience(cfg: Config) -> int:
     """Early stopping's patience in epochs; 0 (off) waits longer than the run."""
-    return tc.early_stopping_patience or tc.epochs + 1
+    return cfg.train.early_stopping_patience or cfg.train.epochs + 1
 
 
-@dataclasses.dataclass
-class EarlyStop:
-    """The best epoch so far and the patience count: what the end of an epoch updates."""
-
-    best_epoch: int = 0
-    best_step: int = 0
-    best_val_loss: float | None = None
-    patience_count: int = 0
-
-    def flax(self, patience: int) -> EarlyStopping:
-        best = float("inf") if self.best_val_loss is None else self.best_val_loss
-        return EarlyStopping(patience=patience, best_metric=best, patience_count=self.patience_count)
-
-
-def watched(val: dict[str, Any], monitor: str = "val_loss") -> float:
-    """The figure `train.monitor` names, as one to minimize: the validation loss, or the
-    validation error 1 - accuracy (optax's plateau rule and flax's early stopping minimize)."""
+def watched(val: dict[str, Any], monitor: str) -> float:
+    """The plateau rule's input, a figure to minimize: the validation loss, or the error
+    1 - accuracy (optax's rule is relative, so a negated accuracy would not do)."""
     return val["loss"] if monitor == "val_loss" else 1.0 - val["accuracy"]
 
 
-def close_epoch(state: TrainState, plateau, early: EarlyStop, patience: int, epoch: int,
-                val: dict[str, Any], train_means: tuple[float, float], learning_rate: float,
-                monitor: str = "val_loss") -> tuple[TrainState, dict[str, Any], bool]:
-    """The end of an epoch given its validation result: early stopping (updates `early`), the
-    plateau rule (the returned state) and the epoch's metrics.jsonl record; `cnnjax train` and
-    `cnnjax sweep` both end each epoch (each seed's) with it. Returns (state, record, stop)."""
-    value = watched(val, monitor)
-    rule = early.flax(patience).update(value)
-    if rule.has_improved:
-        early.best_epoch, early.best_step = epoch, int(state.step)
-    early.best_val_loss, early.patience_count = float(rule.best_metric), rule.patience_count
-    record = {"kind": "epoch", "epoch": epoch, "step": int(state.step),
-              "train_loss": train_means[0], "train_accuracy": train_means[1],
+def close_epoch(parts: RunParts, state: TrainState, loop: LoopState, val: dict[str, Any],
+                epoch_steps: Sequence[tuple[float, float]]
+                ) -> tuple[TrainState, LoopState, dict[str, Any]]:
+    """The end of an epoch given its validation result: early stopping, the plateau rule and the
+    epoch's metrics.jsonl record; `cnnjax train` and `cnnjax sweep` end each epoch (each
+    member's) with it. Returns (state, loop, record); `loop.stopped_early` says if it ends."""
+    cfg = parts.cfg
+    monitor = cfg.train.monitor
+    value = val["loss"] if monitor == "val_loss" else val["accuracy"]
+    improved, bad, stop = loop.best.improves(value, patience(cfg), loop.bad_epochs)
+    best = (dataclasses.replace(loop.best, value=value, epoch=loop.epoch, step=int(state.step))
+            if improved else loop.best)
+    train_loss, train_accuracy = np.mean(epoch_steps, axis=0)
+    record = {"kind": "epoch", "epoch": loop.epoch, "step": int(state.step),
+              "train_loss": float(train_loss), "train_accuracy": float(train_accuracy),
               "val_loss": val["loss"], "val_accuracy": val["accuracy"],
-              "learning_rate": learning_rate, "improved": bool(rule.has_improved)}
-    state = state.replace(plateau_state=plateau_step(plateau, state.plateau_state, value))
-    return state, record, bool(rule.should_stop)
+              # the rate of the epoch's last update
+              "learning_rate": parts.learning_rate(int(state.step) - 1,
+                                                   float(state.plateau_state.scale)),
+              "improved": improved}
+    state = state.replace(plateau_state=plateau_step(parts.plateau, state.plateau_state,
+                                                     watched(val, monitor)))
+    loop = loop.replace(epoch=loop.epoch + 1, batch=0, best=best, bad_epochs=bad,
+                        stopped_early=stop, epoch_steps=())
+    return state, loop, record
+
+
+def evaluated_state(state: TrainState) -> TrainState:
+    """The state evaluation and the best checkpoint's metrics use: with `optim.ema_decay`, the
+    EMA of the parameters (batch-norm statistics stay the live ones)."""
+    ema = ema_params(state.opt_state, state.params) if state.opt_state is not None else None
+    return state if ema is None else state.replace(params=ema)
 
 
 @dataclasses.dataclass(frozen=True)
 class RunSetup:
-    """What `setup` built for a run: read by every later stage, changed by none (the
-    checkpointer and the progress record are the two mutable parts, and say so)."""
+    """What describes a run, built by `setup` and read by every stage, changed by none. The
+    checkpointer is the run directory's writer, a resource the stages save through."""
 
     cfg: Config
     run_dir: pathlib.Path
     data: input_pipeline.Data
-    model: Any
-    tx: Any
-    plateau: Any
-    augmenter: augment.Compose
+    parts: RunParts
     par: parallel.DataParallel
-    grad_passes: int
-    steps_per_epoch: int
     resuming: bool
-    train_rng: jax.Array
-    train_steps: transfer.EpochSteps  # the compiled train step of each epoch
-    eval_step: Callable
+    train_key: jax.Array
     eval_sizes: dict[str, int]
-    ckpt: checkpoint.Checkpointer  # mutable: saves
-    progress: Progress  # mutable: the loop's position, saved with every checkpoint
+    ckpt: checkpoint.Checkpointer
     started: float  # time.perf_counter() at setup
-    blocked_logged: list = dataclasses.field(default_factory=lambda: [0.0])  # mutable: save time
-    # already counted in a timing line, of this process's checkpointer
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.parts.steps_per_epoch
 
     def evaluate(self, state: TrainState, split: str) -> dict[str, Any]:
         """Loss, accuracy, count and confusion matrix on 'val' or 'test' (one pass, one sync), of
@@ -200,27 +151,25 @@ class RunSetup:
             raise ValueError(f"split must be one of {sorted(self.eval_sizes)}, got {split!r}.")
         batches = input_pipeline.eval_batches(*getattr(self.data, split), self.eval_sizes[split],
                                               self.par.part)
-        return evaluate(self.eval_step, evaluated_state(state), map(self.par.shard_batch, batches))
+        return evaluate(self.parts.eval_step, evaluated_state(state),
+                        map(self.par.shard_batch, batches))
 
-    def epochs(self) -> Iterator[int]:
+    def images(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}.")
+        return getattr(self.data, split)
+
+    def epochs(self, loop: LoopState) -> Iterator[int]:
         """The epochs left to train (none once early stopping has ended the run)."""
-        if not self.progress.stopped_early:
-            yield from range(self.progress.epoch, self.cfg.train.epochs + 1)
+        if not loop.stopped_early:
+            yield from range(loop.epoch, self.cfg.train.epochs + 1)
 
-    def learning_rate(self, state: TrainState) -> float:
-        """The rate of the update from `state` (the schedule's, times the plateau rule's scale)."""
-        return learning_rate_at(self.cfg.optim, int(state.step), float(state.plateau_state.scale),
-                                self.steps_per_epoch, self.cfg.train.epochs)
-
-    def patience(self) -> int:
-        return patience(self.cfg.train)
-
-
-def evaluated_state(state: TrainState) -> TrainState:
-    """The state evaluation and the best checkpoint's metrics use: with `optim.ema_decay`, the
-    EMA of the parameters (batch-norm statistics stay the live ones)."""
-    ema = ema_params(state.opt_state, state.params) if state.opt_state is not None else None
-    return state if ema is None else state.replace(params=ema)
+    def event(self, kind: type[Event], state: TrainState, loop: LoopState, control: Control,
+              epoch: int | None = None, **fields) -> Event:
+        return kind(step=int(state.step), epoch=loop.epoch if epoch is None else epoch,
+                    state=state, control=control, best=loop.best, config=self.cfg,
+                    run_dir=self.run_dir, is_primary=self.par.is_primary,
+                    steps_per_epoch=self.steps_per_epoch, _run=self, **fields)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,192 +188,175 @@ class RunResult:
         return self.stopped_at_step is None
 
 
-def setup(cfg: Config, run_dir: pathlib.Path | str | None = None) -> tuple[RunSetup, TrainState]:
-    """Loads the data, builds the model, optimizer and compiled steps, checks every user input,
-    then creates the run directory (or opens it to resume) and the initial (or restored) state."""
+def setup(cfg: Config, run_dir: pathlib.Path | str | None = None
+          ) -> tuple[RunSetup, TrainState, LoopState]:
+    """Loads the data, builds the run's parts (`builder.build`: every user input is checked
+    there), then creates the run directory (or opens it to resume) and the initial (or restored)
+    train and loop states."""
     started = time.perf_counter()
     tc = cfg.train
     data = input_pipeline.load_data(cfg.data, tc.seed)
-    model = build_model(cfg.model, data.spec.num_classes)
-    check_model(model, data.spec.image_shape, data.spec.num_classes, cfg.model.name)
-    options = StepOptions.from_config(cfg, data.spec.num_classes)
-    n_steps = input_pipeline.steps_per_epoch(len(data.train[1]), tc.batch_size)
-    check_lengths(tc)
-    if tc.checkpoint_every_steps < 0:
-        raise ValueError(f"train.checkpoint_every_steps must be >= 0, got {tc.checkpoint_every_steps}.")
-    tx, plateau = transfer.make_transfer_optimizer(cfg, n_steps), make_plateau(cfg.optim)
-    augmenter = augment.from_config(cfg.augment)
+    parts = builder.build(cfg, data.spec,
+                          input_pipeline.steps_per_epoch(len(data.train[1]), tc.batch_size))
     par = parallel.DataParallel.create()
     par.check_batch_size(tc.batch_size)
-    passes = grad_passes(tc.batch_size // par.num_devices, tc.microbatch,
-                         has_batch_stats(model, data.spec.image_shape))
+    parts.passes(tc.batch_size // par.num_devices)  # train.microbatch against each device's rows
     if run_dir is None and jax.process_count() > 1:
         raise ValueError("a multi-process run needs an explicit --run-dir shared by every process.")
     run_dir = pathlib.Path(run_dir if run_dir is not None else rundir.default_run_dir(cfg))
-
-    init_rng, train_rng = seed_keys(tc.seed)
-    state = jax.jit(lambda rng: create_train_state(model, tx, plateau, data.spec.image_shape, rng),
-                    out_shardings=par.replicated)(init_rng)
-    del init_rng
-    if not rundir.has_checkpoint(run_dir):
-        # a new run: transfer.backbone is read (and refused) before the run directory exists
-        state = jax.device_put(transfer.initialize(state, cfg), par.replicated)
+    init_key, train_key = builder.seed_keys(tc.seed)
+    # a new run's state is made (and transfer.backbone read, or refused) before its directory
+    state = None if rundir.has_checkpoint(run_dir) else parts.init_state(init_key, par.replicated)
     resuming = rundir.open_run_dir(run_dir, cfg, par.is_primary)
     if par.is_primary and not resuming:
-        rundir.write_data_spec(run_dir, data.spec, n_steps)
+        rundir.write_data_spec(run_dir, data.spec, parts.steps_per_epoch)
     ckpt = checkpoint.Checkpointer(run_dir, tc.keep_checkpoints, tc.async_checkpointing)
-    progress = Progress(root_key=jax.random.key_data(train_rng).tolist())
+    loop = LoopState(best=dataclasses.replace(LoopState().best, monitor=tc.monitor))
     if resuming:
-        state, loop, step = ckpt.restore(par.abstract(state))
-        progress = Progress(**loop)
-        train_rng = jax.random.wrap_key_data(np.asarray(progress.root_key, np.uint32))
+        state, saved, step = ckpt.restore(par.abstract(parts.abstract_state()))
+        loop = LoopState.from_json(saved, tc.monitor)
         if par.is_primary:
-            print(f"resuming {run_dir} from step {step} (epoch {progress.epoch}, batch {progress.batch})")
-    progress.last_checkpoint_step = int(state.step)
-    # One compiled step per set of frozen layers (transfer learning): a recompile at unfreezing only.
-    train_steps = transfer.EpochSteps(model, cfg.transfer, lambda m: make_train_step(
-        m, tx, data.spec.mean, data.spec.std, augmenter, tc.microbatch, options=options))
-    eval_step = make_eval_step(model, data.spec.mean, data.spec.std, data.spec.num_classes,
-                               options=options)
+            print(f"resuming {run_dir} from step {step} (epoch {loop.epoch}, batch {loop.batch})")
+    loop = loop.replace(last_checkpoint_step=int(state.step))
     eval_sizes = {split: par.eval_batch_size(tc.eval_batch_size, len(getattr(data, split)[1]))
                   for split in ("val", "test")}
-    run = RunSetup(cfg=cfg, run_dir=run_dir, data=data, model=model, tx=tx, plateau=plateau,
-                   augmenter=augmenter, par=par, grad_passes=passes, steps_per_epoch=n_steps,
-                   resuming=resuming, train_rng=train_rng, train_steps=train_steps,
-                   eval_step=eval_step, eval_sizes=eval_sizes, ckpt=ckpt, progress=progress,
-                   started=started)
-    return run, state
+    run = RunSetup(cfg=cfg, run_dir=run_dir, data=data, parts=parts, par=par, resuming=resuming,
+              train_key=train_key, eval_sizes=eval_sizes, ckpt=ckpt, started=started)
+    return run, state, loop
 
 
-def start(run: RunSetup, state: TrainState, callbacks: CallbackList) -> None:
+def start(run: RunSetup, state: TrainState, loop: LoopState, callbacks: CallbackList) -> LoopState:
     """Hands the callbacks their saved state (when resuming) and calls `on_train_start`."""
-    callbacks.load_state_dict(run.progress.callbacks)
-    callbacks.call("on_train_start", Event(run, run.progress, state, callbacks.control))
+    callbacks.load_state_dict(dict(loop.callbacks))
+    callbacks.call("on_train_start", run.event(Event, state, loop, callbacks.control))
+    return loop
 
 
-def save(run: RunSetup, state: TrainState, callbacks: CallbackList,
-         val_loss: float | None = None) -> None:
-    """Checkpoints the state with the loop's position and the callbacks' state."""
-    progress = run.progress
-    progress.callbacks = callbacks.state_dict()
-    progress.last_checkpoint_step = int(state.step)
-    run.ckpt.save(int(state.step), state, dataclasses.asdict(progress), val_loss)
+def save(run: RunSetup, state: TrainState, loop: LoopState, callbacks: CallbackList,
+         best: dict[str, float] | None = None) -> LoopState:
+    """Checkpoints the state with the loop state and the callbacks' state."""
+    loop = loop.replace(callbacks=callbacks.state_dict(), last_checkpoint_step=int(state.step))
+    run.ckpt.save(int(state.step), state, loop.to_json(), best)
+    return loop
 
 
-def train_epoch(run: RunSetup, state: TrainState, epoch: int, callbacks: CallbackList
-                ) -> tuple[TrainState, bool]:
+def train_epoch(run: RunSetup, state: TrainState, loop: LoopState, callbacks: CallbackList
+                ) -> tuple[TrainState, LoopState]:
     """The epoch's train steps (from where a resumed run left off), with the step and log hooks.
 
-    Returns (state, stopped): stopped when a callback asked to stop, at a log line, after a
-    checkpoint. The state is the caller's no more (the step donates it)."""
-    progress, control, tc = run.progress, callbacks.control, run.cfg.train
-    train_step = run.train_steps(state, epoch)
-    t_epoch, first_batch = time.perf_counter(), progress.batch
-    step_log = StepLog(tc.log_every, progress.epoch_steps)
-    step_log.start(int(state.step) + 1)
+    A callback's stop ends it at the next log line, after a checkpoint (`loop.stop_reason`).
+    The state passed in is the caller's no more (the step donates it)."""
+    control, tc, epoch = callbacks.control, run.cfg.train, loop.epoch
+    train_step = run.parts.train_step(epoch)
+    t_epoch, first_batch = time.perf_counter(), loop.batch
+    step_log = StepLog(tc.log_every, int(state.step) + 1)
+    timing = loop.timing
     for batch in input_pipeline.train_batches(*run.data.train, tc.batch_size, tc.seed, epoch,
                                               first_batch, run.par.part):
         t_step = time.perf_counter()
-        state, metrics = train_step(state, run.par.shard_batch(batch), run.train_rng)
-        if progress.first_step_s is None:
+        state, metrics = train_step(state, run.par.shard_batch(batch), run.train_key)
+        if timing.first_step_s is None:
             jax.block_until_ready(state)
-            progress.first_step_s = time.perf_counter() - t_step
-        progress.batch += 1
-        callbacks.call("on_step", StepEvent(run, progress, state, control, metrics))
-        if not step_log.add(metrics):
+            timing = dataclasses.replace(timing, first_step_s=time.perf_counter() - t_step)
+        loop = loop.replace(batch=loop.batch + 1, timing=timing)
+        callbacks.call("on_step", run.event(StepEvent, state, loop, control, metrics=metrics))
+        if not step_log.add(metrics) and loop.batch < run.steps_per_epoch:
             continue
-        record = step_log.pull(epoch)
-        callbacks.call("on_log", LogEvent(run, progress, state, control, record))
-        if progress.batch < run.steps_per_epoch:  # the epoch's end checkpoints anyway
+        record, steps = step_log.pull(epoch)
+        loop = loop.replace(epoch_steps=loop.epoch_steps + tuple(steps))
+        callbacks.call("on_log", run.event(LogEvent, state, loop, control, record=record))
+        if loop.batch < run.steps_per_epoch:  # the epoch's end checkpoints anyway
             if control.checkpoint_requested or control.stop_reason:
-                save(run, state, callbacks)
+                loop = save(run, state, loop, callbacks)
                 control.checkpoint_requested = False
             if control.stop_reason:
-                return state, True
-    record = step_log.pull(epoch)  # syncs: the epoch's steps are done
-    if record is not None:
-        callbacks.call("on_log", LogEvent(run, progress, state, control, record))
-    train_seconds = time.perf_counter() - t_epoch
-    progress.epoch_rates.append((run.steps_per_epoch - first_batch) * tc.batch_size / train_seconds)
-    progress.epoch_seconds.append(train_seconds)  # end_epoch adds the evaluation's time
-    return state, False
+                return state, loop.replace(stop_reason=control.stop_reason)
+    seconds = time.perf_counter() - t_epoch
+    timing = dataclasses.replace(
+        timing, epoch_rates=timing.epoch_rates + (
+            (run.steps_per_epoch - first_batch) * tc.batch_size / seconds,),
+        epoch_seconds=timing.epoch_seconds + (seconds,))  # end_epoch adds the evaluation's time
+    return state, loop.replace(timing=timing)
 
 
-def end_epoch(run: RunSetup, state: TrainState, epoch: int, callbacks: CallbackList
-              ) -> tuple[TrainState, bool]:
-    """Validation, early stopping, the plateau rule, the epoch hooks and a checkpoint.
-
-    Returns (state, stop): stop when early stopping ends the run or a callback asked to stop."""
-    progress, control = run.progress, callbacks.control
+def end_epoch(run: RunSetup, state: TrainState, loop: LoopState, callbacks: CallbackList
+              ) -> tuple[TrainState, LoopState]:
+    """Validation, early stopping, the plateau rule, the epoch hooks and a checkpoint; nothing
+    when the epoch was stopped before its end (`loop.stop_reason`)."""
+    if loop.stop_reason and loop.batch < run.steps_per_epoch:
+        return state, loop
+    control, epoch = callbacks.control, loop.epoch
     t_eval = time.perf_counter()
-    lr = run.learning_rate(state.replace(step=state.step - 1))  # the epoch's last update's
     val = run.evaluate(state, "val")
-    train_means = StepLog(1, progress.epoch_steps).epoch_means()
-    early = EarlyStop(progress.best_epoch, progress.best_step, progress.best_val_loss,
-                      progress.patience_count)
-    state, record, stop_early = close_epoch(state, run.plateau, early, run.patience(), epoch, val,
-                                            train_means, lr, run.cfg.train.monitor)
-    progress.best_epoch, progress.best_step = early.best_epoch, early.best_step
-    progress.best_val_loss, progress.patience_count = early.best_val_loss, early.patience_count
-    train_seconds = progress.epoch_seconds[-1]
-    progress.epoch_seconds[-1] += time.perf_counter() - t_eval
-    blocked = run.ckpt.seconds_blocked - run.blocked_logged[0]
-    run.blocked_logged[0] = run.ckpt.seconds_blocked
-    timing = {"epoch": epoch, "seconds": progress.epoch_seconds[-1], "train_seconds": train_seconds,
-              "train_images_per_s": progress.epoch_rates[-1], "checkpoint_seconds": blocked}
-    progress.checkpoint_seconds += blocked
-    callbacks.call("on_epoch_end", EpochEvent(run, progress, state, control, record, timing))
-    progress.epoch, progress.batch = epoch + 1, 0
-    progress.stopped_early = stop_early
-    save(run, state, callbacks, watched(val, run.cfg.train.monitor) if record["improved"] else None)
+    state, loop, record = close_epoch(run.parts, state, loop, val, loop.epoch_steps)
+    timing = loop.timing
+    train_seconds = timing.epoch_seconds[-1]
+    seconds = train_seconds + time.perf_counter() - t_eval
+    blocked = run.ckpt.take_blocked()
+    timing = dataclasses.replace(timing, epoch_seconds=timing.epoch_seconds[:-1] + (seconds,),
+                                 checkpoint_seconds=timing.checkpoint_seconds + blocked)
+    loop = loop.replace(timing=timing)
+    line = {"epoch": epoch, "seconds": seconds, "train_seconds": train_seconds,
+            "train_images_per_s": timing.epoch_rates[-1], "checkpoint_seconds": blocked}
+    callbacks.call("on_epoch_end", run.event(EpochEvent, state, loop, control, epoch=epoch,
+                                             record=record, timing=line))
+    best = {run.cfg.train.monitor: loop.best.value} if record["improved"] else None
+    loop = save(run, state, loop, callbacks, best)
     control.checkpoint_requested = False  # asked at the epoch's last log line: this was it
-    return state, stop_early or bool(control.stop_reason)
+    return state, loop.replace(stop_reason=control.stop_reason)
 
 
 def _conv_lowerings(run: RunSetup) -> dict[str, dict[str, str]]:
     """Each conv's lowering per pass (`cnnjax.nn.conv`), chosen from the rows a conv sees (a
     pass's global rows under jit over the mesh): training at one train pass's, inference at one
     validation pass's."""
-    n = run.par.num_devices
-    train = conv_lowerings(run.model, run.data.spec.image_shape,
-                           max(1, run.cfg.train.batch_size // run.grad_passes))
-    infer = conv_lowerings(run.model, run.data.spec.image_shape,
+    n, parts = run.par.num_devices, run.parts
+    batch = run.cfg.train.batch_size
+    train = conv_lowerings(parts.model, parts.spec.image_shape,
+                           max(1, batch // parts.passes(batch // n)))
+    infer = conv_lowerings(parts.model, parts.spec.image_shape,
                            eval_pass_rows(run.eval_sizes["val"] // n) * n)
     return {name: {**passes, "inference": infer[name]["inference"]} for name, passes in train.items()}
 
 
-def finish(run: RunSetup, state: TrainState, callbacks: CallbackList) -> RunResult:
-    """Restores the best-validation parameters, evaluates them on validation and test, lets the
-    callbacks add to the summary, then writes the plots and, last, summary.json: a run directory
-    with summary.json is complete."""
-    progress, tc = run.progress, run.cfg.train
+def finish(run: RunSetup, state: TrainState, loop: LoopState, callbacks: CallbackList) -> RunResult:
+    """Ends the run. Stopped by a callback: a resumable result. Otherwise restores the best
+    parameters, evaluates them on validation and test, lets the callbacks add to the summary,
+    then writes the plots and, last, summary.json: a run directory with summary.json is complete."""
+    if loop.stop_reason and not loop.stopped_early and loop.epoch <= run.cfg.train.epochs:
+        return RunResult(run.run_dir, int(state.step), loop.stop_reason)
+    tc = run.cfg.train
     run.ckpt.close()  # waits for the last save
-    blocked_after_log = run.ckpt.seconds_blocked - run.blocked_logged[0]
+    blocked_after_log = run.ckpt.take_blocked()
     ckpt = checkpoint.Checkpointer(run.run_dir, tc.keep_checkpoints, read_only=True)
-    best_state, _, _ = ckpt.restore(run.par.abstract(state), step=progress.best_step)
+    best_state, _, _ = ckpt.restore(run.par.abstract(run.parts.abstract_state()),
+                                    step=loop.best.step)
     val, test = run.evaluate(best_state, "val"), run.evaluate(best_state, "test")
     best_state = evaluated_state(best_state)  # what the callbacks see: the evaluated parameters
     if not run.par.is_primary:
         return RunResult(run.run_dir)
-    epoch_seconds = sum(progress.epoch_seconds)
-    checkpoint_seconds = progress.checkpoint_seconds + blocked_after_log
+    timing = loop.timing
+    epoch_seconds = sum(timing.epoch_seconds)
+    checkpoint_seconds = timing.checkpoint_seconds + blocked_after_log
     summary = {
         "dataset": run.cfg.data.dataset, "seed": tc.seed,
         "num_params": count_params(best_state.params),
-        "best_epoch": progress.best_epoch, "best_step": progress.best_step,
-        "epochs_run": progress.epoch - 1, "stopped_early": progress.stopped_early,
+        "monitor": tc.monitor, "best_epoch": loop.best.epoch, "best_step": loop.best.step,
+        "epochs_run": loop.epoch - 1, "stopped_early": loop.stopped_early,
         "steps": int(state.step),
         "val": {"loss": val["loss"], "accuracy": val["accuracy"], "count": val["count"]},
         "test": test,
-        "train_images_per_s": statistics.median(progress.epoch_rates[1:] or progress.epoch_rates),
-        "first_step_s": progress.first_step_s, "wall_time_s": time.perf_counter() - run.started,
+        "train_images_per_s": statistics.median(timing.epoch_rates[1:] or timing.epoch_rates),
+        "first_step_s": timing.first_step_s, "wall_time_s": time.perf_counter() - run.started,
         "resumed": run.resuming, "devices": run.par.num_devices,
-        "processes": jax.process_count(), "grad_passes_per_step": run.grad_passes,
+        "processes": jax.process_count(),
+        "grad_passes_per_step": run.parts.passes(tc.batch_size // run.par.num_devices),
         "conv_lowerings": _conv_lowerings(run),
         "checkpoint_seconds": checkpoint_seconds,
         "checkpoint_fraction_of_epoch_time": checkpoint_seconds / epoch_seconds if epoch_seconds else 0.0,
     }
-    callbacks.call("on_train_end", EndEvent(run, progress, best_state, callbacks.control, summary))
+    callbacks.call("on_train_end", run.event(EndEvent, best_state, loop, callbacks.control,
+                                             summary=summary))
     plots.plot_run(run.run_dir, confusion=test["confusion"])
     logs.write_json(run.run_dir / "summary.json", summary)
     rundir.close_run_dir(run.run_dir)
@@ -441,18 +373,15 @@ def train_and_evaluate(cfg: Config, run_dir: pathlib.Path | str | None = None, *
     callback stops the run, it checkpoints and returns a stopped result: a later call continues.
     """
     hooks = CallbackList(default_callbacks(cfg, stop_at_step) + list(callbacks))
-    run, state = setup(cfg, run_dir)
+    run, state, loop = setup(cfg, run_dir)
     try:
-        start(run, state, hooks)
-        for epoch in run.epochs():
-            state, stopped = train_epoch(run, state, epoch, hooks)
-            if not stopped:
-                state, stopped = end_epoch(run, state, epoch, hooks)
-            if run.progress.stopped_early:
+        loop = start(run, state, loop, hooks)
+        for _ in run.epochs(loop):
+            state, loop = train_epoch(run, state, loop, hooks)
+            state, loop = end_epoch(run, state, loop, hooks)
+            if loop.stop_reason or loop.stopped_early:
                 break
-            if stopped:
-                return RunResult(run.run_dir, int(state.step), hooks.control.stop_reason)
-        return finish(run, state, hooks)
+        return finish(run, state, loop, hooks)
     except FloatingPointError as err:
         run.ckpt.wait()
         steps = run.ckpt.steps()

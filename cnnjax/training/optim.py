@@ -33,14 +33,14 @@ optimizer.step(), which divides by norm + 1e-6 where optax divides by the norm: 
 
 from __future__ import annotations
 
-import functools
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from optax import tree_utils as otu
 
+from cnnjax import imports
 from cnnjax.config import OptimConfig
 
 # torch.optim.lr_scheduler.OneCycleLR's defaults.
@@ -86,36 +86,67 @@ def scale_by_torch_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def make_schedule(cfg: OptimConfig, steps_per_epoch: int | None = None,
-                  epochs: int | None = None) -> float | optax.Schedule:
-    """The learning rate by step count: a float for `plateau` and `constant`, else an optax schedule.
+# Name -> factory(cfg: OptimConfig, total_steps: int | None) -> a float or an optax schedule of
+# the step count. `total_steps` is the run's epochs x steps per epoch (None where the caller
+# builds an optimizer without a run); a schedule that spans the run raises without it.
+SCHEDULES: dict[str, Callable] = {}
+register_schedule = imports.registrar(SCHEDULES, "schedule")
 
-    Schedules other than those two span the run, so they need its `steps_per_epoch` and `epochs`.
-    """
-    if cfg.learning_rate <= 0:
-        raise ValueError(f"optim.learning_rate must be positive, got {cfg.learning_rate}.")
-    warmup = cfg.warmup_steps
-    if warmup and cfg.schedule not in ("warmup_cosine", "onecycle"):
-        raise ValueError(f"optim.warmup_steps={warmup} applies to warmup_cosine and onecycle, not "
-                         f"optim.schedule={cfg.schedule}; set optim.warmup_steps=0 or choose one "
-                         f"of those schedules.")
-    if cfg.schedule in ("plateau", "constant"):
-        return cfg.learning_rate
-    if (steps_per_epoch or 0) <= 0 or (epochs or 0) <= 0:
+
+def _no_warmup(cfg: OptimConfig) -> None:
+    if cfg.warmup_steps:
+        raise ValueError(f"optim.warmup_steps={cfg.warmup_steps} applies to warmup_cosine and "
+                         f"onecycle, not optim.schedule={cfg.schedule}; set optim.warmup_steps=0 "
+                         f"or choose one of those schedules.")
+
+
+def _run_steps(cfg: OptimConfig, total_steps: int | None) -> int:
+    if (total_steps or 0) <= 0:
         raise ValueError(f"optim.schedule={cfg.schedule} spans the run: make_optimizer needs its "
-                         f"steps_per_epoch and epochs (positive), got {steps_per_epoch} and {epochs}.")
-    total = steps_per_epoch * epochs
+                         f"steps_per_epoch and epochs (positive), got {total_steps} steps in all.")
     if cfg.min_lr < 0 or cfg.min_lr > cfg.learning_rate:
         raise ValueError(f"optim.min_lr={cfg.min_lr} is where optim.schedule={cfg.schedule} ends: "
                          f"use a value in [0, optim.learning_rate={cfg.learning_rate}].")
-    if cfg.schedule == "cosine":
-        return optax.cosine_decay_schedule(cfg.learning_rate, total, cfg.min_lr / cfg.learning_rate)
-    if cfg.schedule == "warmup_cosine":
-        if not 0 < warmup < total:
-            raise ValueError(f"optim.schedule=warmup_cosine needs 0 < optim.warmup_steps < the "
-                             f"run's {total} steps, got {warmup}.")
-        return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup, total, cfg.min_lr)
-    # onecycle: torch's first phase ends (peaks) at step pct_start * total - 1, the second at total - 1.
+    return total_steps
+
+
+@register_schedule("plateau")
+def plateau_schedule(cfg: OptimConfig, total_steps: int | None) -> float:
+    """The constant rate, which the plateau rule (`make_plateau`) scales once per epoch."""
+    _no_warmup(cfg)
+    return cfg.learning_rate
+
+
+@register_schedule("constant")
+def constant_schedule(cfg: OptimConfig, total_steps: int | None) -> float:
+    _no_warmup(cfg)
+    return cfg.learning_rate
+
+
+@register_schedule("cosine")
+def cosine_schedule(cfg: OptimConfig, total_steps: int | None) -> optax.Schedule:
+    """CosineAnnealingLR(T_max=steps, eta_min=min_lr)."""
+    _no_warmup(cfg)
+    total = _run_steps(cfg, total_steps)
+    return optax.cosine_decay_schedule(cfg.learning_rate, total, cfg.min_lr / cfg.learning_rate)
+
+
+@register_schedule("warmup_cosine")
+def warmup_cosine_schedule(cfg: OptimConfig, total_steps: int | None) -> optax.Schedule:
+    """LinearLR from 0 over warmup_steps, then CosineAnnealingLR to min_lr (SequentialLR)."""
+    total = _run_steps(cfg, total_steps)
+    if not 0 < cfg.warmup_steps < total:
+        raise ValueError(f"optim.schedule=warmup_cosine needs 0 < optim.warmup_steps < the "
+                         f"run's {total} steps, got {cfg.warmup_steps}.")
+    return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, cfg.warmup_steps, total,
+                                              cfg.min_lr)
+
+
+@register_schedule("onecycle")
+def onecycle_schedule(cfg: OptimConfig, total_steps: int | None) -> optax.Schedule:
+    """OneCycleLR(max_lr=learning_rate) with torch's defaults, at torch's phase ends."""
+    total, warmup = _run_steps(cfg, total_steps), cfg.warmup_steps
+    # torch's first phase ends (peaks) at step pct_start * total - 1, the second at total - 1.
     peak_step = warmup - 1 if warmup else ONECYCLE_PCT_START * total - 1
     if not 1 <= peak_step < total - 1:
         raise ValueError(f"optim.schedule=onecycle rises over optim.warmup_steps (0: 30% of the "
@@ -128,29 +159,77 @@ def make_schedule(cfg: OptimConfig, steps_per_epoch: int | None = None,
          total - 1: 1.0 / (ONECYCLE_DIV_FACTOR * ONECYCLE_FINAL_DIV_FACTOR)})
 
 
-def make_base_optimizer(cfg: OptimConfig, steps_per_epoch: int | None = None,
-                        epochs: int | None = None) -> optax.GradientTransformation:
-    """Weight decay, the update rule and the learning rate: the part that may differ per parameter
-    group (transfer learning labels parameters and builds one of these per label)."""
-    if cfg.weight_decay < 0:
-        raise ValueError(f"optim.weight_decay must be non-negative, got {cfg.weight_decay}.")
-    if cfg.nesterov and cfg.name != "sgd":
+def make_schedule(cfg: OptimConfig, steps_per_epoch: int | None = None,
+                  epochs: int | None = None) -> float | optax.Schedule:
+    """The learning rate by step count, from the schedule `optim.schedule` names: a float for
+    `plateau` and `constant`, else an optax schedule over the run's epochs x steps_per_epoch."""
+    if cfg.learning_rate <= 0:
+        raise ValueError(f"optim.learning_rate must be positive, got {cfg.learning_rate}.")
+    factory = imports.lookup(SCHEDULES, cfg.schedule, "optim.schedule")
+    total = steps_per_epoch * epochs if steps_per_epoch and epochs else None
+    lr = imports.call(factory, f"optim.schedule {cfg.schedule!r}", cfg, total)
+    if not (callable(lr) or isinstance(lr, (int, float))):
+        raise ValueError(f"optim.schedule {cfg.schedule!r} returned a {type(lr).__name__}; a "
+                         f"schedule returns a learning rate or a function of the step count.")
+    return lr
+
+
+# Name -> factory(cfg: OptimConfig, learning_rate) -> optax.GradientTransformation: the update
+# rule with its weight decay and learning rate (a float or a schedule), the part that may differ
+# per parameter group (transfer learning builds one per label).
+OPTIMIZERS: dict[str, Callable] = {}
+register_optimizer = imports.registrar(OPTIMIZERS, "optimizer")
+
+
+def _not_nesterov(cfg: OptimConfig) -> None:
+    if cfg.nesterov:
         raise ValueError(f"optim.nesterov applies to sgd, not optim.name={cfg.name}; set "
                          f"optim.name=sgd or optim.nesterov=false.")
-    lr = make_schedule(cfg, steps_per_epoch, epochs)
-    if cfg.name == "torch_adam":
-        return optax.chain(
-            optax.add_decayed_weights(cfg.weight_decay),
-            scale_by_torch_adam(cfg.b1, cfg.b2, cfg.eps, cfg.amsgrad),
-            optax.scale_by_learning_rate(lr),
-        )
-    if cfg.name == "adam":
-        return optax.chain(optax.add_decayed_weights(cfg.weight_decay),
-                           optax.adam(lr, cfg.b1, cfg.b2, cfg.eps))
-    if cfg.name == "adamw":
-        return optax.adamw(lr, cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay)
+
+
+@register_optimizer("torch_adam")
+def torch_adam(cfg: OptimConfig, learning_rate) -> optax.GradientTransformation:
+    """torch.optim.Adam(lr, weight_decay, amsgrad): coupled decay, torch's AMSGrad."""
+    _not_nesterov(cfg)
     return optax.chain(optax.add_decayed_weights(cfg.weight_decay),
-                       optax.sgd(lr, cfg.momentum or None, cfg.nesterov))
+                       scale_by_torch_adam(cfg.b1, cfg.b2, cfg.eps, cfg.amsgrad),
+                       optax.scale_by_learning_rate(learning_rate))
+
+
+@register_optimizer("adam")
+def adam(cfg: OptimConfig, learning_rate) -> optax.GradientTransformation:
+    """torch.optim.Adam without AMSGrad: coupled decay, then optax.adam."""
+    _not_nesterov(cfg)
+    return optax.chain(optax.add_decayed_weights(cfg.weight_decay),
+                       optax.adam(learning_rate, cfg.b1, cfg.b2, cfg.eps))
+
+
+@register_optimizer("adamw")
+def adamw(cfg: OptimConfig, learning_rate) -> optax.GradientTransformation:
+    """torch.optim.AdamW: decoupled decay, multiplied by the learning rate."""
+    _not_nesterov(cfg)
+    return optax.adamw(learning_rate, cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay)
+
+
+@register_optimizer("sgd")
+def sgd(cfg: OptimConfig, learning_rate) -> optax.GradientTransformation:
+    """torch.optim.SGD (dampening 0): coupled decay, then optax.sgd(momentum, nesterov)."""
+    return optax.chain(optax.add_decayed_weights(cfg.weight_decay),
+                       optax.sgd(learning_rate, cfg.momentum or None, cfg.nesterov))
+
+
+def make_base_optimizer(cfg: OptimConfig, steps_per_epoch: int | None = None,
+                        epochs: int | None = None) -> optax.GradientTransformation:
+    """Weight decay, the update rule and the learning rate, by `optim.name` and `optim.schedule`."""
+    if cfg.weight_decay < 0:
+        raise ValueError(f"optim.weight_decay must be non-negative, got {cfg.weight_decay}.")
+    factory = imports.lookup(OPTIMIZERS, cfg.name, "optim.name")
+    tx = imports.call(factory, f"optim.name {cfg.name!r}", cfg,
+                      make_schedule(cfg, steps_per_epoch, epochs))
+    if not isinstance(tx, optax.GradientTransformation):
+        raise ValueError(f"optim.name {cfg.name!r} returned a {type(tx).__name__}; an optimizer "
+                         f"factory(cfg, learning_rate) returns an optax.GradientTransformation.")
+    return tx
 
 
 def wrap_optimizer(cfg: OptimConfig, tx: optax.GradientTransformation
@@ -182,11 +261,16 @@ def learning_rate_at(cfg: OptimConfig, step: int, plateau_scale: float = 1.0,
     return float(_compiled_schedule(cfg, steps_per_epoch, epochs)(step)) * float(plateau_scale)
 
 
-@functools.lru_cache(maxsize=8)
+_SCHEDULE_CACHE: dict[tuple, Callable] = {}
+
+
 def _compiled_schedule(cfg: OptimConfig, steps_per_epoch: int | None, epochs: int | None):
     """One compiled call per lookup: an optax schedule run op by op costs milliseconds."""
-    lr = make_schedule(cfg, steps_per_epoch, epochs)
-    return jax.jit(lr) if callable(lr) else lambda step: lr
+    key = (repr(cfg), steps_per_epoch, epochs)
+    if key not in _SCHEDULE_CACHE:
+        lr = make_schedule(cfg, steps_per_epoch, epochs)
+        _SCHEDULE_CACHE[key] = jax.jit(lr) if callable(lr) else (lambda step: lr)
+    return _SCHEDULE_CACHE[key]
 
 
 # --- the parameter EMA ----------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import pathlib
 
 from cnnjax.config import Config
 from cnnjax.data import datasets, sources
-from cnnjax.training import checkpoint
+from cnnjax.training import checkpoint, loop_state
 
 DEFAULT_ROOT = pathlib.Path("checkpoints")
 LOCK_FILE = ".lock"
@@ -61,6 +61,29 @@ def read_summary(run_dir: pathlib.Path) -> dict:
         raise ValueError(f"{path} is not valid JSON ({err}); restore it from a copy, or delete it "
                          f"and resume the run (cnnjax train --resume {run_dir}) to write it "
                          f"again.") from None
+
+
+def best_step(run_dir: pathlib.Path) -> int | None:
+    """The step of the run's best checkpoint: summary.json's once it finished, else the best so
+    far that its latest readable checkpoint records (None before any epoch ended). The one rule
+    `load_run` and a backbone taken from a run both follow."""
+    run_dir = pathlib.Path(run_dir)
+    if (run_dir / "summary.json").exists():
+        return int(read_summary(run_dir)["best_step"])
+    ckpt = checkpoint.Checkpointer(run_dir, read_only=True)
+    try:
+        steps = ckpt.steps()
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint in {ckpt.directory}: {run_dir} has nothing to "
+                                    f"load; train it first (cnnjax train).")
+        for step in reversed(steps):
+            try:
+                return loop_state.best_step_of(ckpt.read_loop(step)) or None
+            except checkpoint.DamagedCheckpoint:
+                continue
+        raise FileNotFoundError(f"every checkpoint in {ckpt.directory} ({steps}) is damaged.")
+    finally:
+        ckpt.close()
 
 
 # Fields that change how a run is displayed, not what it computes: a resumed run may differ in them.

@@ -11,16 +11,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnnjax.training import checkpoint, rundir, transfer
+from cnnjax.training import builder, checkpoint, rundir
 from cnnjax.data import datasets, input_pipeline
 from cnnjax.config import Config
 from cnnjax.data.input_pipeline import as_nhwc, normalize
-from cnnjax.nn.models import build_model
-from cnnjax.training.optim import make_plateau
 from cnnjax.training.parallel import DataParallel
 from cnnjax.training.loop import evaluated_state
-from cnnjax.training.steps import (StepOptions, create_train_state, evaluate, inference_state,
-                                   make_eval_step)
+from cnnjax.training.steps import evaluate, inference_state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,9 +26,16 @@ class Run:
 
     run_dir: pathlib.Path
     config: Config
-    spec: datasets.DatasetSpec
-    model: nn.Module
+    parts: builder.RunParts
     variables: dict[str, Any]
+
+    @property
+    def spec(self) -> datasets.DatasetSpec:
+        return self.parts.spec
+
+    @property
+    def model(self) -> nn.Module:
+        return self.parts.model
 
     def __post_init__(self):
         spec, model = self.spec, self.model
@@ -89,9 +93,7 @@ class Run:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}.")
         images = as_nhwc(images, self.spec.image_shape)
-        step = make_eval_step(self.model, self.spec.mean, self.spec.std, self.spec.num_classes,
-                              options=StepOptions.from_config(self.config, self.spec.num_classes))
-        return evaluate(step, inference_state(self.variables),
+        return evaluate(self.parts.eval_step, inference_state(self.variables),
                         input_pipeline.eval_batches(images, labels, min(batch_size, len(labels))))
 
 
@@ -100,26 +102,17 @@ def load_config(run_dir: pathlib.Path | str) -> Config:
 
 
 def load_run(run_dir: pathlib.Path | str, step: int | None = None) -> Run:
-    """Rebuilds the run's model from its config.json and restores its best checkpoint (or `step`)."""
+    """Rebuilds the run's parts from its config.json and restores its best checkpoint (or `step`;
+    an unfinished run's best so far, or its latest)."""
     run_dir = pathlib.Path(run_dir)
     cfg = load_config(run_dir)
     saved = rundir.read_data_spec(run_dir)  # None for runs older than data_spec.json
     spec = saved[0] if saved else input_pipeline.data_spec(cfg.data)
-    steps_per_epoch = saved[1] if saved else 1
-    model = build_model(cfg.model, spec.num_classes)
     # the optimizer's structure only: its state is restored, never stepped
-    tx, plateau = transfer.make_transfer_optimizer(cfg, steps_per_epoch), make_plateau(cfg.optim)
-    abstract = DataParallel.create().abstract(jax.eval_shape(
-        lambda: create_train_state(model, tx, plateau, spec.image_shape, jax.random.key(0))))
+    parts = builder.build(cfg, spec, saved[1] if saved else 1)
+    step = rundir.best_step(run_dir) if step is None else step
     ckpt = checkpoint.Checkpointer(run_dir, read_only=True)
-    if step is None:
-        summary = run_dir / "summary.json"
-        if summary.exists():
-            step = rundir.read_summary(run_dir)["best_step"]
-        else:  # an unfinished run: its latest readable checkpoint knows the best step so far
-            _, loop, _ = ckpt.restore(abstract)
-            step = loop["best_step"] or None
-    state, _, _ = ckpt.restore(abstract, step=step)
+    state, _, _ = ckpt.restore(DataParallel.create().abstract(parts.abstract_state()), step=step)
     state = evaluated_state(state)  # the parameters' EMA, when the run kept one
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    return Run(run_dir=run_dir, config=cfg, spec=spec, model=model, variables=variables)
+    return Run(run_dir=run_dir, config=cfg, parts=parts, variables=variables)

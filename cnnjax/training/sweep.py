@@ -30,15 +30,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnnjax.data import augment, input_pipeline
+from cnnjax.data import input_pipeline
 from cnnjax.report import logs as report
 from cnnjax.config import Config
-from cnnjax.nn.models import build_model, check_model, has_batch_stats
-from cnnjax.training.optim import learning_rate_at, make_optimizer, make_plateau
-from cnnjax.training.steps import (StepOptions, create_train_state, evaluate, grad_passes, make_eval_step,
-                          make_train_step, train_compiler_options)
-from cnnjax.training import loop, rundir
-from cnnjax.training.transfer import is_plain
+from cnnjax.training import builder, loop, rundir
+from cnnjax.training.builder import RunParts
+from cnnjax.training.loop_state import Best, LoopState
+from cnnjax.training.steps import evaluate, train_compiler_options
 
 
 def stack(trees: Sequence[Any]) -> Any:
@@ -50,11 +48,10 @@ def unstack(tree: Any, n: int) -> list[Any]:
     return [jax.tree.map(lambda leaf: leaf[i], tree) for i in range(n)]
 
 
-def init_states(model, tx, plateau, image_shape, seeds: Sequence[int]):
+def init_states(parts: RunParts, seeds: Sequence[int]):
     """The stacked train states (each from its seed's init key) and the stacked train keys."""
-    keys = [loop.seed_keys(s) for s in seeds]
-    init = jax.jit(lambda rng: create_train_state(model, tx, plateau, image_shape, rng))
-    return stack([init(k[0]) for k in keys]), jnp.stack([k[1] for k in keys])
+    keys = [builder.seed_keys(s) for s in seeds]
+    return stack([parts.init_state(k[0]) for k in keys]), jnp.stack([k[1] for k in keys])
 
 
 LOWERINGS = ("loop", "vmap", "unroll")
@@ -142,35 +139,31 @@ def run_sweep(cfg: Config, seeds: Sequence[int], out_dir: pathlib.Path | str,
     seeds = [int(s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"a sweep needs distinct seeds, got {seeds}.")
-    if not is_plain(cfg.transfer) or cfg.transfer.backbone is not None:
+    if cfg.transfer.active:
         raise ValueError("cnnjax sweep does not support transfer learning (cfg.transfer); train "
                          "each seed with cnnjax train instead.")
     lowering = lowering or default_lowering()
     if lowering not in LOWERINGS:
         raise ValueError(f"sweep lowering must be one of {LOWERINGS}, got {lowering!r}.")
     tc = cfg.train
-    loop.check_lengths(tc)
+    builder.check_lengths(cfg)
     out_dir = pathlib.Path(out_dir)
     if (out_dir / "summary.json").exists():
         raise FileExistsError(f"{out_dir} already holds a finished sweep; choose another directory.")
     t_start = time.perf_counter()
     datas = [input_pipeline.load_data(cfg.data, s) for s in seeds]  # each seed's own val split
-    spec = datas[0].spec
-    model = build_model(cfg.model, spec.num_classes)
-    check_model(model, spec.image_shape, spec.num_classes, cfg.model.name)
-    options = StepOptions.from_config(cfg, spec.num_classes)
-    n_steps = input_pipeline.steps_per_epoch(len(datas[0].train[1]), tc.batch_size)
-    tx, plateau = make_optimizer(cfg.optim, n_steps, tc.epochs), make_plateau(cfg.optim)
-    augmenter = augment.from_config(cfg.augment)
-    passes = grad_passes(tc.batch_size, tc.microbatch, has_batch_stats(model, spec.image_shape))
+    lengths = {input_pipeline.steps_per_epoch(len(d.train[1]), tc.batch_size) for d in datas}
+    if len(lengths) > 1:
+        raise ValueError(f"the seeds' training splits give {sorted(lengths)} steps per epoch "
+                         f"(data.classes keeps a seeded share of each class); a sweep steps its "
+                         f"seeds together: train each with cnnjax train instead.")
+    # The seeds' configs differ in train.seed alone, which no part depends on: one build serves all.
+    parts = builder.build(cfg, datas[0].spec, lengths.pop())
+    n_steps = parts.steps_per_epoch
     if lowering == "loop":
-        step = loop_step(make_train_step(model, tx, spec.mean, spec.std, augmenter, tc.microbatch,
-                                         options=options))
+        step = loop_step(parts.train_step())
     else:
-        step = make_sweep_step(make_train_step(model, tx, spec.mean, spec.std, augmenter,
-                                               tc.microbatch, options=options, compiled=False),
-                               lowering)
-    eval_step = make_eval_step(model, spec.mean, spec.std, spec.num_classes, options=options)
+        step = make_sweep_step(parts.pure_train_step(), lowering)
     out_dir.mkdir(parents=True, exist_ok=True)
     rundir.lock_run_dir(out_dir)  # one writer per sweep directory, as for a run's
     (out_dir / "config.json").write_text(cfg.to_json() + "\n", encoding="utf-8")
@@ -178,13 +171,13 @@ def run_sweep(cfg: Config, seeds: Sequence[int], out_dir: pathlib.Path | str,
     def eval_split(state, i: int, split: str) -> dict[str, Any]:
         images, labels = getattr(datas[i], split)
         # batches as `cnnjax train` makes them on one device, so the sums add in the same order
-        return evaluate(eval_step, loop.evaluated_state(state), input_pipeline.eval_batches(
+        return evaluate(parts.eval_step, loop.evaluated_state(state), input_pipeline.eval_batches(
             images, labels, min(tc.eval_batch_size, len(labels))))
 
-    stacked, keys = init_states(model, tx, plateau, spec.image_shape, seeds)
+    stacked, keys = init_states(parts, seeds)
     states, train_keys = unstack(stacked, len(seeds)), list(keys)
-    early = [loop.EarlyStop() for _ in seeds]
-    best = [{"epoch": 0, "step": 0, "state": None} for _ in seeds]
+    loops = [LoopState(best=Best(tc.monitor)) for _ in seeds]
+    best_states: list[Any] = [None for _ in seeds]
     for s in seeds:
         (out_dir / f"seed_{s}").mkdir(exist_ok=True)
     logs = [report.JsonlWriter(out_dir / f"seed_{s}" / "metrics.jsonl") for s in seeds]
@@ -207,14 +200,17 @@ def run_sweep(cfg: Config, seeds: Sequence[int], out_dir: pathlib.Path | str,
             rates.append(n_steps * tc.batch_size * len(active) / (time.perf_counter() - t_epoch))
             stepped = list(active)
             for j, (i, state_i) in enumerate(zip(stepped, step.unpack(state))):
-                states[i], stopped = _seed_epoch(i, j, epoch, window, state_i, plateau, cfg, n_steps,
-                                                 early, best, logs[i], eval_split)
-                if stopped:
+                before = loops[i].best.step
+                states[i], loops[i] = _member_epoch(parts, j, window, state_i, loops[i], logs[i],
+                                                    lambda s, i=i: eval_split(s, i, "val"))
+                if loops[i].best.step != before or best_states[i] is None:
+                    best_states[i] = state_i
+                if loops[i].stopped_early:
                     active.remove(i)
             if tc.progress:
-                losses = [early[i].best_val_loss for i in stepped]
-                print(f"epoch {epoch:3d}  {len(stepped)} seeds  best val loss "
-                      f"{statistics.mean(losses):.4f} (mean)  {rates[-1]:.0f} images/s"
+                values = [loops[i].best.value for i in stepped]
+                print(f"epoch {epoch:3d}  {len(stepped)} seeds  best {tc.monitor} "
+                      f"{statistics.mean(values):.4f} (mean)  {rates[-1]:.0f} images/s"
                       + (f"  stopped: {[seeds[i] for i in stepped if i not in active]}"
                          if len(active) < len(stepped) else ""), flush=True)
     finally:
@@ -224,13 +220,14 @@ def run_sweep(cfg: Config, seeds: Sequence[int], out_dir: pathlib.Path | str,
 
     per_seed = []
     for i, seed in enumerate(seeds):
-        val, test = eval_split(best[i]["state"], i, "val"), eval_split(best[i]["state"], i, "test")
-        per_seed.append({"seed": seed, "best_epoch": best[i]["epoch"], "best_step": best[i]["step"],
-                         "epochs_run": best[i]["epochs_run"], "val": _short(val),
-                         "test": _short(test)})
+        val, test = eval_split(best_states[i], i, "val"), eval_split(best_states[i], i, "test")
+        per_seed.append({"seed": seed, "best_epoch": loops[i].best.epoch,
+                         "best_step": loops[i].best.step, "epochs_run": loops[i].epoch - 1,
+                         "val": _short(val), "test": _short(test)})
     test_acc = [p["test"]["accuracy"] for p in per_seed]
     summary = {
-        "seeds": seeds, "lowering": lowering, "grad_passes_per_step": passes, "per_seed": per_seed,
+        "seeds": seeds, "lowering": lowering, "monitor": tc.monitor,
+        "grad_passes_per_step": parts.passes(tc.batch_size), "per_seed": per_seed,
         "test_accuracy_mean": statistics.mean(test_acc),
         "test_accuracy_std": statistics.stdev(test_acc) if len(test_acc) > 1 else 0.0,
         "aggregate_train_images_per_s": statistics.median(rates[1:] or rates),
@@ -244,26 +241,17 @@ def _short(result: dict[str, Any]) -> dict[str, Any]:
     return {k: result[k] for k in ("loss", "accuracy", "count")}
 
 
-def _seed_epoch(i, j, epoch, window, state, plateau, cfg, n_steps, early, best, log, eval_split):
-    """Seed i's (stack position j) end of epoch, as `cnnjax train` ends it (`loop.StepLog` and
-    `loop.close_epoch`): step records, validation, early stopping, best parameters, plateau rule,
-    epoch record. Returns the seed's state with its plateau rule updated, and whether it stops."""
-    step_log = loop.StepLog(cfg.train.log_every)
-    last = int(state.step)
-    step_log.start(last - len(window) + 1)
-    for metrics in window:
-        if step_log.add({k: v[j] for k, v in metrics.items()}):
-            log.write(step_log.pull(epoch))
-    record = step_log.pull(epoch)
-    if record is not None:
-        log.write(record)
-    lr = learning_rate_at(cfg.optim, last - 1, float(state.plateau_state.scale), n_steps,
-                          cfg.train.epochs)  # the epoch's last update's
-    new_state, record, stop = loop.close_epoch(
-        state, plateau, early[i], loop.patience(cfg.train), epoch, eval_split(state, i, "val"),
-        step_log.epoch_means(), lr, cfg.train.monitor)
-    if record["improved"]:
-        best[i].update(epoch=epoch, step=last, state=state)
-    best[i]["epochs_run"] = epoch
+def _member_epoch(parts: RunParts, j: int, window, state, member: LoopState, log, validate
+                  ) -> tuple[Any, LoopState]:
+    """A member's (stack position j) end of epoch, as `cnnjax train` ends it (`loop.StepLog` and
+    `loop.close_epoch`): step records, validation, early stopping, plateau rule, epoch record."""
+    step_log = loop.StepLog(parts.cfg.train.log_every, int(state.step) - len(window) + 1)
+    epoch_steps: list[tuple[float, float]] = []
+    for t, metrics in enumerate(window):
+        if step_log.add({k: v[j] for k, v in metrics.items()}) or t == len(window) - 1:
+            record, steps = step_log.pull(member.epoch)
+            epoch_steps += steps
+            log.write(record)
+    state, member, record = loop.close_epoch(parts, state, member, validate(state), epoch_steps)
     log.write(record)
-    return new_state, stop
+    return state, member

@@ -27,19 +27,18 @@ from __future__ import annotations
 
 import functools
 import pathlib
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 
 from cnnjax.training import checkpoint, rundir
 from cnnjax.nn import convert
-from cnnjax.config import Config, ModelConfig, TransferConfig
-from cnnjax.training.optim import make_base_optimizer, make_optimizer, wrap_optimizer
-from cnnjax.nn.resnet import RESNETS, is_frozen
+from cnnjax.config import Config, TransferConfig
+from cnnjax.training.optim import make_base_optimizer, wrap_optimizer
+from cnnjax.nn.resnet import ResNet, is_frozen
 
 BACKBONE = "backbone"  # in transfer.freeze: every top-level module outside transfer.head
 WEIGHT_FILES = (".pth", ".pt", ".bin", ".safetensors")
@@ -134,21 +133,14 @@ def frozen_at(tc: TransferConfig, params, epoch: int) -> tuple[str, ...]:
 # The optimizer and the model of an epoch
 # ---------------------------------------------------------------------------------------------
 
-def is_plain(tc: TransferConfig) -> bool:
-    """True when nothing is frozen or scaled: the run's optimizer is `make_optimizer` unchanged."""
-    return not tc.freeze and not tc.unfreeze and tc.backbone_lr_scale == 1.0
-
-
 def make_transfer_optimizer(cfg: Config, steps_per_epoch: int) -> optax.GradientTransformation:
-    """`make_optimizer(cfg.optim)` per label (see the module docstring); unchanged when `is_plain`.
-    Gradient clipping and the parameter EMA (`wrap_optimizer`) act once, on the whole tree.
+    """`make_base_optimizer(cfg.optim)` per label (see the module docstring). Gradient clipping
+    and the parameter EMA (`wrap_optimizer`) act once, on the whole tree.
 
     Labels are computed from the parameters when the optimizer is initialized, so this needs no
     parameters; a bad prefix raises then, before anything compiles.
     """
     tc = cfg.transfer
-    if is_plain(tc):
-        return make_optimizer(cfg.optim, steps_per_epoch, cfg.train.epochs)
     if steps_per_epoch <= 0:
         raise ValueError(f"steps_per_epoch must be positive, got {steps_per_epoch}.")
 
@@ -170,16 +162,16 @@ def make_transfer_optimizer(cfg: Config, steps_per_epoch: int) -> optax.Gradient
     return wrap_optimizer(cfg.optim, optax.multi_transform(transforms, labels))
 
 
-def model_for_epoch(model: nn.Module, tc: TransferConfig, variables: dict[str, Any],
-                    epoch: int) -> nn.Module:
-    """`model` with the batch norm layers frozen during `epoch` held in inference mode.
+def model_for_epoch(model: nn.Module, tc: TransferConfig, state, epoch: int) -> nn.Module:
+    """`model` with the batch norm layers frozen during `epoch` held in inference mode; `state`
+    is the train state or its shapes (only the parameter paths are read).
 
     A model without a `frozen` field (SeedCNN) can be frozen only where it has no batch norm.
     """
-    frozen = frozen_at(tc, variables["params"], epoch)
+    frozen = frozen_at(tc, state.params, epoch)
     if hasattr(model, "frozen"):
         return model.clone(frozen=frozen)
-    stats = [p for p in _paths(variables.get("batch_stats", {})) if is_frozen(p, frozen)]
+    stats = [p for p in _paths(state.batch_stats or {}) if is_frozen(p, frozen)]
     if stats:
         raise ValueError(f"{type(model).__name__} cannot keep frozen batch norm layers in inference "
                          f"mode ({'/'.join(stats[0])} is frozen); use a ResNet, or do not freeze "
@@ -187,41 +179,9 @@ def model_for_epoch(model: nn.Module, tc: TransferConfig, variables: dict[str, A
     return model
 
 
-class EpochSteps:
-    """The train step of each epoch: one compiled step per set of frozen layers, built on first use,
-    so a run compiles once more, at its unfreezing epoch, and never otherwise.
-
-        epoch_steps = EpochSteps(model, cfg.transfer, lambda m: make_train_step(m, tx, mean, std))
-        train_step = epoch_steps(state, epoch)   # at the start of every epoch
-    """
-
-    def __init__(self, model: nn.Module, tc: TransferConfig,
-                 make_step: Callable[[nn.Module], Callable]):
-        self.model, self.tc, self.make_step = model, tc, make_step
-        self.steps: dict[tuple[str, ...], Callable] = {}
-
-    def __call__(self, state, epoch: int) -> Callable:
-        frozen = frozen_at(self.tc, state.params, epoch)
-        if frozen not in self.steps:
-            variables = {"params": state.params, "batch_stats": state.batch_stats}
-            self.steps[frozen] = self.make_step(model_for_epoch(self.model, self.tc, variables, epoch))
-        return self.steps[frozen]
-
-
 # ---------------------------------------------------------------------------------------------
 # Loading a backbone
 # ---------------------------------------------------------------------------------------------
-
-def _best_step(run_dir: pathlib.Path, ckpt: checkpoint.Checkpointer) -> int:
-    summary = run_dir / "summary.json"
-    if summary.exists():
-        return int(rundir.read_summary(run_dir)["best_step"])
-    steps = ckpt.steps()
-    if not steps:
-        raise FileNotFoundError(f"no checkpoint in {ckpt.directory}: {run_dir} has nothing to load.")
-    loop = ckpt.manager.restore(steps[-1], args=ocp.args.Composite(loop=ocp.args.JsonRestore()))
-    return int(loop["loop"]["best_step"] or steps[-1])
-
 
 def run_variables(run_dir: pathlib.Path | str, step: int | None = None) -> dict[str, Any]:
     """{'params', 'batch_stats'} (numpy) of a cnnjax run's checkpoint: its best, or `step`.
@@ -234,19 +194,14 @@ def run_variables(run_dir: pathlib.Path | str, step: int | None = None) -> dict[
         raise FileNotFoundError(f"{run_dir} is not a cnnjax run directory (no {checkpoint.CKPT_DIR}/); "
                                 f"transfer.backbone takes a run directory or a {'/'.join(WEIGHT_FILES)} "
                                 f"weights file.")
+    step = rundir.best_step(run_dir) if step is None else step
     ckpt = checkpoint.Checkpointer(run_dir, read_only=True)
     try:
-        step = _best_step(run_dir, ckpt) if step is None else step
+        step = ckpt.steps()[-1] if step is None and ckpt.steps() else step
         if step not in ckpt.steps():
             raise FileNotFoundError(f"no checkpoint for step {step} in {ckpt.directory}; available "
                                     f"steps: {ckpt.steps()}.")
-        ckpt.verify(step)
-        meta = ckpt.manager.item_metadata(step)["state"]
-        # Restore into numpy arrays of the stored shapes: no model or optimizer needed.
-        target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), meta,
-                              is_leaf=lambda x: hasattr(x, "shape"))
-        state = ckpt.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target)))["state"]
+        state = ckpt.restore_as_stored(step)
     finally:
         ckpt.close()
     return {"params": state["params"], "batch_stats": state.get("batch_stats", {}) or {}}
@@ -297,22 +252,17 @@ def load_backbone(source: pathlib.Path | str, template: dict[str, Any], *, head:
     return graft(run_variables(path, step), template, head, source_name=str(path))
 
 
-def gray_stem_of(cfg: ModelConfig) -> str | None:
-    """'conv1' where a ResNet's stem takes 1 channel (RGB kernels are summed to load into it)."""
-    return "conv1" if cfg.name in RESNETS and cfg.grayscale == "stem" else None
-
-
-def initialize(state, cfg: Config):
+def initialize(state, cfg: Config, model: nn.Module):
     """`state` with its params and batch_stats loaded from `cfg.transfer.backbone`, head kept.
 
     The optimizer state is left as initialized: it holds no function of the parameter values
     (zero moments, counts), so it need not be rebuilt.
     """
     tc = cfg.transfer
-    if tc.backbone is None:
-        return state
+    # RGB kernels are summed into a ResNet's 1-channel stem (model.kwargs.grayscale=stem)
+    gray_stem = "conv1" if isinstance(model, ResNet) and model.grayscale == "stem" else None
     variables = load_backbone(tc.backbone, {"params": state.params, "batch_stats": state.batch_stats},
-                              head=tc.head, step=tc.step, gray_stem=gray_stem_of(cfg.model))
+                              head=tc.head, step=tc.step, gray_stem=gray_stem)
     as_jax = functools.partial(jax.tree.map, jax.numpy.asarray)
     return state.replace(params=as_jax(variables["params"]),
                          batch_stats=as_jax(variables["batch_stats"]))
