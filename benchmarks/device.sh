@@ -3,11 +3,16 @@
 #
 #   bash benchmarks/device.sh [OUT_DIR]            # on the GPU machine, from the repository root
 #   bash benchmarks/device.sh --smoke [OUT_DIR]    # anywhere (the CPU too): tiny sizes, no install
+#   bash benchmarks/device.sh --fetch-wheels       # on a machine with network access: fills .whl/
+#
+# OUT_DIR defaults to $OUT, else checkpoints/device; a relative one is taken from the repository
+# root. Installed packages and prepared data go to a fresh directory from `mktemp -d` (under
+# $TMPDIR), removed at the end.
 #
 # The GPU machine has no network and JAX 0.11 (CUDA 13), flax, optax, orbax and torch 2.11, but
-# not tensorflow-datasets, array_record or mlxtend: those travel as wheels in .whl/ beside the
-# repository (fetch them here with `bash benchmarks/device.sh --fetch-wheels`), installed into
-# /tmp/site, and cnnjax itself is installed with --no-deps so pip never replaces the machine's JAX.
+# not tensorflow-datasets, array_record or mlxtend: those travel as wheels in .whl/ in the
+# repository (from --fetch-wheels), are installed into that temporary directory, and cnnjax
+# itself is installed with --no-deps so pip never replaces the machine's JAX.
 # Then: the GPU-relevant tests (conv lowerings, torch parity, steps), then
 # benchmarks/device_bench.py (train and eval at batch 128-8192, f32 and bf16, lax.scan over
 # device-resident batches, against torch eager channels-last; 8 vmapped seeds against 8
@@ -17,8 +22,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 # What the machine lacks for cnnjax: tensorflow-datasets, array_record, mlxtend and those of their
-# needs that are not in its image (the versions this repository is tested with). One version each
-# (two stop the install). promise has no wheel on PyPI: --fetch-wheels builds one (pure Python).
+# needs that are not in its image (the versions cnnjax is tested with). One version each (two
+# stop the install). promise is published only as source: --fetch-wheels builds its (pure-Python)
+# wheel.
 WHEELS="tensorflow-datasets==4.9.10 array-record==0.8.6 mlxtend==0.25.0 toml==0.10.2
 termcolor==3.3.0 tensorflow-metadata==1.21.0 googleapis-common-protos==1.76.0 simple-parsing==0.1.9
 docstring-parser==0.18.0 promise==2.3 immutabledict==4.3.1 dm-tree==0.1.10"
@@ -28,7 +34,7 @@ case "${1:-}" in
   --smoke) mode=smoke; shift ;;
   --fetch-wheels) mode=fetch; shift ;;
 esac
-out="${1:-${OUT:-/tmp/cnnjax-device}}"
+out="${1:-${OUT:-checkpoints/device}}"
 
 if [ "$mode" = fetch ]; then
   mkdir -p .whl
@@ -46,7 +52,9 @@ fi
 
 mkdir -p "$out"
 start=$(date +%s)
-export CNNJAX_DATA_DIR="${CNNJAX_DATA_DIR:-/tmp/tfds}"
+scratch="$(mktemp -d -t cnnjax-device.XXXXXX)" || { echo "mktemp -d failed" >&2; exit 1; }
+trap 'rm -rf "$scratch"' EXIT
+export CNNJAX_DATA_DIR="${CNNJAX_DATA_DIR:-$scratch/tfds}"
 export PYTHONUNBUFFERED=1
 # JAX and torch share the GPU: JAX takes half of its memory instead of 75 %.
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.5}"
@@ -54,8 +62,9 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.5}"
 if [ "$mode" = run ]; then
   if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target /tmp/site .whl/*.whl || { echo "installing the carried wheels failed" >&2; exit 1; }
-    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+      --target "$scratch/site" .whl/*.whl \
+      || { echo "installing the wheels of .whl/ failed" >&2; exit 1; }
+    export PYTHONPATH="$scratch/site${PYTHONPATH:+:$PYTHONPATH}"
   fi
   python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . \
     || { echo "installing cnnjax failed" >&2; exit 1; }

@@ -9,8 +9,9 @@ four PNGs (xor_loss, gd_variants, rnn_training, grad_norms) into the output dire
 1. Gradient checks: a tiny SeedCNN's gradient by the hand-written backward passes against
    `jax.grad` of the Flax model, and both against central differences; the hand-written Elman
    BPTT against `jax.grad` through `lax.scan`.
-2. The seed's XOR network: 2-2-1 sigmoid, mean squared error, full-batch GD, learning rate 0.1,
-   10,000 epochs, init seed 5 (`cnnjax.lab.descent.XOR_SEED`, chosen because it converges).
+2. The seed's XOR network: 2-2-1 sigmoid, mean squared error, full-batch GD, learning rate 2,
+   10,000 epochs, weights and biases drawn from U(-0.5, 0.5), from each of the init seeds 0..11;
+   the target is a loss below 0.01 (every output within 0.2 of its target).
 3. Full-batch GD, SGD and mini-batches of 100 on mnist5k (3,200 training digits): a 784-100-10
    sigmoid MLP on hand-written gradients, learning rate 0.1, the same 10 epochs (32,000 examples)
    for each, training loss against examples seen.
@@ -23,7 +24,9 @@ seconds are loose; 2.5 minutes in all):
 
     gradient checks   tiny SeedCNN, hand vs jax.grad (float32) 1.7e-7; central differences vs
                       hand (float64) 1.4e-7; hand Elman BPTT vs jax.grad through lax.scan 8.3e-8
-    XOR               final loss 0.0061 after 10,000 epochs (outputs 0.086 0.928 0.924 0.076)
+    XOR               12 of 12 init seeds reach the target; final losses 1.4e-4 to 3.0e-4
+                      (seed 0: outputs 0.012 0.989 0.987 0.010). The seed's lr 0.1 with Flax's
+                      init reaches it from 2 of them (`cnnjax.lab.descent.train_xor` has the table)
     GD variants       train loss after 32,000 examples: batch 1.80, SGD 0.040, mini-batch 0.336
                       (validation accuracy 0.657, 0.912, 0.894)
     sequential MNIST  LSTM 0.946 validation accuracy after 15 epochs, 23 s with compilation;
@@ -55,9 +58,9 @@ from cnnjax.lab.gradcheck import check_gradients
 @dataclasses.dataclass(frozen=True)
 class LabConfig:
     seed: int = 0  # root key; the data split uses it too
-    xor_seed: int = descent.XOR_SEED  # XOR's init seed (see descent.XOR_SEED for why 5)
-    xor_epochs: int = 10_000
-    xor_learning_rate: float = 0.1
+    xor_seeds: int = 12  # XOR is trained from each of the init seeds 0..xor_seeds-1
+    xor_epochs: int = descent.XOR_EPOCHS
+    xor_learning_rate: float = descent.XOR_LEARNING_RATE
     gd_hidden: int = 100  # the MLP of the GD comparison: 784-100-10, sigmoid hidden layer
     gd_learning_rate: float = 0.1  # the same for all three variants, as in the seed
     gd_epochs: int = 10  # the examples budget: epochs x 3,200 for every variant
@@ -120,20 +123,23 @@ def gradient_checks(cfg: LabConfig, data, key) -> dict:
 
 def xor(cfg: LabConfig, out: pathlib.Path) -> dict:
     start = time.perf_counter()
-    params, losses = descent.train_xor(cfg.xor_seed, cfg.xor_learning_rate, cfg.xor_epochs)
-    final = descent.xor_loss(params)
+    runs = [descent.train_xor(seed, cfg.xor_learning_rate, cfg.xor_epochs)
+            for seed in range(cfg.xor_seeds)]
     seconds = time.perf_counter() - start
-    x, _ = descent.xor_data()
-    outputs = backprop.forward(backprop.mlp_layers(descent.XOR_MODEL), params, x)[0]
     fig, ax = new_figure(figsize=(5.5, 3.5))
-    ax.semilogy(np.arange(1, len(losses) + 1), losses)
-    ax.axhline(0.01, color="gray", ls="--", lw=0.8, label="0.01")
+    for seed, (_, losses) in enumerate(runs):
+        ax.semilogy(np.arange(1, len(losses) + 1), losses, lw=0.8, label=f"seed {seed}")
+    ax.axhline(descent.XOR_TARGET_LOSS, color="gray", ls="--", lw=0.8)
     ax.set(xlabel="epoch", ylabel="mean squared error",
-           title=f"XOR, 2-2-1 sigmoid, lr {cfg.xor_learning_rate}, init seed {cfg.xor_seed}")
-    ax.legend()
+           title=f"XOR, 2-2-1 sigmoid, lr {cfg.xor_learning_rate}, {cfg.xor_seeds} init seeds")
+    ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(out / "xor_loss.png", dpi=110)
-    return {"final_loss": final, "outputs": np.asarray(outputs).ravel(), "seconds": seconds}
+    return {"final_losses": [descent.xor_loss(params) for params, _ in runs],
+            "reached": [seed for seed, (params, _) in enumerate(runs)
+                        if descent.xor_reached(params)],
+            "outputs": [np.asarray(descent.xor_outputs(params)).ravel() for params, _ in runs],
+            "seconds": seconds}
 
 
 def gd_variants(cfg: LabConfig, data, key, out: pathlib.Path) -> dict:
@@ -280,10 +286,15 @@ def summary_markdown(cfg: LabConfig, checks: dict, xor_result: dict, gd: dict, r
              f"float32): relative error {checks['elman_bptt_vs_jax_grad_float32']:.1e}.", "",
              "## XOR (the seed's tiny network)", "",
              f"2-2-1 sigmoid, mean squared error, full-batch GD, lr {cfg.xor_learning_rate}, "
-             f"{cfg.xor_epochs:,} epochs, init seed {cfg.xor_seed}: final loss "
-             f"**{xor_result['final_loss']:.4f}**, outputs "
-             f"[{', '.join(f'{v:.3f}' for v in xor_result['outputs'])}] for targets [0, 1, 1, 0] "
-             f"({xor_result['seconds']:.1f} s with compilation). ![](xor_loss.png)", "",
+             f"{cfg.xor_epochs:,} epochs, weights and biases from U(-{descent.XOR_INIT_RANGE}, "
+             f"{descent.XOR_INIT_RANGE}): **{len(xor_result['reached'])} of {cfg.xor_seeds}** "
+             f"init seeds reach a loss below {descent.XOR_TARGET_LOSS} "
+             f"({xor_result['seconds']:.1f} s for all, with compilation).", "",
+             "| init seed | final loss | outputs for targets [0, 1, 1, 0] |", "|---:|---:|---|"]
+    lines += [f"| {seed} | {loss:.1e} | {', '.join(f'{v:.3f}' for v in outputs)} |"
+              for seed, (loss, outputs) in enumerate(zip(xor_result["final_losses"],
+                                                         xor_result["outputs"]))]
+    lines += ["", "![](xor_loss.png)", "",
              "## Gradient-descent variants on mnist5k", "",
              f"MLP 784-{cfg.gd_hidden}-10 (sigmoid), lr {cfg.gd_learning_rate}, "
              f"{cfg.gd_epochs} epochs = {cfg.gd_epochs * 3200:,} examples each.", "",
@@ -325,7 +336,8 @@ def run_lab(cfg: LabConfig, out: pathlib.Path) -> dict:
     checks = gradient_checks(cfg, data, jax.random.fold_in(key, 0))
     print(checks["finite_differences_vs_hand"].table(), flush=True)
     xor_result = xor(cfg, out)
-    print(f"XOR final loss {xor_result['final_loss']:.4f}", flush=True)
+    print(f"XOR: {len(xor_result['reached'])} of {cfg.xor_seeds} init seeds reach the target",
+          flush=True)
     gd = gd_variants(cfg, data, jax.random.fold_in(key, 1), out)
     print({k: round(v["final_train_loss"], 4) for k, v in gd.items()}, flush=True)
     rec = recurrent(cfg, data, jax.random.fold_in(key, 2), out)

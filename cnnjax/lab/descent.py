@@ -14,6 +14,7 @@ purpose: the update rule and the batching are what it teaches, written out where
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -26,13 +27,12 @@ from cnnjax.lab import backprop
 # name -> batch size; None is the whole training set.
 VARIANTS: dict[str, int | None] = {"batch": None, "sgd": 1, "minibatch": 100}
 
-# The seed's tiny experiment. With mean squared error, learning rate 0.1 and 10,000 epochs, 2 of
-# the init seeds 0..11 of flax's default Dense init reach a loss below 0.01 (5 and 7, float32 on
-# CPU: 0.0061 and 0.0063); 1, 6 and 11 stop just above it, and 2, 3, 4, 9 are still near the
-# plateau of 0.125-0.25 where the network answers 0.5 for some points. XOR is that sensitive to
-# the init at this learning rate; 5 is the default.
-XOR_SEED = 5
+# The seed's XOR experiment; `train_xor` has what these reach over init seeds.
 XOR_MODEL = backprop.MLP(features=(2, 1), activation="sigmoid", output_activation="sigmoid")
+XOR_INIT_RANGE = 0.5  # every weight and bias drawn from U(-0.5, 0.5)
+XOR_LEARNING_RATE = 2.0
+XOR_EPOCHS = 10_000
+XOR_TARGET_LOSS = 0.01  # see xor_reached
 
 LossAndGrad = Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, Any]]
 
@@ -48,32 +48,74 @@ def sgd_update(params, grads, learning_rate: float):
     return jax.tree.map(lambda p, g: (p - learning_rate * g).astype(p.dtype), params, grads)
 
 
-def train_xor(seed: int = XOR_SEED, learning_rate: float = 0.1, epochs: int = 10_000
-              ) -> tuple[Any, np.ndarray]:
-    """Full-batch GD of the 2-2-1 sigmoid network on XOR; returns (params, loss before each epoch).
+def xor_init(key: jax.Array, init_range: float = XOR_INIT_RANGE) -> Any:
+    """XOR_MODEL's parameters, every weight and bias drawn from U(-init_range, init_range).
 
-    Gradients come from `backprop.loss_and_grad` (BP1-BP4 by hand) and all epochs run in one
-    `lax.scan`: 10,000 epochs compile once and take well under a second to run.
+    Flax's default init (LeCun-normal kernels, zero biases) starts both hidden units' lines through
+    the point (0, 0); random biases spread them, and small weights start the sigmoids on their
+    steep middle. At learning rate 2 it lifts the share of init seeds that reach the target from
+    160 to 186 of 200 (see `train_xor`).
     """
+    shapes = jax.eval_shape(XOR_MODEL.init, key, xor_data()[0])["params"]
+    leaves, treedef = jax.tree.flatten(shapes)
+    keys = jax.random.split(key, len(leaves))
+    return treedef.unflatten([jax.random.uniform(k, s.shape, s.dtype, -init_range, init_range)
+                              for k, s in zip(keys, leaves)])
+
+
+@functools.partial(jax.jit, static_argnames="epochs")
+def _xor_descent(params, learning_rate, epochs: int):
     x, y = xor_data()
     layers = backprop.mlp_layers(XOR_MODEL)
-    params = XOR_MODEL.init(jax.random.key(seed), x)["params"]
 
-    @jax.jit
-    def run(params):
-        def epoch(params, _):
-            loss, grads = backprop.loss_and_grad(layers, params, x, y, "mse")
-            return sgd_update(params, grads, learning_rate), loss
-        return lax.scan(epoch, params, None, length=epochs)
+    def epoch(params, _):
+        loss, grads = backprop.loss_and_grad(layers, params, x, y, "mse")
+        return sgd_update(params, grads, learning_rate), loss
+    return lax.scan(epoch, params, None, length=epochs)
 
-    params, losses = run(params)
+
+def train_xor(seed: int = 0, learning_rate: float = XOR_LEARNING_RATE, epochs: int = XOR_EPOCHS,
+              init_range: float = XOR_INIT_RANGE) -> tuple[Any, np.ndarray]:
+    """Full-batch GD of the 2-2-1 sigmoid network on XOR; returns (params, loss before each epoch).
+
+    Mean squared error, `xor_init`, learning rate 2, 10,000 epochs. The target (`xor_reached`):
+    loss below 0.01, so every output within 0.2 of its target. Init seeds that reach it, of seeds
+    0..11 / of seeds 0..199 (float32 on CPU):
+
+        init                      lr 0.1    lr 0.5     lr 1       lr 2
+        U(-0.5, 0.5) (xor_init)   0 / 0     9 / 160    11 / 181   12 / 186
+        Flax default              2 / 24    10 / 158   10 / 160   10 / 160
+
+    The learning rate does most of it: at 0.1, the seed's setting, 10,000 epochs are too few for
+    most runs (Flax's init: final losses 0.006 to 0.25 over seeds 0..11). With the defaults, seeds
+    0..11 end between 1.4e-4 and 3.0e-4. Of the 14 runs in 200 that miss, 13 sit at 0.125, a local
+    minimum where two of the points answer 0.5, and one at 0.167 (three answer 0.67); 100,000
+    epochs leave neither.
+
+    Gradients come from `backprop.loss_and_grad` (BP1-BP4 by hand) and all epochs run in one
+    `lax.scan`, compiled once per number of epochs; 10,000 epochs take well under a second.
+    """
+    params, losses = _xor_descent(xor_init(jax.random.key(seed), init_range), learning_rate,
+                                  epochs)
     return params, np.asarray(losses)
 
 
+def xor_outputs(params) -> jax.Array:
+    """The network's (4, 1) outputs on the four XOR points."""
+    return backprop.forward(backprop.mlp_layers(XOR_MODEL), params, xor_data()[0])[0]
+
+
 def xor_loss(params) -> float:
-    x, y = xor_data()
-    outputs, _ = backprop.forward(backprop.mlp_layers(XOR_MODEL), params, x)
-    return float(backprop.mse(outputs, y))
+    return float(backprop.mse(xor_outputs(params), xor_data()[1]))
+
+
+def xor_reached(params) -> bool:
+    """Mean squared error below XOR_TARGET_LOSS, 0.01: XOR's target for `train_xor`.
+
+    It puts every output within 0.2 of its target (an error of 0.2 on one point alone is a mean
+    of 0.01), so each answer is on the right side of 0.5 with a margin of 0.3.
+    """
+    return xor_loss(params) < XOR_TARGET_LOSS
 
 
 def descend(loss_and_grad: LossAndGrad, params, x: jax.Array, y: jax.Array, *, key: jax.Array,

@@ -109,20 +109,6 @@ class Pool(nn.Module):
         return POOLS[self.kind](x, self.window, self.stride, self.padding, layer=self.name or "pool")
 
 
-class GlobalPool(nn.Module):
-    """Global max or average pooling, (N, H, W, C) -> (N, C)."""
-
-    kind: str = "avg"
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        if self.kind == "max":
-            return global_max_pool(x)
-        if self.kind == "avg":
-            return global_avg_pool(x)
-        raise ValueError(f"{self.name}: global pool kind must be 'max' or 'avg', got {self.kind!r}.")
-
-
 def flatten(x: jax.Array) -> jax.Array:
     """(N, ...) -> (N, features), in NHWC order (torch flattens NCHW: transpose to compare)."""
     return x.reshape(x.shape[0], -1)
