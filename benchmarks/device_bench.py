@@ -41,7 +41,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from throughput import MEAN, NUM_CLASSES, STD, IMAGE_SHAPE, seed_torch_model  # noqa: E402
 
 from cnnjax.config import ModelConfig, OptimConfig  # noqa: E402
-from cnnjax.data.input_pipeline import normalize  # noqa: E402
+from cnnjax.data.pixels import normalize  # noqa: E402
 from cnnjax.nn.models import build_model  # noqa: E402
 from cnnjax.training.optim import make_optimizer, make_plateau  # noqa: E402
 from cnnjax.training.steps import StepOptions, create_train_state, make_train_step  # noqa: E402

@@ -47,7 +47,7 @@ def main(argv=None) -> None:
     parts = build(Config(), SPEC, steps_per_epoch=1)
     # the body with the passes `cnnjax sweep` would use; the single step splits batches the same way
     body = parts.pure_train_step()  # its passes: grad_passes(bs)
-    single_step = parts.train_step()
+    single_step = parts.epoch_steps[0]
     rng = np.random.default_rng(0)
     batches = [[{"image": rng.integers(0, 256, (bs, *IMAGE_SHAPE), dtype=np.uint8),
                  "label": rng.integers(0, 10, bs).astype(np.int32),

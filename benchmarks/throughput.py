@@ -158,7 +158,7 @@ class JaxRunner:
         parts = build(Config().set("model.kwargs.conv_lowering", lowering), SPEC, steps_per_epoch=1)
         self.model = parts.model
         self.state = parts.init_state(jax.random.key(seed))
-        self.train_step, self.eval_step = parts.train_step(), parts.eval_step
+        self.train_step, self.eval_step = parts.epoch_steps[0], parts.eval_step
         self.rng = jax.random.key(seed + 1)
         self.compile_s: dict[str, dict[int, float]] = {"train": {}, "eval": {}}
         self.host_share: list[float] = []

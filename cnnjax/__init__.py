@@ -25,7 +25,7 @@ _EXPORTS = {
     **dict.fromkeys(("Callback", "CallbackList", "Control", "Event", "StepEvent", "LogEvent",
                      "EpochEvent", "EndEvent", "Periodic", "StopAtStep", "CheckpointEvery",
                      "MetricsLog", "TimingLog", "TensorBoard", "ProgressBar", "AugmentationGrid",
-                     "DeadFilterCount", "default_callbacks", "is_due"),
+                     "DeadFilterCount", "default_callbacks"),
                     "cnnjax.training.callbacks"),
     # steps and the optimizer, for scripts that write their own loop
     **dict.fromkeys(("TrainState", "StepOptions", "create_train_state", "make_train_step",
@@ -33,6 +33,7 @@ _EXPORTS = {
     **dict.fromkeys(("make_optimizer", "make_plateau", "register_optimizer", "register_schedule"),
                     "cnnjax.training.optim"),
     "register_augmentation": "cnnjax.data.augment",
+    "is_due": "cnnjax.training.periodic",
     # models and data
     **dict.fromkeys(("build_model", "check_model", "register_model", "SeedCNN", "count_params"),
                     "cnnjax.nn.models"),
@@ -40,8 +41,8 @@ _EXPORTS = {
     "register_dataset": "cnnjax.data.sources",
     "DatasetSpec": "cnnjax.data.datasets",
     **dict.fromkeys(("load_data", "dataset_spec", "load_split", "steps_per_epoch",
-                     "train_batches", "eval_batches", "normalize"),
-                    "cnnjax.data.input_pipeline"),
+                     "train_batches", "eval_batches"), "cnnjax.data.input_pipeline"),
+    "normalize": "cnnjax.data.pixels",
     # finished runs, seeds, pictures
     **dict.fromkeys(("Run", "load_run", "load_config"), "cnnjax.training.runs"),
     "DamagedCheckpoint": "cnnjax.training.checkpoint",

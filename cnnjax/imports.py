@@ -1,7 +1,7 @@
 """Names that reach user code: a registered name, or an import path `package.module:Name`.
 
-Models, datasets and losses are looked up the same way, built-ins included: each kind keeps a
-registry (a dict filled by a decorator) and falls back to importing a path with a colon. A failed
+Models, datasets, losses, optimizers, schedules and augmentations are looked up the same way,
+built-ins included: each kind keeps a `Registry` and falls back to importing a path with a colon. A failed
 import names the path, the module that failed and the fix; nothing is imported before it is asked
 for, so a run's config.json, which records the path, reloads wherever the module is importable.
 """
@@ -33,14 +33,42 @@ def load_object(path: str, what: str) -> Any:
     return obj
 
 
-def lookup(registry: dict[str, Any], name: str, what: str) -> Any:
-    """`registry[name]`, or the object an import path names; unknown names list the known ones."""
-    if is_import_path(name):
-        return load_object(name, what)
-    if name not in registry:
-        raise ValueError(f"unknown {what} {name!r}; known: {', '.join(sorted(registry))}, or an "
-                         f"import path package.module:Name.")
-    return registry[name]
+class Registry:
+    """The names of one kind of object (models, datasets, losses, optimizers, schedules,
+    augmentations): `register(name, obj)` (or `@register(name)`) puts one in, `lookup(name)` finds a
+    registered name or imports a `package.module:Name` path; cnnjax's built-ins are registered
+    through the same call as a user's."""
+
+    def __init__(self, what: str, key: str):
+        self.what, self.key = what, key  # 'model', and the config key that names one: 'model.name'
+        self._objects: dict[str, Any] = {}
+
+    def register(self, name: str, obj: Any = None):
+        if is_import_path(name) or not name:
+            raise ValueError(f"a registered {self.what} name may not be empty or hold ':', got "
+                             f"{name!r}.")
+
+        def put(o):
+            self._objects[name] = o
+            return o
+
+        return put if obj is None else put(obj)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._objects
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(sorted(self._objects))
+
+    def lookup(self, name: str, also_known: tuple[str, ...] = ()) -> Any:
+        """The object `name` names; an unknown name lists the known ones (and `also_known`)."""
+        if is_import_path(name):
+            return load_object(name, self.key)
+        if name not in self._objects:
+            known = sorted({*self._objects, *also_known})
+            raise ValueError(f"unknown {self.key} {name!r}; known: {', '.join(known)}, or an "
+                             f"import path package.module:Name.")
+        return self._objects[name]
 
 
 def call(fn: Callable, what: str, *args, **kwargs) -> Any:
@@ -63,19 +91,3 @@ def where(err: BaseException) -> str:
               if "site-packages" not in f.filename and "/cnnjax/" not in f.filename
               and not f.filename.startswith("<")]
     return f"{frames[-1].filename}:{frames[-1].lineno}: " if frames else ""
-
-
-def registrar(registry: dict[str, Any], what: str) -> Callable:
-    """A decorator factory: `@register(name)` puts the decorated object in `registry`."""
-
-    def register(name: str, obj: Any = None):
-        if is_import_path(name) or not name:
-            raise ValueError(f"a registered {what} name may not be empty or hold ':', got {name!r}.")
-
-        def put(o):
-            registry[name] = o
-            return o
-
-        return put if obj is None else put(obj)
-
-    return register

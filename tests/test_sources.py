@@ -11,17 +11,17 @@ import pytest
 from sklearn.datasets import load_digits
 
 from cnnjax.config import DataConfig
-from cnnjax.data import datasets, input_pipeline, sources
+from cnnjax.data import datasets, input_pipeline, pixels, sources
 from cnnjax.data.sources import register_dataset, spec_from_dict, spec_to_dict
 
 
 @pytest.fixture(autouse=True)
 def clean_registry():
     """Each test registers into the process-wide registry; leave it as it was."""
-    saved = dict(sources._REGISTRY)
+    saved = dict(sources._REGISTRY._objects)
     yield
-    sources._REGISTRY.clear()
-    sources._REGISTRY.update(saved)
+    sources._REGISTRY._objects.clear()
+    sources._REGISTRY._objects.update(saved)
     sources._cache.clear()
 
 
@@ -94,7 +94,7 @@ def test_registered_function_is_called_once_and_takes_its_float_digits():
     np.testing.assert_allclose(spec.std, [(d.images[:1500] / 16).std()], rtol=1e-6)
     # float images are held as float32 in 0..255 units; normalize brings back (x - mean) / std
     assert data.test[0].dtype == np.float32 and data.test[0].shape == (297, 8, 8, 1)
-    x = np.asarray(input_pipeline.normalize(data.test[0], spec.mean, spec.std))
+    x = np.asarray(pixels.normalize(data.test[0], spec.mean, spec.std))
     np.testing.assert_allclose(x[..., 0], (d.images[1500:] / 16 - spec.mean[0]) / spec.std[0],
                                atol=1e-5)
 
@@ -231,11 +231,11 @@ def test_normalize_per_channel_against_a_hand_computation():
     x = np.random.default_rng(0).integers(0, 256, (2, 3, 4, 3), dtype=np.uint8)
     mean, std = (0.1, 0.2, 0.3), (0.5, 0.25, 0.125)
     want = (x / 255.0 - np.array(mean)) / np.array(std)
-    got = np.asarray(jax.jit(lambda a: input_pipeline.normalize(a, mean, std))(x))
+    got = np.asarray(jax.jit(lambda a: pixels.normalize(a, mean, std))(x))
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="mean has 2 values for 3-channel images"):
-        input_pipeline.normalize(x, (0.1, 0.2), 0.3)
+        pixels.normalize(x, (0.1, 0.2), 0.3)
 
 
 def test_normalize_with_one_constant_computes_as_before():
@@ -243,8 +243,8 @@ def test_normalize_with_one_constant_computes_as_before():
     (compiled, as in the step: XLA turns the division by a constant into a multiplication)."""
     x = np.random.default_rng(1).integers(0, 256, (3, 28, 28, 1), dtype=np.uint8)
     before = jax.jit(lambda a: (a.astype(np.float32) / 255.0 - 0.1307) / 0.3081)(x)
-    scalar = jax.jit(lambda a: input_pipeline.normalize(a, 0.1307, 0.3081))(x)
-    one = jax.jit(lambda a: input_pipeline.normalize(a, (0.1307,), (0.3081,)))(x)
+    scalar = jax.jit(lambda a: pixels.normalize(a, 0.1307, 0.3081))(x)
+    one = jax.jit(lambda a: pixels.normalize(a, (0.1307,), (0.3081,)))(x)
     np.testing.assert_array_equal(np.asarray(scalar), np.asarray(before))
     np.testing.assert_array_equal(np.asarray(one), np.asarray(before))
     np.testing.assert_allclose(np.asarray(one), (x / 255.0 - 0.1307) / 0.3081, rtol=1e-6)

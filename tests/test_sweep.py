@@ -51,7 +51,7 @@ def test_sweep_step_equals_plain_sgd_per_seed(lowering):
                for _ in range(steps)]
 
     state, keys = init_states(parts, seeds)
-    sweep_step = (loop_step(parts.train_step()) if lowering == "loop"
+    sweep_step = (loop_step(parts.epoch_steps[0]) if lowering == "loop"
                   else make_sweep_step(parts.pure_train_step(), lowering))
     (state, keys), sweep_losses = sweep_step.pack(unstack(state, len(seeds)), list(keys)), []
     for per_seed in batches:

@@ -114,11 +114,11 @@ def test_freezing_a_middle_stage_lets_the_rest_train():
 def test_a_run_compiles_one_step_per_set_of_frozen_layers():
     cfg = config(freeze="backbone", unfreeze="layer2", unfreeze_after_epochs=2).override(
         ["model.name=resnet_tiny", "model.kwargs.stage_sizes=1,1"])
-    parts = build(cfg, data_spec(DataConfig()), steps_per_epoch=4)
-    steps = [parts.train_step(epoch) for epoch in (1, 2, 3, 4, 1)]
+    parts = build(cfg.set("train.epochs", 4), data_spec(DataConfig()), steps_per_epoch=4)
+    steps = [parts.epoch_steps[epoch - 1] for epoch in (1, 2, 3, 4, 1)]
     assert [s is steps[0] for s in steps] == [True, True, False, False, True]
     assert steps[2] is steps[3]
-    frozen = [transfer.model_for_epoch(parts.model, cfg.transfer, parts.abstract_state(), e).frozen
+    frozen = [transfer.model_for_epoch(parts.model, cfg.transfer, parts.abstract, e).frozen
               for e in (1, 3)]
     assert frozen == [("bn1", "conv1", "layer1", "layer2"), ("bn1", "conv1", "layer1")]
 

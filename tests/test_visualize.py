@@ -24,7 +24,8 @@ from cnnjax import Config, load_run, train_and_evaluate
 from cnnjax.cli import main
 from cnnjax.data.datasets import load
 from cnnjax.nn.geometry import output_shape
-from cnnjax.data.input_pipeline import load_data, normalize
+from cnnjax.data.input_pipeline import load_data
+from cnnjax.data.pixels import normalize
 from cnnjax.nn.models import SeedCNN
 from cnnjax.visualize import (ActMaxConfig, activation_maximization, attribution, capture, checks,
                               dead_filter_count, filter_health, list_layers)

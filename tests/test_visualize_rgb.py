@@ -20,7 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 import cnnjax
 from cnnjax.cli import main
-from cnnjax.data.input_pipeline import normalize
+from cnnjax.data.pixels import normalize
 from cnnjax.visualize import ActMaxConfig, activation_maximization, attribution, feature_maps
 from cnnjax.visualize.actmax import ActMaxResult, actmax_grid, pixel_bounds
 from cnnjax.visualize.feature_maps import colorize, tile

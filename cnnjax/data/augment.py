@@ -113,8 +113,8 @@ class Compose:
 # Name -> factory(cfg: AugmentConfig) -> Transform, or None when the config leaves it off. The
 # built-ins read their magnitude from their own field; a user's transform, registered or named by
 # an import path in `augment.order`, reads its arguments from `augment.kwargs[name]`.
-AUGMENTATIONS: dict[str, Callable] = {}
-register_augmentation = imports.registrar(AUGMENTATIONS, "augmentation")
+AUGMENTATIONS = imports.Registry("augmentation", "augment.order")
+register_augmentation = AUGMENTATIONS.register
 register_augmentation("scale", lambda cfg: random_scale(cfg.scale) if cfg.scale else None)
 register_augmentation("rotate", lambda cfg: random_rotation(cfg.rotate) if cfg.rotate else None)
 register_augmentation("translate",
@@ -126,7 +126,7 @@ BUILT_IN = ("scale", "rotate", "translate", "crop", "flip")
 
 def from_config(cfg: AugmentConfig) -> Compose:
     """The pipeline a config asks for, in `cfg.order`; transforms left at zero/off are skipped."""
-    left_out = [name for name in BUILT_IN if name not in cfg.order and AUGMENTATIONS[name](cfg)]
+    left_out = [name for name in BUILT_IN if name not in cfg.order and AUGMENTATIONS.lookup(name)(cfg)]
     if left_out:
         raise ValueError(f"augment.order {list(cfg.order)} leaves out {left_out}, which the config "
                          f"turns on; add them to augment.order (first listed acts first).")
@@ -141,11 +141,7 @@ def from_config(cfg: AugmentConfig) -> Compose:
                          f"name; add them to augment.order or remove their arguments.")
     transforms = []
     for name in cfg.order:
-        if not imports.is_import_path(name) and name not in AUGMENTATIONS:
-            raise ValueError(f"augment.order has unknown transform {name!r}; known: "
-                             f"{', '.join(sorted(AUGMENTATIONS))}, or an import path "
-                             f"package.module:factory.")
-        transform = imports.lookup(AUGMENTATIONS, name, "augment.order")(cfg)
+        transform = imports.call(AUGMENTATIONS.lookup(name), f"augmentation {name!r}", cfg)
         if transform is not None and not callable(transform):
             raise ValueError(f"augmentation {name!r} gave a {type(transform).__name__}; a factory "
                              f"returns a Transform, key -> 3x3 affine matrix, or None for off.")

@@ -1,7 +1,7 @@
 """From dataset splits to batches: seeded train/validation split, replayable shuffles, normalization.
 
 Images stay uint8 on the host (4x less to copy than float32) and are scaled and normalized inside
-the compiled step by `normalize`; a dataset of float images (cnnjax/data/sources.py) is held as
+the compiled step by `pixels.normalize`; a dataset of float images (cnnjax/data/sources.py) is held as
 float32 in the same 0..255 units, so one `normalize` serves both. Batch order is a function of
 (seed, epoch) alone, so any epoch can be replayed without running the ones before it. Training
 drops the last partial batch (a different one each epoch, since the order is reshuffled);
@@ -13,8 +13,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterator
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from cnnjax.data import datasets, imagefolder, sources, tfds_prepared
@@ -203,28 +201,6 @@ def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int,
             y = np.concatenate([y, np.zeros(pad, y.dtype)])
             mask[batch_size - pad:] = 0.0
         yield {"image": x[rows], "label": y[rows], "mask": mask[rows]}
-
-
-def normalize(images: jax.Array, mean: float | tuple[float, ...],
-              std: float | tuple[float, ...]) -> jax.Array:
-    """Pixels in 0..255 units -> float32 scaled to [0, 1], then (x - mean) / std, as the seed's
-    transforms; `mean` and `std` are one number or one per channel (the last axis)."""
-    mean, std = (_per_channel(v, images.shape[-1], k) for k, v in (("mean", mean), ("std", std)))
-    return (images.astype(jnp.float32) / 255.0 - mean) / std
-
-
-def _per_channel(value, channels: int, what: str):
-    """A number as it is; a 1-tuple as its number (so it computes exactly as the number does);
-    one value per channel as a float32 vector, broadcast over the last axis."""
-    if np.ndim(value) == 0:
-        return value
-    value = tuple(value)
-    if len(value) == 1:
-        return value[0]
-    if len(value) != channels:
-        raise ValueError(f"normalize: {what} has {len(value)} values for {channels}-channel "
-                         f"images; give one number or one per channel.")
-    return np.asarray(value, np.float32)
 
 
 def as_nhwc(images, image_shape: tuple[int, int, int]) -> np.ndarray:

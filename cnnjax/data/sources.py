@@ -38,8 +38,7 @@ from cnnjax.data import datasets, store
 SPLITS = ("train", "test")
 _OPTIONAL = ("mean", "std", "class_names")
 
-_REGISTRY: dict[str, Any] = {}
-_register = imports.registrar(_REGISTRY, "dataset")
+_REGISTRY = imports.Registry("dataset", "data.dataset")
 _cache: dict[str, tuple[Any, "Source"]] = {}  # name -> (the registered/imported object, its data)
 
 
@@ -61,7 +60,7 @@ def register_dataset(name: str, source: Callable[[], Mapping] | Mapping | None =
     """
     if name in datasets.DATASETS:
         raise ValueError(f"dataset name {name!r} is a built-in; register yours under another name.")
-    put = _register(name)  # checks the name now, also when used as a decorator
+    put = _REGISTRY.register(name)  # checks the name now, also when used as a decorator
 
     def register(obj):
         if isinstance(obj, Mapping):
@@ -77,14 +76,13 @@ def register_dataset(name: str, source: Callable[[], Mapping] | Mapping | None =
 
 
 def registered() -> tuple[str, ...]:
-    return tuple(sorted(_REGISTRY))
+    return _REGISTRY.names()
 
 
 def load(name: str) -> Source:
     """The checked data of a registered or import-path dataset (not a built-in)."""
     # built-ins and the prefixed kinds only for the error's list
-    known = {**dict.fromkeys([*datasets.DATASETS, "imagefolder:PATH", "tfds:NAME"]), **_REGISTRY}
-    obj = imports.lookup(known, name, "data.dataset")
+    obj = _REGISTRY.lookup(name, also_known=(*datasets.DATASETS, "imagefolder:PATH", "tfds:NAME"))
     if name in _cache and _cache[name][0] is obj:
         return _cache[name][1]
     raw = _call(name, obj) if callable(obj) and not isinstance(obj, Mapping) else obj

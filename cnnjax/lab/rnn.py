@@ -28,7 +28,7 @@ import optax
 from jax import lax
 
 from cnnjax.lab import backprop
-from cnnjax.data.input_pipeline import normalize
+from cnnjax.data.pixels import normalize
 
 CELLS = {"rnn": nn.SimpleCell, "lstm": nn.OptimizedLSTMCell}
 

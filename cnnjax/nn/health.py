@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnnjax.data.input_pipeline import normalize
+from cnnjax.data.pixels import normalize
 from cnnjax.nn.capture import conv_layers, list_layers, preactivation, run_layers
 
 

@@ -123,8 +123,8 @@ class SeedCNN(nn.Module):
 
 # Name -> the module class (or preset) it builds, cnnjax's own and users' alike: every model is
 # built as `Model(num_classes=..., **model.kwargs)`.
-MODELS: dict[str, Any] = {}
-register_model = imports.registrar(MODELS, "model")
+MODELS = imports.Registry("model", "model.name")
+register_model = MODELS.register
 register_model("seed_cnn", SeedCNN)
 register_model("resnet18", ResNet18)
 register_model("resnet34", ResNet34)
@@ -132,7 +132,7 @@ register_model("resnet34", ResNet34)
 
 def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     """The model a config names, its own checks passed (geometry comes with `check_model`)."""
-    factory = imports.lookup(MODELS, cfg.name, "model.name")
+    factory = MODELS.lookup(cfg.name)
     kwargs = _typed_kwargs(factory, cfg.kwargs)
     try:
         model = factory(num_classes=num_classes, **kwargs)

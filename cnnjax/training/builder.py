@@ -15,6 +15,8 @@ backbone's weights and each epoch's step keeps its frozen batch norm in inferenc
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from typing import Any, Callable
 
 import jax
@@ -23,17 +25,28 @@ import optax
 from cnnjax.config import Config
 from cnnjax.data import augment
 from cnnjax.data.datasets import DatasetSpec
-from cnnjax.nn.models import build_model, check_model, has_batch_stats
+from cnnjax.data import mix
+from cnnjax.nn.models import accepts_example_ids, build_model, check_model, has_batch_stats
+from cnnjax.training.losses import make_losses
 from cnnjax.training import transfer
-from cnnjax.training.optim import learning_rate_at, make_optimizer, make_plateau
-from cnnjax.training.steps import (StepOptions, TrainState, create_train_state, grad_passes,
-                                   make_eval_step, make_train_step)
+from cnnjax.nn.conv import conv_lowerings
+from cnnjax.training.optim import (ema_params, make_optimizer, make_plateau, plateau_step,
+                                   rate_function)
+from cnnjax.training.steps import (StepOptions, TrainState, create_train_state, eval_pass_rows,
+                                   grad_passes, make_eval_step, make_train_step)
 
 
 def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
     """(init key, train key) of a run with this seed."""
     init_rng, train_rng = jax.random.split(jax.random.key(seed))
     return init_rng, train_rng
+
+
+def evaluated_state(state: TrainState) -> TrainState:
+    """The state evaluation and the best checkpoint's metrics use: with `optim.ema_decay`, the
+    EMA of the parameters (batch-norm statistics stay the live ones)."""
+    ema = ema_params(state.opt_state, state.params) if state.opt_state is not None else None
+    return state if ema is None else state.replace(params=ema)
 
 
 def check_lengths(cfg: Config) -> None:
@@ -49,11 +62,14 @@ def check_lengths(cfg: Config) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class RunParts:
-    """What a run of `cfg` on data of `spec` computes with; nothing here holds data or state.
+    """What a run of `cfg` on data of `spec` computes with, all made once by `build`; nothing here
+    holds data or a train state.
 
-    `init_state` and `abstract_state` give the train state, `train_step(epoch)` the compiled
-    step of an epoch, `eval_step` the compiled evaluation; `pure_train_step` is the un-jitted step
-    for programs of one's own (a sweep's vmap)."""
+    `init_state` gives the initial state (`abstract` its shapes, the target of a restore),
+    `epoch_steps[epoch - 1]` the compiled `(state, batch, train_key) -> (state, metrics)` of each
+    epoch (one program, or one per set of frozen layers under transfer learning), `eval_step` the
+    compiled evaluation of a batch, `learning_rate(step, plateau_scale)` the rate of an update;
+    `pure_train_step` is the un-jitted step for programs of one's own (a sweep's vmap)."""
 
     cfg: Config
     spec: DatasetSpec
@@ -63,82 +79,93 @@ class RunParts:
     plateau: Any
     augmenter: augment.Compose
     options: StepOptions
-    batch_norm: bool  # the model keeps batch statistics: one pass per step, whatever the rows
+    passes: int  # forward/backward passes of a step on the devices it was built for
+    abstract: TrainState
+    epoch_steps: tuple[Callable, ...]
     eval_step: Callable
-    # compiled steps and the abstract state, made on first use (what they hold never changes)
-    _cache: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+    learning_rate: Callable[[int, float], float]
+    update_plateau: Callable[[Any, float], Any]  # (plateau state, epoch's figure) -> next state
+    evaluated: Callable[[TrainState], TrainState]  # the parameters' EMA, when optim keeps one
+    num_params: int
+    lowerings: dict[str, dict[str, str]] | None  # each conv's lowering per pass (summary.json)
+    init_key: jax.Array
+    train_key: jax.Array
+    sharding: Any = None  # where the state lives: None (the default device) or a NamedSharding
+    _pure: Callable = dataclasses.field(repr=False, compare=False, default=None)
 
-    def passes(self, rows_per_device: int) -> int:
-        """Forward/backward passes of a step over `rows_per_device` images (`steps.grad_passes`)."""
-        return grad_passes(rows_per_device, self.cfg.train.microbatch, self.batch_norm)
-
-    def init_state(self, key: jax.Array, sharding: Any = None) -> TrainState:
-        """The run's initial state from its init key (placed by `sharding`), with the backbone's
-        weights when `transfer.backbone` names one (read, and refused, here)."""
-        state = jax.jit(self._create, out_shardings=sharding)(key)
+    def init_state(self, key: jax.Array | None = None) -> TrainState:
+        """The initial state from the run's init key (or `key`: a sweep's other seeds), with the
+        backbone's weights when `transfer.backbone` names one (read, and refused, here)."""
+        key = self.init_key if key is None else key
+        state = jax.jit(self._create, out_shardings=self.sharding)(key)
         if self.cfg.transfer.backbone is not None:
             state = transfer.initialize(state, self.cfg, self.model)
-            state = state if sharding is None else jax.device_put(state, sharding)
+            state = state if self.sharding is None else jax.device_put(state, self.sharding)
         return state
-
-    def abstract_state(self) -> TrainState:
-        """The state's shapes and dtypes, nothing computed: the target of a restore."""
-        if "abstract" not in self._cache:
-            self._cache["abstract"] = jax.eval_shape(self._create, jax.random.key(0))
-        return self._cache["abstract"]
 
     def _create(self, key: jax.Array) -> TrainState:
         return create_train_state(self.model, self.tx, self.plateau, self.spec.image_shape, key)
 
-    def train_step(self, epoch: int = 1) -> Callable:
-        """The compiled `(state, batch, train_key) -> (state, metrics)` of `epoch`: one program
-        for the run, or one per set of frozen layers when transfer learning unfreezes some."""
-        frozen = (transfer.frozen_at(self.cfg.transfer, self.abstract_state().params, epoch)
-                  if self.cfg.transfer.groups else ())
-        if ("step", frozen) not in self._cache:
-            self._cache["step", frozen] = make_train_step(
-                self._model_for(epoch), self.tx, self.spec.mean, self.spec.std, self.augmenter,
-                self.cfg.train.microbatch, options=self.options)
-        return self._cache["step", frozen]
-
     def pure_train_step(self) -> Callable:
-        """The same step pure and un-jitted (epoch 1's model), for callers that compile it into
-        a program of their own."""
-        return make_train_step(self._model_for(1), self.tx, self.spec.mean, self.spec.std,
-                               self.augmenter, self.cfg.train.microbatch, options=self.options,
-                               compiled=False)
-
-    def _model_for(self, epoch: int):
-        if not self.cfg.transfer.groups:
-            return self.model
-        return transfer.model_for_epoch(self.model, self.cfg.transfer, self.abstract_state(), epoch)
-
-    def learning_rate(self, step: int, plateau_scale: float) -> float:
-        """The rate of the update from `step` (the schedule's, times the plateau rule's scale)."""
-        return learning_rate_at(self.cfg.optim, step, plateau_scale, self.steps_per_epoch,
-                                self.cfg.train.epochs)
+        """The first epoch's step pure and un-jitted, for callers that compile it into a program
+        of their own."""
+        return self._pure
 
 
-def build(cfg: Config, spec: DatasetSpec, steps_per_epoch: int) -> RunParts:
+def build(cfg: Config, spec: DatasetSpec, steps_per_epoch: int, devices: int = 1,
+          sharding: Any = None, eval_rows: int | None = None) -> RunParts:
     """The parts of a run of `cfg` on data described by `spec`, `steps_per_epoch` steps an epoch
-    (the per-step schedules and transfer's unfreezing count in steps); raises ValueError naming
-    the setting at fault before anything compiles."""
+    (the per-step schedules and transfer's unfreezing count in steps), on `devices` devices with
+    the state placed by `sharding`; `eval_rows`, an evaluation batch's global rows, sizes the
+    recorded conv lowerings. Raises ValueError naming the setting at fault before anything
+    compiles."""
     check_lengths(cfg)
     if steps_per_epoch <= 0:
         raise ValueError(f"steps_per_epoch must be positive, got {steps_per_epoch}.")
+    tc = cfg.train
     model = build_model(cfg.model, spec.num_classes)
     check_model(model, spec.image_shape, spec.num_classes, cfg.model.name)
-    options = StepOptions.from_config(cfg, spec.num_classes)
-    if cfg.transfer.groups:
-        tx = transfer.make_transfer_optimizer(cfg, steps_per_epoch)
-    else:
-        tx = make_optimizer(cfg.optim, steps_per_epoch, cfg.train.epochs)
+    batch_norm, example_ids = has_batch_stats(model, spec.image_shape), accepts_example_ids(model)
+    loss, eval_loss = make_losses(tc, spec.num_classes)
+    options = StepOptions(loss, eval_loss, mix.from_config(cfg.augment), tc.dtype, example_ids)
+    tx = (transfer.make_transfer_optimizer(cfg, steps_per_epoch) if cfg.transfer.groups
+          else make_optimizer(cfg.optim, steps_per_epoch, tc.epochs))
     plateau = make_plateau(cfg.optim)
-    parts = RunParts(cfg=cfg, spec=spec, steps_per_epoch=steps_per_epoch, model=model, tx=tx,
-                     plateau=plateau, augmenter=augment.from_config(cfg.augment), options=options,
-                     batch_norm=has_batch_stats(model, spec.image_shape),
-                     eval_step=make_eval_step(model, spec.mean, spec.std, spec.num_classes,
-                                              options=options))
-    parts.abstract_state()  # the optimizer meets the parameters: transfer's labels are checked
-    parts._model_for(1)  # a frozen batch norm the model cannot hold still is refused here
-    return parts
+    learning_rate = rate_function(cfg.optim, steps_per_epoch, tc.epochs)
+    augmenter = augment.from_config(cfg.augment)
+    # the optimizer meets the parameters: transfer's labels are checked here
+    abstract = jax.eval_shape(lambda key: create_train_state(model, tx, plateau, spec.image_shape,
+                                                             key), jax.random.key(0))
+    # One model per epoch: under transfer learning, each epoch's frozen batch norm held still
+    # (refused here for a model that cannot hold it); one compiled step per distinct model.
+    models = ([transfer.model_for_epoch(model, cfg.transfer, abstract, epoch)
+               for epoch in range(1, tc.epochs + 1)] if cfg.transfer.groups else [model])
+    passes = grad_passes(tc.batch_size // devices, tc.microbatch, batch_norm)
+    steps: dict[tuple, Callable] = {}  # by the frozen prefixes of an epoch's model
+    for m in models:
+        if getattr(m, "frozen", ()) not in steps:
+            steps[getattr(m, "frozen", ())] = make_train_step(
+                m, tx, spec.mean, spec.std, augmenter, tc.microbatch, options=options)
+    eval_step = make_eval_step(model, spec.mean, spec.std, spec.num_classes, options=options)
+    pure = make_train_step(models[0], tx, spec.mean, spec.std, augmenter, tc.microbatch,
+                           options=options, compiled=False)
+    lowerings = None
+    if eval_rows is not None:  # the rows a conv sees: a pass's global rows under jit over the mesh
+        infer_rows = eval_pass_rows(eval_rows // devices) * devices
+        train = conv_lowerings(model, spec.image_shape, max(1, tc.batch_size // passes))
+        infer = conv_lowerings(model, spec.image_shape, infer_rows)
+        lowerings = {name: {**p, "inference": infer[name]["inference"]} for name, p in train.items()}
+    init_key, train_key = seed_keys(tc.seed)
+    if sharding is not None:
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+                                abstract)
+    return RunParts(
+        cfg=cfg, spec=spec, steps_per_epoch=steps_per_epoch, model=model, tx=tx, plateau=plateau,
+        augmenter=augmenter, options=options, passes=passes, abstract=abstract,
+        epoch_steps=tuple(steps[getattr(models[min(e, len(models) - 1)], "frozen", ())]
+                          for e in range(tc.epochs)),
+        eval_step=eval_step,
+        learning_rate=learning_rate, update_plateau=functools.partial(plateau_step, plateau),
+        evaluated=evaluated_state,
+        num_params=sum(math.prod(a.shape) for a in jax.tree.leaves(abstract.params)),
+        lowerings=lowerings, init_key=init_key, train_key=train_key, sharding=sharding, _pure=pure)

@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from cnnjax.report import logs, plots
+from cnnjax.training.periodic import is_due
 
 
 @dataclasses.dataclass
@@ -138,17 +139,6 @@ class Callback:
         return None
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-def is_due(count: int, every: int | None = None, at: Iterable[int] = (),
-           since: int | None = None) -> bool:
-    """The one rule for "is it time": a multiple of `every`, or a count in `at`, lies in
-    (since, count]; `since` defaults to count - 1 (asked at every count). Logs, checkpoints and
-    `Periodic` all ask it."""
-    since = count - 1 if since is None else since
-    if every and count // every > since // every:
-        return True
-    return any(since < a <= count for a in at)
 
 
 class Periodic(Callback):

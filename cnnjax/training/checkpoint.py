@@ -148,15 +148,15 @@ class Checkpointer:
             self.directory, options=options,
             item_handlers={"state": ocp.StandardCheckpointHandler(),
                            "loop": ocp.JsonCheckpointHandler()})
-        self.seconds_blocked = 0.0  # time the training loop waited on saves
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, state, loop: dict[str, Any], best: dict[str, float] | None = None
-             ) -> None:
+             ) -> float:
         """Starts saving (asynchronously where enabled); `best` ({'val_loss': 0.07} or
-        {'val_accuracy': 0.98}, the monitored figure) marks a best-so-far candidate."""
+        {'val_accuracy': 0.98}, the monitored figure) marks a best-so-far candidate. Returns the
+        seconds the caller was blocked (waiting for the previous save, writing a synchronous one)."""
         t0 = time.perf_counter()
         self.manager.wait_until_finished()  # one save in flight, so `_saving` names it
         self._saving = step
@@ -166,7 +166,7 @@ class Checkpointer:
                           force=True)
         if not self.async_save:
             self.manager.wait_until_finished()
-        self.seconds_blocked += time.perf_counter() - t0
+        return time.perf_counter() - t0
 
     def _record_checksums(self) -> None:
         """Orbax's post-finalization hook: the step's files are complete, not yet renamed."""
@@ -176,15 +176,17 @@ class Checkpointer:
         tmp = final.with_name(final.name + _TMP_SUFFIX)
         write_checksums(tmp if tmp.is_dir() else final)
 
-    def wait(self) -> None:
+    def wait(self) -> float:
+        """Waits for a save in flight; returns the seconds waited."""
         t0 = time.perf_counter()
         self.manager.wait_until_finished()
-        self.seconds_blocked += time.perf_counter() - t0
+        return time.perf_counter() - t0
 
-    def take_blocked(self) -> float:
-        """Seconds the loop waited on saves since the last call (each timing line counts its own)."""
-        blocked, self.seconds_blocked = self.seconds_blocked, 0.0
-        return blocked
+    def last_good_step(self) -> int | None:
+        """The newest committed step once the save in flight is done, or None."""
+        self.wait()
+        steps = self.steps()
+        return steps[-1] if steps else None
 
     def read_loop(self, step: int) -> dict[str, Any]:
         """The loop's JSON of `step`, verified, without restoring the train state."""

@@ -33,16 +33,14 @@ import numpy as np
 
 from cnnjax.config import Config
 from cnnjax.data import input_pipeline
-from cnnjax.nn.conv import conv_lowerings
-from cnnjax.nn.models import count_params
 from cnnjax.report import logs, plots
 from cnnjax.training import builder, checkpoint, parallel, rundir
 from cnnjax.training.builder import RunParts
 from cnnjax.training.callbacks import (Callback, CallbackList, Control, EndEvent, EpochEvent,
-                                       Event, LogEvent, StepEvent, default_callbacks, is_due)
+                                       Event, LogEvent, StepEvent, default_callbacks)
+from cnnjax.training.periodic import is_due
 from cnnjax.training.loop_state import LoopState
-from cnnjax.training.optim import ema_params, plateau_step
-from cnnjax.training.steps import TrainState, eval_pass_rows, evaluate
+from cnnjax.training.steps import TrainState, evaluate
 
 
 class StepLog:
@@ -110,18 +108,11 @@ def close_epoch(parts: RunParts, state: TrainState, loop: LoopState, val: dict[s
               "learning_rate": parts.learning_rate(int(state.step) - 1,
                                                    float(state.plateau_state.scale)),
               "improved": improved}
-    state = state.replace(plateau_state=plateau_step(parts.plateau, state.plateau_state,
-                                                     watched(val, monitor)))
+    state = state.replace(plateau_state=parts.update_plateau(state.plateau_state,
+                                                             watched(val, monitor)))
     loop = loop.replace(epoch=loop.epoch + 1, batch=0, best=best, bad_epochs=bad,
                         stopped_early=stop, epoch_steps=())
     return state, loop, record
-
-
-def evaluated_state(state: TrainState) -> TrainState:
-    """The state evaluation and the best checkpoint's metrics use: with `optim.ema_decay`, the
-    EMA of the parameters (batch-norm statistics stay the live ones)."""
-    ema = ema_params(state.opt_state, state.params) if state.opt_state is not None else None
-    return state if ema is None else state.replace(params=ema)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +126,6 @@ class RunSetup:
     parts: RunParts
     par: parallel.DataParallel
     resuming: bool
-    train_key: jax.Array
     eval_sizes: dict[str, int]
     ckpt: checkpoint.Checkpointer
     started: float  # time.perf_counter() at setup
@@ -144,6 +134,10 @@ class RunSetup:
     def steps_per_epoch(self) -> int:
         return self.parts.steps_per_epoch
 
+    @property
+    def train_key(self) -> jax.Array:
+        return self.parts.train_key
+
     def evaluate(self, state: TrainState, split: str) -> dict[str, Any]:
         """Loss, accuracy, count and confusion matrix on 'val' or 'test' (one pass, one sync), of
         the parameters' EMA when `optim.ema_decay` keeps one."""
@@ -151,8 +145,8 @@ class RunSetup:
             raise ValueError(f"split must be one of {sorted(self.eval_sizes)}, got {split!r}.")
         batches = input_pipeline.eval_batches(*getattr(self.data, split), self.eval_sizes[split],
                                               self.par.part)
-        return evaluate(self.parts.eval_step, evaluated_state(state),
-                        map(self.par.shard_batch, batches))
+        return evaluate(self.parts.eval_step, self.parts.evaluated(state),
+                        _on_devices(self, batches))
 
     def images(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         if split not in ("train", "val", "test"):
@@ -170,6 +164,24 @@ class RunSetup:
                     state=state, control=control, best=loop.best, config=self.cfg,
                     run_dir=self.run_dir, is_primary=self.par.is_primary,
                     steps_per_epoch=self.steps_per_epoch, _run=self, **fields)
+
+
+def _on_devices(run: RunSetup, batches) -> Iterator[dict[str, jax.Array]]:
+    """Each process's rows of each batch, assembled into global arrays split over the mesh."""
+    return map(run.par.shard_batch, batches)
+
+
+def _hook(callbacks: CallbackList, hook: str, run: RunSetup, kind: type[Event],
+          state: TrainState, loop: LoopState, **fields) -> None:
+    """Calls `hook` of every callback with one event of `kind` for where the loop stands."""
+    callbacks.call(hook, run.event(kind, state, loop, callbacks.control, **fields))
+
+
+def _restore(ckpt: checkpoint.Checkpointer, abstract: TrainState, step: int | None = None):
+    """(state, saved loop state, step, seconds waited for a save in flight) of `step`, or of the
+    newest intact checkpoint."""
+    waited = ckpt.wait()
+    return (*ckpt.restore(abstract, step=step), waited)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,48 +208,50 @@ def setup(cfg: Config, run_dir: pathlib.Path | str | None = None
     started = time.perf_counter()
     tc = cfg.train
     data = input_pipeline.load_data(cfg.data, tc.seed)
-    parts = builder.build(cfg, data.spec,
-                          input_pipeline.steps_per_epoch(len(data.train[1]), tc.batch_size))
     par = parallel.DataParallel.create()
     par.check_batch_size(tc.batch_size)
-    parts.passes(tc.batch_size // par.num_devices)  # train.microbatch against each device's rows
+    eval_sizes = {split: par.eval_batch_size(tc.eval_batch_size, len(getattr(data, split)[1]))
+                  for split in ("val", "test")}
     if run_dir is None and jax.process_count() > 1:
         raise ValueError("a multi-process run needs an explicit --run-dir shared by every process.")
+    parts = builder.build(cfg, data.spec,
+                          input_pipeline.steps_per_epoch(len(data.train[1]), tc.batch_size),
+                          devices=par.num_devices, sharding=par.replicated,
+                          eval_rows=eval_sizes["val"])
     run_dir = pathlib.Path(run_dir if run_dir is not None else rundir.default_run_dir(cfg))
-    init_key, train_key = builder.seed_keys(tc.seed)
     # a new run's state is made (and transfer.backbone read, or refused) before its directory
-    state = None if rundir.has_checkpoint(run_dir) else parts.init_state(init_key, par.replicated)
+    state = None if rundir.has_checkpoint(run_dir) else parts.init_state()
     resuming = rundir.open_run_dir(run_dir, cfg, par.is_primary)
     if par.is_primary and not resuming:
         rundir.write_data_spec(run_dir, data.spec, parts.steps_per_epoch)
     ckpt = checkpoint.Checkpointer(run_dir, tc.keep_checkpoints, tc.async_checkpointing)
     loop = LoopState(best=dataclasses.replace(LoopState().best, monitor=tc.monitor))
     if resuming:
-        state, saved, step = ckpt.restore(par.abstract(parts.abstract_state()))
+        state, saved, step, _ = _restore(ckpt, parts.abstract)
         loop = LoopState.from_json(saved, tc.monitor)
         if par.is_primary:
             print(f"resuming {run_dir} from step {step} (epoch {loop.epoch}, batch {loop.batch})")
     loop = loop.replace(last_checkpoint_step=int(state.step))
-    eval_sizes = {split: par.eval_batch_size(tc.eval_batch_size, len(getattr(data, split)[1]))
-                  for split in ("val", "test")}
     run = RunSetup(cfg=cfg, run_dir=run_dir, data=data, parts=parts, par=par, resuming=resuming,
-              train_key=train_key, eval_sizes=eval_sizes, ckpt=ckpt, started=started)
+                   eval_sizes=eval_sizes, ckpt=ckpt, started=started)
     return run, state, loop
 
 
 def start(run: RunSetup, state: TrainState, loop: LoopState, callbacks: CallbackList) -> LoopState:
     """Hands the callbacks their saved state (when resuming) and calls `on_train_start`."""
     callbacks.load_state_dict(dict(loop.callbacks))
-    callbacks.call("on_train_start", run.event(Event, state, loop, callbacks.control))
+    _hook(callbacks, "on_train_start", run, Event, state, loop)
     return loop
 
 
 def save(run: RunSetup, state: TrainState, loop: LoopState, callbacks: CallbackList,
          best: dict[str, float] | None = None) -> LoopState:
-    """Checkpoints the state with the loop state and the callbacks' state."""
+    """Checkpoints the state with the loop state and the callbacks' state; the seconds the save
+    waited for the previous one go to the next timing line."""
     loop = loop.replace(callbacks=callbacks.state_dict(), last_checkpoint_step=int(state.step))
-    run.ckpt.save(int(state.step), state, loop.to_json(), best)
-    return loop
+    blocked = run.ckpt.save(int(state.step), state, loop.to_json(), best)
+    return loop.replace(timing=dataclasses.replace(
+        loop.timing, unlogged_checkpoint_seconds=loop.timing.unlogged_checkpoint_seconds + blocked))
 
 
 def train_epoch(run: RunSetup, state: TrainState, loop: LoopState, callbacks: CallbackList
@@ -247,35 +261,37 @@ def train_epoch(run: RunSetup, state: TrainState, loop: LoopState, callbacks: Ca
     A callback's stop ends it at the next log line, after a checkpoint (`loop.stop_reason`).
     The state passed in is the caller's no more (the step donates it)."""
     control, tc, epoch = callbacks.control, run.cfg.train, loop.epoch
-    train_step = run.parts.train_step(epoch)
+    train_step = run.parts.epoch_steps[epoch - 1]
     t_epoch, first_batch = time.perf_counter(), loop.batch
     step_log = StepLog(tc.log_every, int(state.step) + 1)
     timing = loop.timing
-    for batch in input_pipeline.train_batches(*run.data.train, tc.batch_size, tc.seed, epoch,
-                                              first_batch, run.par.part):
+    batches = input_pipeline.train_batches(*run.data.train, tc.batch_size, tc.seed, epoch,
+                                           first_batch, run.par.part)
+    for batch in _on_devices(run, batches):
         t_step = time.perf_counter()
-        state, metrics = train_step(state, run.par.shard_batch(batch), run.train_key)
+        state, metrics = train_step(state, batch, run.train_key)
         if timing.first_step_s is None:
             jax.block_until_ready(state)
             timing = dataclasses.replace(timing, first_step_s=time.perf_counter() - t_step)
         loop = loop.replace(batch=loop.batch + 1, timing=timing)
-        callbacks.call("on_step", run.event(StepEvent, state, loop, control, metrics=metrics))
+        _hook(callbacks, "on_step", run, StepEvent, state, loop, metrics=metrics)
         if not step_log.add(metrics) and loop.batch < run.steps_per_epoch:
             continue
         record, steps = step_log.pull(epoch)
         loop = loop.replace(epoch_steps=loop.epoch_steps + tuple(steps))
-        callbacks.call("on_log", run.event(LogEvent, state, loop, control, record=record))
+        _hook(callbacks, "on_log", run, LogEvent, state, loop, record=record)
         if loop.batch < run.steps_per_epoch:  # the epoch's end checkpoints anyway
             if control.checkpoint_requested or control.stop_reason:
                 loop = save(run, state, loop, callbacks)
+                timing = loop.timing
                 control.checkpoint_requested = False
             if control.stop_reason:
                 return state, loop.replace(stop_reason=control.stop_reason)
     seconds = time.perf_counter() - t_epoch
     timing = dataclasses.replace(
-        timing, epoch_rates=timing.epoch_rates + (
+        loop.timing, epoch_rates=loop.timing.epoch_rates + (
             (run.steps_per_epoch - first_batch) * tc.batch_size / seconds,),
-        epoch_seconds=timing.epoch_seconds + (seconds,))  # end_epoch adds the evaluation's time
+        epoch_seconds=loop.timing.epoch_seconds + (seconds,))  # end_epoch adds the evaluation's
     return state, loop.replace(timing=timing)
 
 
@@ -292,31 +308,19 @@ def end_epoch(run: RunSetup, state: TrainState, loop: LoopState, callbacks: Call
     timing = loop.timing
     train_seconds = timing.epoch_seconds[-1]
     seconds = train_seconds + time.perf_counter() - t_eval
-    blocked = run.ckpt.take_blocked()
+    blocked = timing.unlogged_checkpoint_seconds
     timing = dataclasses.replace(timing, epoch_seconds=timing.epoch_seconds[:-1] + (seconds,),
-                                 checkpoint_seconds=timing.checkpoint_seconds + blocked)
+                                 checkpoint_seconds=timing.checkpoint_seconds + blocked,
+                                 unlogged_checkpoint_seconds=0.0)
     loop = loop.replace(timing=timing)
     line = {"epoch": epoch, "seconds": seconds, "train_seconds": train_seconds,
             "train_images_per_s": timing.epoch_rates[-1], "checkpoint_seconds": blocked}
-    callbacks.call("on_epoch_end", run.event(EpochEvent, state, loop, control, epoch=epoch,
-                                             record=record, timing=line))
+    _hook(callbacks, "on_epoch_end", run, EpochEvent, state, loop, epoch=epoch, record=record,
+          timing=line)
     best = {run.cfg.train.monitor: loop.best.value} if record["improved"] else None
     loop = save(run, state, loop, callbacks, best)
     control.checkpoint_requested = False  # asked at the epoch's last log line: this was it
     return state, loop.replace(stop_reason=control.stop_reason)
-
-
-def _conv_lowerings(run: RunSetup) -> dict[str, dict[str, str]]:
-    """Each conv's lowering per pass (`cnnjax.nn.conv`), chosen from the rows a conv sees (a
-    pass's global rows under jit over the mesh): training at one train pass's, inference at one
-    validation pass's."""
-    n, parts = run.par.num_devices, run.parts
-    batch = run.cfg.train.batch_size
-    train = conv_lowerings(parts.model, parts.spec.image_shape,
-                           max(1, batch // parts.passes(batch // n)))
-    infer = conv_lowerings(parts.model, parts.spec.image_shape,
-                           eval_pass_rows(run.eval_sizes["val"] // n) * n)
-    return {name: {**passes, "inference": infer[name]["inference"]} for name, passes in train.items()}
 
 
 def finish(run: RunSetup, state: TrainState, loop: LoopState, callbacks: CallbackList) -> RunResult:
@@ -326,21 +330,16 @@ def finish(run: RunSetup, state: TrainState, loop: LoopState, callbacks: Callbac
     if loop.stop_reason and not loop.stopped_early and loop.epoch <= run.cfg.train.epochs:
         return RunResult(run.run_dir, int(state.step), loop.stop_reason)
     tc = run.cfg.train
-    run.ckpt.close()  # waits for the last save
-    blocked_after_log = run.ckpt.take_blocked()
-    ckpt = checkpoint.Checkpointer(run.run_dir, tc.keep_checkpoints, read_only=True)
-    best_state, _, _ = ckpt.restore(run.par.abstract(run.parts.abstract_state()),
-                                    step=loop.best.step)
+    best_state, _, _, waited = _restore(run.ckpt, run.parts.abstract, loop.best.step)
     val, test = run.evaluate(best_state, "val"), run.evaluate(best_state, "test")
-    best_state = evaluated_state(best_state)  # what the callbacks see: the evaluated parameters
+    best_state = run.parts.evaluated(best_state)  # what the callbacks see: the evaluated parameters
     if not run.par.is_primary:
         return RunResult(run.run_dir)
     timing = loop.timing
     epoch_seconds = sum(timing.epoch_seconds)
-    checkpoint_seconds = timing.checkpoint_seconds + blocked_after_log
+    checkpoint_seconds = timing.checkpoint_seconds + timing.unlogged_checkpoint_seconds + waited
     summary = {
-        "dataset": run.cfg.data.dataset, "seed": tc.seed,
-        "num_params": count_params(best_state.params),
+        "dataset": run.cfg.data.dataset, "seed": tc.seed, "num_params": run.parts.num_params,
         "monitor": tc.monitor, "best_epoch": loop.best.epoch, "best_step": loop.best.step,
         "epochs_run": loop.epoch - 1, "stopped_early": loop.stopped_early,
         "steps": int(state.step),
@@ -349,18 +348,22 @@ def finish(run: RunSetup, state: TrainState, loop: LoopState, callbacks: Callbac
         "train_images_per_s": statistics.median(timing.epoch_rates[1:] or timing.epoch_rates),
         "first_step_s": timing.first_step_s, "wall_time_s": time.perf_counter() - run.started,
         "resumed": run.resuming, "devices": run.par.num_devices,
-        "processes": jax.process_count(),
-        "grad_passes_per_step": run.parts.passes(tc.batch_size // run.par.num_devices),
-        "conv_lowerings": _conv_lowerings(run),
+        "processes": jax.process_count(), "grad_passes_per_step": run.parts.passes,
+        "conv_lowerings": run.parts.lowerings,
         "checkpoint_seconds": checkpoint_seconds,
         "checkpoint_fraction_of_epoch_time": checkpoint_seconds / epoch_seconds if epoch_seconds else 0.0,
     }
-    callbacks.call("on_train_end", run.event(EndEvent, best_state, loop, callbacks.control,
-                                             summary=summary))
+    _hook(callbacks, "on_train_end", run, EndEvent, best_state, loop, summary=summary)
     plots.plot_run(run.run_dir, confusion=test["confusion"])
     logs.write_json(run.run_dir / "summary.json", summary)
-    rundir.close_run_dir(run.run_dir)
+    _close(run)
     return RunResult(run.run_dir, summary=summary)
+
+
+def _close(run: RunSetup) -> None:
+    """Waits for the last save and gives the run directory's lock back."""
+    run.ckpt.close()
+    rundir.close_run_dir(run.run_dir)
 
 
 def train_and_evaluate(cfg: Config, run_dir: pathlib.Path | str | None = None, *,
@@ -383,12 +386,10 @@ def train_and_evaluate(cfg: Config, run_dir: pathlib.Path | str | None = None, *
                 break
         return finish(run, state, loop, hooks)
     except FloatingPointError as err:
-        run.ckpt.wait()
-        steps = run.ckpt.steps()
+        last = run.ckpt.last_good_step()
         raise FloatingPointError(f"{err} Last good checkpoint: "
-                                 f"{f'step {steps[-1]} in {run.ckpt.directory}' if steps else 'none yet'}."
+                                 f"{f'step {last} in {run.ckpt.directory}' if last else 'none yet'}."
                                  ) from err
     finally:
         hooks.close()
-        run.ckpt.close()
-        rundir.close_run_dir(run.run_dir)
+        _close(run)

@@ -45,6 +45,7 @@ class Timing:
     epoch_rates: tuple[float, ...] = ()  # training images/s of each epoch
     epoch_seconds: tuple[float, ...] = ()  # each epoch's wall time, evaluation included
     checkpoint_seconds: float = 0.0  # blocked on saves, as counted in the epochs' timing lines
+    unlogged_checkpoint_seconds: float = 0.0  # blocked since the last timing line
     first_step_s: float | None = None  # the first step's wall time: compile, mostly
 
 
@@ -94,7 +95,8 @@ def best_step_of(d: Mapping[str, Any]) -> int:
 
 def _timing(d: Mapping[str, Any]) -> Timing:
     return Timing(tuple(d["epoch_rates"]), tuple(d["epoch_seconds"]),
-                  float(d["checkpoint_seconds"]), d["first_step_s"])
+                  float(d["checkpoint_seconds"]), float(d.get("unlogged_checkpoint_seconds", 0.0)),
+                  d["first_step_s"])
 
 
 def _from_progress(d: Mapping[str, Any], monitor: str) -> LoopState:

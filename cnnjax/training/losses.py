@@ -24,8 +24,9 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
-LOSSES: dict[str, LossFn] = {"cross_entropy": cross_entropy}
-register_loss = imports.registrar(LOSSES, "loss")
+LOSSES = imports.Registry("loss", "train.loss")
+register_loss = LOSSES.register
+register_loss("cross_entropy", cross_entropy)
 
 
 def smoothed_cross_entropy(smoothing: float) -> LossFn:
@@ -38,7 +39,7 @@ def smoothed_cross_entropy(smoothing: float) -> LossFn:
 
 def make_losses(tc: TrainConfig, num_classes: int) -> tuple[LossFn, LossFn]:
     """(training loss, evaluation loss) of the config, checked on a (2, num_classes) batch."""
-    loss = imports.lookup(LOSSES, tc.loss, "train.loss")
+    loss = LOSSES.lookup(tc.loss)
     if not callable(loss):
         raise ValueError(f"train.loss {tc.loss!r} is a {type(loss).__name__}, not a function "
                          f"(logits, labels) -> per-example loss.")

@@ -33,6 +33,7 @@ optimizer.step(), which divides by norm + 1e-6 where optax divides by the norm: 
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -89,8 +90,8 @@ def scale_by_torch_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
 # Name -> factory(cfg: OptimConfig, total_steps: int | None) -> a float or an optax schedule of
 # the step count. `total_steps` is the run's epochs x steps per epoch (None where the caller
 # builds an optimizer without a run); a schedule that spans the run raises without it.
-SCHEDULES: dict[str, Callable] = {}
-register_schedule = imports.registrar(SCHEDULES, "schedule")
+SCHEDULES = imports.Registry("schedule", "optim.schedule")
+register_schedule = SCHEDULES.register
 
 
 def _no_warmup(cfg: OptimConfig) -> None:
@@ -165,7 +166,7 @@ def make_schedule(cfg: OptimConfig, steps_per_epoch: int | None = None,
     `plateau` and `constant`, else an optax schedule over the run's epochs x steps_per_epoch."""
     if cfg.learning_rate <= 0:
         raise ValueError(f"optim.learning_rate must be positive, got {cfg.learning_rate}.")
-    factory = imports.lookup(SCHEDULES, cfg.schedule, "optim.schedule")
+    factory = SCHEDULES.lookup(cfg.schedule)
     total = steps_per_epoch * epochs if steps_per_epoch and epochs else None
     lr = imports.call(factory, f"optim.schedule {cfg.schedule!r}", cfg, total)
     if not (callable(lr) or isinstance(lr, (int, float))):
@@ -177,8 +178,8 @@ def make_schedule(cfg: OptimConfig, steps_per_epoch: int | None = None,
 # Name -> factory(cfg: OptimConfig, learning_rate) -> optax.GradientTransformation: the update
 # rule with its weight decay and learning rate (a float or a schedule), the part that may differ
 # per parameter group (transfer learning builds one per label).
-OPTIMIZERS: dict[str, Callable] = {}
-register_optimizer = imports.registrar(OPTIMIZERS, "optimizer")
+OPTIMIZERS = imports.Registry("optimizer", "optim.name")
+register_optimizer = OPTIMIZERS.register
 
 
 def _not_nesterov(cfg: OptimConfig) -> None:
@@ -223,9 +224,8 @@ def make_base_optimizer(cfg: OptimConfig, steps_per_epoch: int | None = None,
     """Weight decay, the update rule and the learning rate, by `optim.name` and `optim.schedule`."""
     if cfg.weight_decay < 0:
         raise ValueError(f"optim.weight_decay must be non-negative, got {cfg.weight_decay}.")
-    factory = imports.lookup(OPTIMIZERS, cfg.name, "optim.name")
-    tx = imports.call(factory, f"optim.name {cfg.name!r}", cfg,
-                      make_schedule(cfg, steps_per_epoch, epochs))
+    lr = make_schedule(cfg, steps_per_epoch, epochs)
+    tx = imports.call(OPTIMIZERS.lookup(cfg.name), f"optim.name {cfg.name!r}", cfg, lr)
     if not isinstance(tx, optax.GradientTransformation):
         raise ValueError(f"optim.name {cfg.name!r} returned a {type(tx).__name__}; an optimizer "
                          f"factory(cfg, learning_rate) returns an optax.GradientTransformation.")
@@ -252,6 +252,12 @@ def make_optimizer(cfg: OptimConfig, steps_per_epoch: int | None = None,
     The default: coupled weight decay -> torch-style Adam/AMSGrad -> -learning_rate.
     """
     return wrap_optimizer(cfg, make_base_optimizer(cfg, steps_per_epoch, epochs))
+
+
+def rate_function(cfg: OptimConfig, steps_per_epoch: int | None = None,
+                  epochs: int | None = None):
+    """`learning_rate_at` for one run: `(step, plateau_scale) -> float`."""
+    return functools.partial(learning_rate_at, cfg, steps_per_epoch=steps_per_epoch, epochs=epochs)
 
 
 def learning_rate_at(cfg: OptimConfig, step: int, plateau_scale: float = 1.0,

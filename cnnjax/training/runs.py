@@ -14,9 +14,9 @@ import numpy as np
 from cnnjax.training import builder, checkpoint, rundir
 from cnnjax.data import datasets, input_pipeline
 from cnnjax.config import Config
-from cnnjax.data.input_pipeline import as_nhwc, normalize
+from cnnjax.data.input_pipeline import as_nhwc
+from cnnjax.data.pixels import normalize
 from cnnjax.training.parallel import DataParallel
-from cnnjax.training.loop import evaluated_state
 from cnnjax.training.steps import evaluate, inference_state
 
 
@@ -109,10 +109,11 @@ def load_run(run_dir: pathlib.Path | str, step: int | None = None) -> Run:
     saved = rundir.read_data_spec(run_dir)  # None for runs older than data_spec.json
     spec = saved[0] if saved else input_pipeline.data_spec(cfg.data)
     # the optimizer's structure only: its state is restored, never stepped
-    parts = builder.build(cfg, spec, saved[1] if saved else 1)
+    parts = builder.build(cfg, spec, saved[1] if saved else 1,
+                          sharding=DataParallel.create().replicated)
     step = rundir.best_step(run_dir) if step is None else step
     ckpt = checkpoint.Checkpointer(run_dir, read_only=True)
-    state, _, _ = ckpt.restore(DataParallel.create().abstract(parts.abstract_state()), step=step)
-    state = evaluated_state(state)  # the parameters' EMA, when the run kept one
+    state, _, _ = ckpt.restore(parts.abstract, step=step)
+    state = parts.evaluated(state)  # the parameters' EMA, when the run kept one
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     return Run(run_dir=run_dir, config=cfg, parts=parts, variables=variables)

@@ -17,13 +17,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cnnjax.config import Config
-from cnnjax.data import mix
 from cnnjax.data.augment import Compose
 from cnnjax.data.mix import Mixing
-from cnnjax.nn.models import accepts_example_ids
-from cnnjax.training.losses import cross_entropy, make_losses
-from cnnjax.data.input_pipeline import normalize
+from cnnjax.training.losses import cross_entropy
+from cnnjax.data.pixels import normalize
 
 # Streams folded into each step's key, so dropout, augmentation and mixing never share a draw.
 DROPOUT_STREAM, AUGMENT_STREAM, MIX_STREAM = 1, 2, 3
@@ -38,11 +35,9 @@ class StepOptions:
     eval_loss: Callable = cross_entropy  # the loss evaluation reports
     mixing: Mixing = Mixing()
     dtype: str = "float32"  # 'bfloat16': activations and matmuls; params, grads and loss f32
-
-    @classmethod
-    def from_config(cls, cfg: Config, num_classes: int) -> "StepOptions":
-        loss, eval_loss = make_losses(cfg.train, num_classes)
-        return cls(loss, eval_loss, mix.from_config(cfg.augment), cfg.train.dtype)
+    # whether the model's __call__ takes each row's example index (per-example dropout keys);
+    # `cnnjax.build` reads it off the model (`nn.models.accepts_example_ids`)
+    example_ids: bool = True
 
     def cast(self, tree):
         """The tree in the compute dtype (float32: untouched, so the default graph is unchanged)."""
@@ -205,7 +200,7 @@ def _train_step_parts(model: nn.Module, tx: optax.GradientTransformation, mean: 
     exactly what the whole batch would. The loss is the batch mean: each pass adds its share.
     Mixing partners are rows of the whole batch (`cnnjax.data.mix`), so passes do not change them.
     """
-    takes_ids = accepts_example_ids(model)
+    takes_ids = options.example_ids
 
     def grad_pass(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array,
                   index: jax.Array | int, passes: int, acc: dict[str, Any] | None = None):

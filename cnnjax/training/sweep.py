@@ -161,7 +161,7 @@ def run_sweep(cfg: Config, seeds: Sequence[int], out_dir: pathlib.Path | str,
     parts = builder.build(cfg, datas[0].spec, lengths.pop())
     n_steps = parts.steps_per_epoch
     if lowering == "loop":
-        step = loop_step(parts.train_step())
+        step = loop_step(parts.epoch_steps[0])
     else:
         step = make_sweep_step(parts.pure_train_step(), lowering)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -171,7 +171,7 @@ def run_sweep(cfg: Config, seeds: Sequence[int], out_dir: pathlib.Path | str,
     def eval_split(state, i: int, split: str) -> dict[str, Any]:
         images, labels = getattr(datas[i], split)
         # batches as `cnnjax train` makes them on one device, so the sums add in the same order
-        return evaluate(parts.eval_step, loop.evaluated_state(state), input_pipeline.eval_batches(
+        return evaluate(parts.eval_step, parts.evaluated(state), input_pipeline.eval_batches(
             images, labels, min(tc.eval_batch_size, len(labels))))
 
     stacked, keys = init_states(parts, seeds)
@@ -227,7 +227,7 @@ def run_sweep(cfg: Config, seeds: Sequence[int], out_dir: pathlib.Path | str,
     test_acc = [p["test"]["accuracy"] for p in per_seed]
     summary = {
         "seeds": seeds, "lowering": lowering, "monitor": tc.monitor,
-        "grad_passes_per_step": parts.passes(tc.batch_size), "per_seed": per_seed,
+        "grad_passes_per_step": parts.passes, "per_seed": per_seed,
         "test_accuracy_mean": statistics.mean(test_acc),
         "test_accuracy_std": statistics.stdev(test_acc) if len(test_acc) > 1 else 0.0,
         "aggregate_train_images_per_s": statistics.median(rates[1:] or rates),
