@@ -56,7 +56,7 @@ def main(argv=None) -> dict:
         model, variables = run.model, run.variables
         mean, std, image_shape = run.spec.mean, run.spec.std, run.spec.image_shape
     else:
-        model = build_model(ModelConfig(), 10)
+        model = build_model(ModelConfig(), 10)  # the seed CNN, freshly initialized
         variables = model.init(jax.random.key(0), jnp.zeros((1, *IMAGE_SHAPE)))
         mean, std, image_shape = MEAN, STD, IMAGE_SHAPE
     bounds = ((0 - mean) / std, (1 - mean) / std)

@@ -38,13 +38,10 @@ import torch
 from jax import lax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from throughput import MEAN, NUM_CLASSES, STD, IMAGE_SHAPE, seed_torch_model  # noqa: E402
+from throughput import MEAN, NUM_CLASSES, SPEC, STD, IMAGE_SHAPE, seed_torch_model  # noqa: E402
 
-from cnnjax.config import ModelConfig, OptimConfig  # noqa: E402
+from cnnjax import Config, DatasetSpec, build  # noqa: E402
 from cnnjax.data.pixels import normalize  # noqa: E402
-from cnnjax.nn.models import build_model  # noqa: E402
-from cnnjax.training.optim import make_optimizer, make_plateau  # noqa: E402
-from cnnjax.training.steps import StepOptions, create_train_state, make_train_step  # noqa: E402
 
 DTYPES = {"f32": ("float32", torch.float32), "bf16": ("bfloat16", torch.bfloat16)}
 
@@ -98,20 +95,17 @@ class JaxSide:
     name = "cnnjax"
 
     def __init__(self, dtype: str):
-        cfg = OptimConfig()
-        self.model = build_model(ModelConfig(), NUM_CLASSES)
-        self.options = StepOptions(dtype=dtype)
-        self.tx, self.plateau = make_optimizer(cfg), make_plateau(cfg)
-        self.step = make_train_step(self.model, self.tx, MEAN, STD, options=self.options,
-                                    compiled=False)
+        # what `cnnjax train` builds (train.dtype picks the compute dtype), its step pure
+        self.parts = build(Config().set("train.dtype", dtype), SPEC, steps_per_epoch=1)
+        self.model, self.options = self.parts.model, self.parts.options
+        self.step = self.parts.pure_train_step()
         self.train_scan = jax.jit(self._train_scan, donate_argnums=0)
         self.eval_scan = jax.jit(self._eval_scan)
         self.sweep_scan = jax.jit(jax.vmap(self._train_scan), donate_argnums=0)
         self.rng = jax.random.key(1)
 
     def state(self, seed: int = 0):
-        return create_train_state(self.model, self.tx, self.plateau, IMAGE_SHAPE,
-                                  jax.random.key(seed))
+        return self.parts.init_state(jax.random.key(seed))
 
     def _train_scan(self, state, images, labels):
         index = jnp.arange(images.shape[1], dtype=jnp.int32)

@@ -34,7 +34,7 @@ import jax
 import numpy as np
 
 import cnnjax
-from cnnjax.config import DataConfig, ModelConfig, OptimConfig
+from cnnjax.config import DataConfig
 from cnnjax.data import cifar, store
 
 SHAPE = (32, 32, 3)
@@ -67,13 +67,11 @@ def loader_rate(images, labels, batch_size: int) -> float:
     return n / (time.perf_counter() - start)
 
 
-def train_rate(model_cfg: ModelConfig, images, labels, batch_size: int, steps: int) -> float:
-    model = cnnjax.build_model(model_cfg, 10)
-    optim = OptimConfig()
-    tx = cnnjax.make_optimizer(optim)
-    state = cnnjax.create_train_state(model, tx, cnnjax.make_plateau(optim), SHAPE,
-                                      jax.random.key(0))
-    step = cnnjax.make_train_step(model, tx, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+def train_rate(overrides: list[str], images, labels, batch_size: int, steps: int) -> float:
+    spec = cnnjax.DatasetSpec("cifar-shaped", 10, SHAPE, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25),
+                              ("train", "test"), False)
+    parts = cnnjax.build(cnnjax.Config().override(overrides), spec, steps_per_epoch=1)
+    state, step = parts.init_state(jax.random.key(0)), parts.epoch_steps[0]
     batches = list(cnnjax.train_batches(images, labels, batch_size, seed=0, epoch=1))[:steps + 1]
     rng = jax.random.key(1)
     state, _ = step(state, batches[0], rng)  # compile
@@ -110,8 +108,8 @@ def main() -> None:
         store.read_split(source, "train", num_classes=10)
         read = time.perf_counter() - start
     loader = statistics.median(loader_rate(images, labels, args.batch_size) for _ in range(3))
-    seed = train_rate(ModelConfig(), images, labels, args.batch_size, 20)
-    resnet = train_rate(ModelConfig(name="resnet18", stem="small"), images, labels,
+    seed = train_rate([], images, labels, args.batch_size, 20)
+    resnet = train_rate(["model.name=resnet18", "model.kwargs.stem=small"], images, labels,
                         args.batch_size, args.resnet_steps)
     report = {
         "images": args.images, "batch_size": args.batch_size, "load_average": os.getloadavg()[0],

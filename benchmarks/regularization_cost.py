@@ -15,11 +15,10 @@ import time
 import jax
 import numpy as np
 
-from cnnjax.data import augment
+import cnnjax
 from cnnjax.config import Config
-from cnnjax.nn.models import build_model
-from cnnjax.training.optim import make_optimizer, make_plateau
-from cnnjax.training.steps import create_train_state, make_train_step
+
+SPEC = cnnjax.DatasetSpec("mnist", 10, (28, 28, 1), 0.1307, 0.3081, ("train", "test"), False)
 
 VARIANTS = {
     "baseline": [],
@@ -30,11 +29,8 @@ VARIANTS = {
 
 
 def build(overrides, batch_size):
-    cfg = Config().override(overrides)
-    model = build_model(cfg.model, 10)
-    tx, plateau = make_optimizer(cfg.optim), make_plateau(cfg.optim)
-    state = create_train_state(model, tx, plateau, (28, 28, 1), jax.random.key(0))
-    step = make_train_step(model, tx, 0.1307, 0.3081, augment.from_config(cfg.augment))
+    parts = cnnjax.build(Config().override(overrides), SPEC, steps_per_epoch=1)
+    state, step = parts.init_state(jax.random.key(0)), parts.epoch_steps[0]
     rng = np.random.default_rng(0)
     batch = jax.device_put({"image": rng.integers(0, 256, (batch_size, 28, 28, 1), dtype=np.uint8),
                             "label": rng.integers(0, 10, batch_size).astype(np.int32),

@@ -17,19 +17,14 @@ import sys
 CHILD = r"""
 import json, statistics, sys, time
 import jax, numpy as np
-from cnnjax.config import Config
-from cnnjax.nn.models import build_model
-from cnnjax.training.optim import make_optimizer, make_plateau
+import cnnjax
 from cnnjax.training.parallel import DataParallel
-from cnnjax.training.steps import create_train_state, make_train_step
 batch_size, steps, repeats = map(int, sys.argv[1:4])
 par = DataParallel.create()
-cfg = Config()
-model = build_model(cfg.model, 10)
-tx, plateau = make_optimizer(cfg.optim), make_plateau(cfg.optim)
-state = jax.jit(lambda r: create_train_state(model, tx, plateau, (28, 28, 1), r),
-                out_shardings=par.replicated)(jax.random.key(0))
-step = make_train_step(model, tx, 0.1307, 0.3081)
+spec = cnnjax.DatasetSpec("mnist", 10, (28, 28, 1), 0.1307, 0.3081, ("train", "test"), False)
+cfg = cnnjax.Config().set("train.batch_size", batch_size)
+parts = cnnjax.build(cfg, spec, 1, devices=par.num_devices, sharding=par.replicated)
+state, step = parts.init_state(jax.random.key(0)), parts.epoch_steps[0]
 rng = np.random.default_rng(0)
 batch = par.shard_batch({"image": rng.integers(0, 256, (batch_size, 28, 28, 1), dtype=np.uint8),
                          "label": rng.integers(0, 10, batch_size).astype(np.int32),

@@ -7,7 +7,7 @@
 
 Both frameworks run in this one process on the same machine, alternating (which goes first swaps
 each repeat), because this machine is noisy: compare the medians and the ratio, not one number.
-With several --conv-lowering specs (`model.conv_lowering`, cnnjax/nn/conv.py) each is its own
+With several --conv-lowering specs (`model.kwargs.conv_lowering`, cnnjax/nn/conv.py) each is its own
 cnnjax runner in the same alternation, so lowerings are compared with each other and with torch
 in one run.
 Each measurement is one untimed, synchronized warm-up step, then up to --steps timed steps: fewer
@@ -83,7 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--torch-threads", type=int,
                         help="torch intra-op threads; default: torch's own default (all cores)")
     parser.add_argument("--conv-lowering", nargs="+", default=["auto"],
-                        help="model.conv_lowering specs, one cnnjax runner each")
+                        help="model.kwargs.conv_lowering specs, one cnnjax runner each")
     args = parser.parse_args(argv)
     for name in ("repeats", "steps"):
         if getattr(args, name) < 1:

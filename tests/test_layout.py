@@ -82,6 +82,26 @@ def test_experiments_import_only_public_names():
     assert not bad, "\n".join(bad)
 
 
+def test_readme_python_uses_only_public_names():
+    """The README's Python blocks import from `cnnjax` (and the lab) only, and every `cnnjax.X`
+    they name is in `cnnjax.__all__`."""
+    import re
+
+    text = (PACKAGE.parent / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert blocks
+    bad = []
+    for block in blocks:
+        for node in ast.walk(ast.parse(block)):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("cnnjax"):
+                if node.module not in ("cnnjax", "cnnjax.lab"):
+                    bad.append(f"from {node.module} import ...")
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                    and node.value.id == "cnnjax" and node.attr not in cnnjax.__all__):
+                bad.append(f"cnnjax.{node.attr}")
+    assert not bad, bad
+
+
 def test_plotting_leaves_the_matplotlib_backend_alone(tmp_path):
     """A notebook's backend survives cnnjax's plots, and pyplot is never imported."""
     records = [{"kind": "step", "epoch": 1, "step": s, "loss": 1.0 / s, "accuracy": 0.5,
