@@ -22,7 +22,7 @@ _EXPORTS = {
     # the one way to build a run's model, optimizer, state and steps
     **dict.fromkeys(("build", "RunParts", "seed_keys"), "cnnjax.training.builder"),
     # callbacks
-    **dict.fromkeys(("Callback", "CallbackList", "Control", "Event", "StepEvent", "LogEvent",
+    **dict.fromkeys(("Callback", "CallbackError", "CallbackList", "Control", "Event", "StepEvent", "LogEvent",
                      "EpochEvent", "EndEvent", "Periodic", "StopAtStep", "CheckpointEvery",
                      "MetricsLog", "TimingLog", "TensorBoard", "ProgressBar", "AugmentationGrid",
                      "DeadFilterCount", "default_callbacks"),

@@ -16,6 +16,7 @@ import pathlib
 import sys
 
 from cnnjax.config import Config
+from cnnjax.imports import UserCodeError
 
 
 def _config_flags(p, seed_help: str | None = None) -> None:
@@ -142,6 +143,12 @@ def _run_train(args) -> int:
     if args.resume and args.config:
         raise ValueError("--resume DIR continues the run with its own config; --config FILE "
                          "starts a new one: give one of them.")
+    if args.resume and (args.resume / "summary.json").is_file():
+        summary = json.loads((args.resume / "summary.json").read_text(encoding="utf-8"))
+        print(f"run {args.resume} finished: best epoch {summary['best_epoch']}, val accuracy "
+              f"{summary['val']['accuracy']:.4f}, test accuracy {summary['test']['accuracy']:.4f}; "
+              f"nothing to resume (cnnjax eval --run {args.resume} evaluates it).")
+        return 0
     base = load_config(args.resume) if args.resume else None
     result = train_and_evaluate(config_from_args(args, base), run_dir, stop_at_step=args.stop_at_step)
     if not result.finished:
@@ -215,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         return {"train": _run_train, "eval": _run_eval, "visualize": _run_visualize,
                 "sweep": _run_sweep}[args.command](args)
     # The user's errors: bad input (ValueError), paths and files (OSError), a missing optional
-    # package (ImportError), a diverging run (FloatingPointError); each already names the fix.
-    except (ValueError, OSError, ImportError, FloatingPointError) as err:
+    # package (ImportError), a diverging run (FloatingPointError), their own code failing
+    # (UserCodeError); each already names the fix.
+    except (ValueError, OSError, ImportError, FloatingPointError, UserCodeError) as err:
         print(f"cnnjax {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -16,16 +16,32 @@ def is_import_path(name: str) -> bool:
     return ":" in name
 
 
+class UserCodeError(RuntimeError):
+    """A user's code (a callback, say) raised while cnnjax ran it: named with its own error and
+    line; the run it happened in stops, resumable from its last checkpoint."""
+
+
 def load_object(path: str, what: str) -> Any:
-    """The object `package.module:Name` (dots after the colon reach attributes) names."""
+    """The object `package.module:Name` (dots after the colon reach attributes) names. A module
+    that is missing, does not parse, misses a dependency or raises while importing is named with
+    the user's file and line, as one ValueError."""
     module_name, _, attr = path.partition(":")
     if not module_name or not attr:
         raise ValueError(f"{what} {path!r} is not an import path of the form package.module:Name.")
     try:
         obj = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(f"{what} {path!r}: cannot import {module_name!r} ({err}); install it or "
-                         f"put its directory on PYTHONPATH.") from None
+    except ModuleNotFoundError as err:
+        if err.name and module_name.startswith(err.name):
+            raise ValueError(f"{what} {path!r}: there is no module {err.name!r}; install it or put "
+                             f"its directory on PYTHONPATH.") from None
+        raise ValueError(f"{what} {path!r}: {where(err)}module {module_name!r} imports "
+                         f"{err.name!r}, which is not installed; install it.") from None
+    except SyntaxError as err:
+        raise ValueError(f"{what} {path!r}: {err.filename}:{err.lineno}: SyntaxError: "
+                         f"{err.msg}") from None
+    except Exception as err:  # the user's module raised while importing
+        raise ValueError(f"{what} {path!r}: importing {module_name!r} raised {where(err)}"
+                         f"{type(err).__name__}: {err}") from None
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise ValueError(f"{what} {path!r}: module {module_name!r} has no {attr!r}.")

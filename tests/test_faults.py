@@ -183,8 +183,9 @@ def test_the_lock_refuses_a_second_holder_until_the_first_dies(tmp_path):
 
 
 def test_a_refused_run_leaves_no_lock(tmp_path):
-    (tmp_path / "metrics.jsonl").write_text("")
-    with pytest.raises(FileExistsError, match="no checkpoint"):
+    (tmp_path / "ckpt" / "10").mkdir(parents=True)  # a run to resume, of another config
+    (tmp_path / "config.json").write_text(Config().set("train.epochs", 3).to_json())
+    with pytest.raises(ValueError, match="train.epochs: 3 -> 30"):
         rundir.open_run_dir(tmp_path, Config())
     assert tmp_path.resolve() not in rundir._held
 

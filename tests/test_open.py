@@ -104,14 +104,14 @@ def test_import_path_model_data_and_loss_train_and_reload_in_a_fresh_process(use
     out = subprocess.run([sys.executable, "-m", "cnnjax", "eval", "--run", str(run_dir)],
                          capture_output=True, text=True, env=env, cwd=str(run_dir))
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert "cannot import 'usermods'" in out.stderr and "PYTHONPATH" in out.stderr
+    assert "there is no module 'usermods'" in out.stderr and "PYTHONPATH" in out.stderr
 
 
 @pytest.mark.parametrize("name, message", [
     ("usermods:NoTrainFlag", "__call__(self, x, train: bool = False)"),
     ("usermods:WrongOutput", "expected logits of shape (1, 10)"),
     ("usermods:Missing", "has no 'Missing'"),
-    ("nosuchpkg.mod:Net", "cannot import 'nosuchpkg.mod'"),
+    ("nosuchpkg.mod:Net", "there is no module 'nosuchpkg'"),
     ("my_net", "unknown model.name 'my_net'"),
 ])
 def test_a_model_that_does_not_fit_is_refused_before_the_run_directory(user_module, tmp_path,

@@ -64,7 +64,7 @@ def test_import_path_dataset_from_a_module_written_here(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("path, needle", [
-    ("no_such_module_xyz:load", "cannot import 'no_such_module_xyz'"),
+    ("no_such_module_xyz:load", "there is no module 'no_such_module_xyz'"),
     ("json:no_such_function", "module 'json' has no 'no_such_function'"),
     ("json:dumps", "dataset 'json:dumps' is called with no arguments, but missing a required"),
     ("os:getcwd", "dataset 'os:getcwd' must be (or return) a dict"),

@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import pathlib
 import tarfile
-import warnings
 import zlib
 from typing import ClassVar
 
 import numpy as np
 import tensorflow_datasets as tfds
 
+from cnnjax import notices
 from cnnjax.data import store
 
 _SIZE = 32
@@ -147,9 +147,9 @@ class _CifarBuilder(store.ArrayRecordBuilder, skip_registration=True):
         for feature, file in names_files.items():
             expected = self.LABELS[feature]
             if names[file] != list(expected):
-                warnings.warn(f"Dataset {name!r}: {path}:{file} names {len(names[file])} classes "
+                notices.warn(f"Dataset {name!r}: {path}:{file} names {len(names[file])} classes "
                               f"that are not the official {len(expected)}; cnnjax keeps the "
-                              f"official names.", RuntimeWarning, stacklevel=2)
+                              f"official names.")
         splits = {}
         for split, data in raw.items():
             where = f"{path} ({', '.join(members[split])})"

@@ -32,13 +32,13 @@ import gzip
 import importlib.resources
 import os
 import pathlib
-import warnings
 import zlib
 from typing import ClassVar
 
 import numpy as np
 import tensorflow_datasets as tfds
 
+from cnnjax import notices
 from cnnjax.data import store
 
 _IMAGE_SHAPE = (28, 28, 1)
@@ -165,9 +165,9 @@ def _check_manual_splits(name: str, paths: dict, arrays: dict) -> None:
                          f"official train and t10k files under their own names.")
     for split, (images, _) in arrays.items():
         if len(images) != _OFFICIAL_COUNTS[split]:
-            warnings.warn(f"Dataset {name!r}: {paths[f'{split}_images']} holds {len(images)} "
+            notices.warn(f"Dataset {name!r}: {paths[f'{split}_images']} holds {len(images)} "
                           f"images, the official {split} file {_OFFICIAL_COUNTS[split]}; check that "
-                          f"it is the right file under the right name.", RuntimeWarning, stacklevel=2)
+                          f"it is the right file under the right name.")
 
 
 def _missing_manual_files(manual_dir: os.PathLike) -> list[str]:

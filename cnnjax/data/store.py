@@ -19,12 +19,13 @@ import pathlib
 import socket
 import threading
 import urllib.parse
-import warnings
 from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging as absl_logging
+
+from cnnjax import notices
 
 
 def default_data_dir() -> pathlib.Path:
@@ -162,10 +163,10 @@ def warn_if_unofficial(files: Mapping[os.PathLike, str], dataset: str) -> None:
     """
     odd = [os.fspath(path) for path, official in files.items() if sha256(path) != official]
     if odd:
-        warnings.warn(f"Dataset {dataset!r}: {', '.join(odd)} {'is' if len(odd) == 1 else 'are'} "
+        notices.warn(f"Dataset {dataset!r}: {', '.join(odd)} {'is' if len(odd) == 1 else 'are'} "
                       f"not byte-identical to the official file{'s' if len(odd) > 1 else ''} "
                       f"(sha256 differs); a mirror's re-compressed copy is fine, anything else "
-                      f"may not be the data you mean.", RuntimeWarning, stacklevel=3)
+                      f"may not be the data you mean.")
 
 
 # ----------------------------------------------------------------------------- reading

@@ -133,6 +133,9 @@ register_model("resnet34", ResNet34)
 def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     """The model a config names, its own checks passed (geometry comes with `check_model`)."""
     factory = MODELS.lookup(cfg.name)
+    if not callable(factory):
+        raise ValueError(f"model {cfg.name!r} names a {type(factory).__name__}, not a flax.linen "
+                         f"Module class or a function building one.")
     kwargs = _typed_kwargs(factory, cfg.kwargs)
     try:
         model = factory(num_classes=num_classes, **kwargs)

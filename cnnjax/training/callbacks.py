@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import sys
 import time
 import zlib
 from typing import Any, Callable, Iterable, Sequence
@@ -23,6 +24,7 @@ from typing import Any, Callable, Iterable, Sequence
 import jax
 import numpy as np
 
+from cnnjax import imports
 from cnnjax.report import logs, plots
 from cnnjax.training.periodic import is_due
 
@@ -121,6 +123,10 @@ class EndEvent(Event):
     parameters (their EMA, when the run keeps one)."""
 
     summary: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+class CallbackError(imports.UserCodeError):
+    """A callback raised: the run stops, resumable from its last checkpoint."""
 
 
 class Callback:
@@ -390,6 +396,13 @@ def default_callbacks(cfg, stop_at_step: int | None = None) -> list[Callback]:
     return callbacks
 
 
+def raise_callback_error(callback, hook: str, event: Event) -> None:
+    """Raises the exception being handled as a CallbackError naming the callback, hook and step."""
+    err = sys.exc_info()[1]
+    raise CallbackError(f"callback {type(callback).__name__} failed in {hook} at step {event.step}: "
+                        f"{imports.where(err)}{type(err).__name__}: {err}") from err
+
+
 class CallbackList:
     """Calls each hook of every callback in order, on one shared `Control`."""
 
@@ -408,9 +421,17 @@ class CallbackList:
     def call(self, hook: str, event: Event) -> None:
         for c in self.callbacks:
             fn = getattr(c, hook, None)
-            if fn is not None:
+            if fn is None:
+                continue
+            try:
                 fn(dataclasses.replace(event, callback_name=getattr(c, "name", None)
                                        or type(c).__name__))
+            except (ValueError, OSError):  # a built-in's names the setting or file at fault
+                if type(c).__module__.startswith("cnnjax."):
+                    raise
+                raise_callback_error(c, hook, event)
+            except Exception:  # the callback's own failure, named as such
+                raise_callback_error(c, hook, event)
 
     def state_dict(self) -> dict[str, Any]:
         out = {}

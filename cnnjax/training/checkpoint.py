@@ -26,13 +26,14 @@ import logging
 import os
 import pathlib
 import time
-import warnings
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
+
+from cnnjax import notices
 
 CKPT_DIR = "ckpt"
 CHECKSUMS = "checksums.json"
@@ -266,8 +267,8 @@ class Checkpointer:
             source.rename(target)
             self.manager.reload()
             note = f"moved aside to {target}"
-        warnings.warn(f"checkpoint {source} is damaged ({err}) and was {note}; trying the previous "
-                      f"one.", RuntimeWarning, stacklevel=4)
+        notices.warn(f"checkpoint {source} is damaged ({err}) and was {note}; trying the previous "
+                      f"one.")
         return note.removeprefix("moved aside to ")
 
     def verify(self, step: int) -> None:
@@ -277,8 +278,8 @@ class Checkpointer:
         if problems:
             raise DamagedCheckpoint("; ".join(problems[:3]) + (" ..." if len(problems) > 3 else ""))
         if problems is None:
-            warnings.warn(f"checkpoint {step_dir} has no {CHECKSUMS} (written by an older cnnjax): "
-                          f"restored without verifying it.", RuntimeWarning, stacklevel=4)
+            notices.warn(f"checkpoint {step_dir} has no {CHECKSUMS} (written by an older cnnjax): "
+                          f"restored without verifying it.")
 
     def _restore(self, abstract_state, step: int) -> tuple[Any, dict[str, Any]]:
         self.verify(step)

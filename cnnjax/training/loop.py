@@ -36,8 +36,8 @@ from cnnjax.data import input_pipeline
 from cnnjax.report import logs, plots
 from cnnjax.training import builder, checkpoint, parallel, rundir
 from cnnjax.training.builder import RunParts
-from cnnjax.training.callbacks import (Callback, CallbackList, Control, EndEvent, EpochEvent,
-                                       Event, LogEvent, StepEvent, default_callbacks)
+from cnnjax.training.callbacks import (Callback, CallbackError, CallbackList, Control, EndEvent,
+                                       EpochEvent, Event, LogEvent, StepEvent, default_callbacks)
 from cnnjax.training.periodic import is_due
 from cnnjax.training.loop_state import LoopState
 from cnnjax.training.steps import TrainState, evaluate
@@ -385,11 +385,11 @@ def train_and_evaluate(cfg: Config, run_dir: pathlib.Path | str | None = None, *
             if loop.stop_reason or loop.stopped_early:
                 break
         return finish(run, state, loop, hooks)
-    except FloatingPointError as err:
+    except (FloatingPointError, CallbackError) as err:
         last = run.ckpt.last_good_step()
-        raise FloatingPointError(f"{err} Last good checkpoint: "
-                                 f"{f'step {last} in {run.ckpt.directory}' if last else 'none yet'}."
-                                 ) from err
+        where = (f"step {last} in {run.ckpt.directory}; resume with cnnjax train --resume "
+                 f"{run.run_dir}" if last else "none yet")
+        raise type(err)(f"{err} Last good checkpoint: {where}.") from err
     finally:
         hooks.close()
         _close(run)

@@ -14,6 +14,7 @@ import fcntl
 import json
 import os
 import pathlib
+import shutil
 
 from cnnjax.config import Config
 from cnnjax.data import datasets, sources
@@ -152,6 +153,21 @@ def open_run_dir(run_dir: pathlib.Path, cfg: Config, primary: bool = True) -> bo
         raise
 
 
+# What a run writes besides its checkpoints: cleared when a run that never checkpointed starts again.
+RUN_FILES = ("config.json", "metrics.jsonl", "timing.jsonl", "data_spec.json", "tensorboard")
+
+
+def _clear_run_files(run_dir: pathlib.Path) -> None:
+    for name in RUN_FILES:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    for png in run_dir.glob("*.png"):
+        png.unlink()
+
+
 def has_checkpoint(run_dir: pathlib.Path) -> bool:
     """Whether the directory holds a checkpoint step, i.e. a run to resume."""
     ckpt = run_dir / checkpoint.CKPT_DIR
@@ -163,9 +179,9 @@ def _check_run_dir(run_dir: pathlib.Path, cfg: Config, primary: bool) -> bool:
     if not has_checkpoint(run_dir):
         if not primary:
             return False
-        if (run_dir / "metrics.jsonl").exists():
-            raise FileExistsError(f"run directory {run_dir} holds a run with no checkpoint to resume "
-                                  f"from; choose another --run-dir or delete it.")
+        if any((run_dir / name).exists() for name in RUN_FILES):
+            print(f"{run_dir} holds a run stopped before its first checkpoint: starting it afresh.")
+            _clear_run_files(run_dir)
         saved_path.write_text(cfg.to_json() + "\n", encoding="utf-8")
         return False
     diffs = config_differences(read_config(run_dir), cfg)
