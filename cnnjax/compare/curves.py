@@ -11,9 +11,10 @@ from typing import Sequence
 import numpy as np
 from matplotlib import colormaps
 
-from cnnjax.report.plots import new_figure, save_figure
+from cnnjax.report.plots import new_figure
 from cnnjax.training.runset import RunRecord
 
+NAMED = 10  # legend entries at most: the best runs; the others are drawn, in lighter colours
 CURVES = (("epoch", "val_loss", "validation loss", True), ("epoch", "val_accuracy",
                                                           "validation accuracy", False),
           ("step", "loss", "train loss (window mean)", True))
@@ -43,7 +44,8 @@ def curve_figures(out: pathlib.Path, runs: Sequence[RunRecord], labels: Sequence
             xs, ys = _series(records, kind, key)
             if not xs:
                 continue
-            ax.plot(xs, ys, color=cs[i], lw=2.2 if i == 0 else 1.0, label=label,
+            ax.plot(xs, ys, color=cs[i], lw=2.2 if i == 0 else 1.0,
+                    label=label if i < NAMED else None,
                     marker="o" if kind == "epoch" and not small else None, ms=2.5,
                     zorder=len(runs) - i)
             if kind == "epoch" and (best := runs[i].summary.get("best_epoch")) in xs:
@@ -54,6 +56,9 @@ def curve_figures(out: pathlib.Path, runs: Sequence[RunRecord], labels: Sequence
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6 if small else 7, loc="center left", bbox_to_anchor=(1.01, 0.5),
-                  frameon=False)
-        written.append(save_figure(fig, out / f"curves_{key}.png"))
+                  frameon=False, title=f"best {NAMED} of {len(runs)}" if len(runs) > NAMED
+                  else None, title_fontsize=7)
+        path = out / f"curves_{key}.png"
+        fig.savefig(path, dpi=110, bbox_inches="tight")  # the legend outside the axes kept whole
+        written.append(path)
     return written

@@ -36,11 +36,11 @@ def default_out(sources: Sequence[pathlib.Path]) -> pathlib.Path:
     return pathlib.Path("checkpoints") / f"compare-{datetime.datetime.now():%Y%m%d-%H%M%S}"
 
 
-def _value(v: Any) -> str:
+def _value(v: Any, digits: int = 4) -> str:
     if isinstance(v, float):
-        return f"{v:.4g}"
+        return f"{v:.{digits}g}"
     if isinstance(v, list):
-        return ",".join(_value(x) for x in v)
+        return ",".join(_value(x, digits) for x in v)
     return str(v)
 
 
@@ -56,7 +56,7 @@ def labels(runs: Sequence[runset.RunRecord], keys: Sequence[str], study: bool) -
     out = []
     for r in runs:
         flat = r.flat
-        parts = [f"{short[k]}={_value(flat.get(k, runset.UNSET))}" for k in keys[:LABEL_KEYS]]
+        parts = [f"{short[k]}={_value(flat.get(k, runset.UNSET), 3)}" for k in keys[:LABEL_KEYS]]
         text = ", ".join(parts) or r.name
         out.append(f"{r.name}: {text}" if study or not parts else text)
     return out
@@ -164,17 +164,21 @@ def compare_runs(sources: Sequence[pathlib.Path | str] | pathlib.Path | str,
                      row["best_epoch"], row["val_loss"], row["val_accuracy"], row["test_loss"],
                      row["test_accuracy"], "n/a" if row["test_ece"] is None else row["test_ece"],
                      row["wall_time_s"] or "n/a", row["train_images_per_s"] or "n/a"))
+    test = np.array([r.summary["test"]["accuracy"] for r in runs])
     sections = [("runs", "Runs", H.note(
+        f"Test accuracy {test.mean():.4f} ± {test.std(ddof=1) if len(test) > 1 else 0.0:.4f} "
+        f"(mean ± sample std), from {test.min():.4f} to {test.max():.4f}. "
         f"{len(runs)} runs, best first by {rs.monitor} "
         f"({'the study objective' if study else 'each on its own validation split'}); "
-        f"the columns after the run's name are the settings in which the runs differ "
-        f"({runset.UNSET}: the model's own default).") + H.table(header, rows))]
+        f"the columns after the run's name are the settings in which the runs differ; "
+        f"{runset.UNSET} marks a model argument the run leaves at the model's own default.")
+        + H.table(header, rows))]
 
     best = runs[0]
     diffs = ""
     for r in runs[1:]:
         d = runset.config_diff(best, r)
-        diffs += H.details(f"{r.name}: {len(d)} setting{'s' * (len(d) != 1)} differ",
+        diffs += H.details(f"{r.name}: {len(d)} setting{' differs' if len(d) == 1 else 's differ'}",
                            H.table(["setting", f"best ({best.name})", r.name],
                                    [(k, _value(a), _value(b)) for k, a, b in d])
                            if d else H.note("Same settings as the best."), open_=len(runs) <= 6)

@@ -101,6 +101,7 @@ def history_figure(study: Study, path: pathlib.Path) -> pathlib.Path:
         ys.append(best)
     ax.step(xs, ys, where="post", color="C3", label="best so far")
     ax.set(xlabel="trial", ylabel=study.monitor, title=f"Optimization history ({study.direction})")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     if study.monitor.endswith("loss") and done and min(t.value for t in done) > 0:
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
@@ -165,7 +166,8 @@ def parallel_figure(study: Study, dists: dict[str, Any], path: pathlib.Path) -> 
     for x, axis_ticks in enumerate(ticks):
         ax.axvline(x, color="0.3", lw=0.8)
         for y, label in axis_ticks:
-            ax.text(x + 0.03, y, label, fontsize=7, va="center")
+            ax.text(x + 0.03, y, label, fontsize=7, va="center",
+                    bbox={"fc": "white", "ec": "none", "alpha": 0.8, "pad": 1})
     ax.set_xticks(range(len(columns)), [*names, study.monitor], fontsize=8, rotation=15)
     ax.set_yticks([])
     ax.set(xlim=(-0.2, len(columns) - 0.5), ylim=(-0.05, 1.05),

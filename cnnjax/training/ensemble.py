@@ -161,10 +161,10 @@ class Ensemble:
     def member_logits(self, images, batch_size: int = 1000) -> np.ndarray:
         """float32 (members, N, classes) logits of raw images, `batch_size` images x members
         per compiled call at most."""
-        images = as_nhwc(images, self.spec.image_shape)
-        out = np.zeros((len(self.members), len(images), self.spec.num_classes), np.float32)
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}.")
+        images = as_nhwc(images, self.spec.image_shape)
+        out = np.zeros((len(self.members), len(images), self.spec.num_classes), np.float32)
         for indices, stacked, fn in self._programs:
             rows = max(1, batch_size // len(indices))
             for start in range(0, len(images), rows):
