@@ -51,6 +51,9 @@ _EXPORTS = {
     "visualize_run": "cnnjax.visualize",
     **dict.fromkeys(("new_figure", "save_figure", "plot_run"), "cnnjax.report.plots"),
     **dict.fromkeys(("read_jsonl", "write_json"), "cnnjax.report.logs"),
+    # many runs: combined into one model, compared on one page
+    **dict.fromkeys(("Ensemble", "load_ensemble"), "cnnjax.training.ensemble"),
+    "compare_runs": "cnnjax.compare",
 }
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"

@@ -6,6 +6,9 @@
     cnnjax eval --run DIR [--dataset NAME] [--split test] [--step N]
     cnnjax visualize --run DIR [--images INDEX|FILE ...] [--layer NAME ...]
     cnnjax sweep --seeds N [--lowering loop|vmap|unroll] [the train flags]
+    cnnjax compare RUN... | STUDY [--out DIR]
+    cnnjax ensemble --runs RUN... | --study S [--top K] [--weights uniform|val]
+                    [--method average|greedy] [--logits] [--out DIR]
 """
 
 from __future__ import annotations
@@ -99,6 +102,39 @@ def _visualize_parser(sub) -> None:
                    help="feature-map colour scale: per channel or shared by a layer's channels")
     p.add_argument("--seed", type=int, help="act-max, SmoothGrad and re-init key (default: the run's)")
     p.add_argument("--actmax-steps", type=int, default=256)
+
+
+def _compare_parser(sub) -> None:
+    p = sub.add_parser("compare", help="one HTML page comparing many runs or a study",
+                       description="Ranks the runs by their monitor and writes compare.html: the "
+                                   "settings that differ, each config against the best, learning "
+                                   "curves, calibration, and a study's history, importances, "
+                                   "parallel coordinates and slices.")
+    p.add_argument("sources", nargs="+", type=pathlib.Path, metavar="RUN|STUDY",
+                   help="run directories, directories holding runs, or one study directory")
+    p.add_argument("--out", type=pathlib.Path, help="output directory (default: <dir>/compare "
+                   "for a study or one directory of runs, else checkpoints/compare-<time>)")
+    p.add_argument("--no-calibration", action="store_true",
+                   help="read the JSON files only: no parameters loaded, no calibration section")
+
+
+def _ensemble_parser(sub) -> None:
+    p = sub.add_parser("ensemble", help="evaluate the best runs of a set or a study as one model",
+                       description="Averages the class probabilities of the top runs (ranked by "
+                                   "validation), evaluates on test and writes ensemble.json.")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--runs", nargs="+", type=pathlib.Path, metavar="RUN",
+                       help="run directories or directories holding runs")
+    which.add_argument("--study", type=pathlib.Path, metavar="S", help="a study directory")
+    p.add_argument("--top", type=int, metavar="K", help="the K best runs (default: all)")
+    p.add_argument("--weights", choices=("uniform", "val"), default="uniform",
+                   help="val: proportional to 1 / each member's validation loss")
+    p.add_argument("--method", choices=("average", "greedy"), default="average",
+                   help="greedy: Caruana's forward selection on the shared validation split")
+    p.add_argument("--logits", action="store_true", help="average logits, not probabilities")
+    p.add_argument("--split", default="test")
+    p.add_argument("--out", type=pathlib.Path, help="output directory (default: <study>/ensemble "
+                   "or checkpoints/ensemble-<time>)")
 
 
 def config_from_args(args: argparse.Namespace, base: Config | None = None) -> Config:
@@ -210,6 +246,26 @@ def _run_visualize(args) -> int:
     return 0
 
 
+def _run_compare(args) -> int:
+    from cnnjax.compare import compare_runs
+
+    print(f"wrote {compare_runs(args.sources, args.out, calibrate=not args.no_calibration)}")
+    return 0
+
+
+def _run_ensemble(args) -> int:
+    from cnnjax.training.ensemble import write_ensemble
+
+    summary = write_ensemble(args.study or args.runs, args.out, top_k=args.top,
+                             weights=args.weights, method=args.method, logits=args.logits,
+                             split=args.split)
+    best = summary["best_member"]
+    print(f"ensemble of {len(summary['members'])}: {args.split} accuracy "
+          f"{summary[args.split]['accuracy']:.4f}, ECE {summary[args.split]['ece']:.4f} (best "
+          f"member {best['accuracy']:.4f}, ECE {best['ece']:.4f}); wrote {summary['path']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cnnjax", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -217,10 +273,13 @@ def main(argv: list[str] | None = None) -> int:
     _eval_parser(sub)
     _visualize_parser(sub)
     _sweep_parser(sub)
+    _compare_parser(sub)
+    _ensemble_parser(sub)
     args = parser.parse_args(argv)
     try:
         return {"train": _run_train, "eval": _run_eval, "visualize": _run_visualize,
-                "sweep": _run_sweep}[args.command](args)
+                "sweep": _run_sweep, "compare": _run_compare,
+                "ensemble": _run_ensemble}[args.command](args)
     # The user's errors: bad input (ValueError), paths and files (OSError), a missing optional
     # package (ImportError), a diverging run (FloatingPointError), their own code failing
     # (UserCodeError); each already names the fix.

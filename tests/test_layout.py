@@ -19,6 +19,7 @@ ALLOWED = {
     "training": {"data", "nn", "report"},
     "visualize": {"data", "nn", "report", "training"},
     "lab": {"data", "nn", "report"},
+    "compare": {"report", "training", "visualize"},
 }
 
 

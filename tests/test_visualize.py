@@ -335,6 +335,24 @@ def test_visualize_writes_a_self_contained_report(report, run_dir):
     assert main(["visualize", "--run", str(run_dir), "--cam-layer", "fc1"]) == 2  # not spatial
 
 
+def test_the_report_shows_the_runs_calibration_binned_by_hand(report, run_dir, trained):
+    found = json.loads((run_dir / "visualize" / "checks.json").read_text())["calibration"]
+    images, labels = load("mnist5k", "test")
+    z = trained.logits(images).astype(np.float64)
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    confidence, right = p.max(1), p.argmax(1) == labels
+    gaps = 0.0
+    for lo in range(15):  # [k/15, (k+1)/15), the last bin closed
+        inside = (confidence >= lo / 15) & ((confidence < (lo + 1) / 15) | (lo == 14))
+        if inside.any():
+            gaps += inside.sum() * abs(right[inside].mean() - confidence[inside].mean())
+    assert found["split"] == "test" and sum(found["count"]) == len(labels) == 1000
+    assert found["ece"] == pytest.approx(gaps / len(labels), abs=1e-6)
+    assert (run_dir / "visualize" / "reliability.png").exists()
+    assert "Expected calibration error" in report.read_text()
+
+
 @pytest.mark.skipif(shutil.which("chromium") is None,
                     reason="needs Debian's chromium (apt-get install -y chromium)")
 def test_report_renders_in_headless_chromium_with_every_image_loaded(report, tmp_path):

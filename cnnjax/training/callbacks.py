@@ -324,6 +324,73 @@ class TensorBoard(Callback):
             self.writer.close()
 
 
+class HParams(Callback):
+    """TensorBoard's HParams tab: at the end of a run, the flattened config (`section.field`,
+    `model.kwargs.*`) as the session's hyperparameters and the final figures (best epoch,
+    validation and test loss and accuracy) as `hparams/<name>` scalars, in <run>/tensorboard
+    beside the run's other scalars, so `tensorboard --logdir checkpoints/` compares runs there.
+
+    The hparams plugin's protos are written directly with TensorBoard's `EventFileWriter`, as
+    torch.utils.tensorboard's `add_hparams` does (the plugin's own summary modules import
+    TensorFlow). No experiment summary is written: TensorBoard then takes the union of every
+    run's hyperparameters (one run's experiment would hide keys only others set). Lists are
+    written as JSON text, None is left out."""
+
+    METRICS = {"best_epoch": ("best_epoch",), "val_loss": ("val", "loss"),
+               "val_accuracy": ("val", "accuracy"), "test_loss": ("test", "loss"),
+               "test_accuracy": ("test", "accuracy")}
+
+    def __init__(self, subdir: str = "tensorboard"):
+        self.subdir = subdir
+
+    @staticmethod
+    def values(config) -> dict[str, Any]:
+        """The hyperparameters as TensorBoard takes them: bool, number or string."""
+        import json
+
+        from cnnjax.training.runset import flat_config
+
+        return {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v)
+                for k, v in flat_config(config).items() if v is not None}
+
+    def on_train_end(self, event: EndEvent) -> None:
+        from tensorboard.compat.proto.event_pb2 import Event as TbEvent
+        from tensorboard.compat.proto.summary_pb2 import Summary
+        from tensorboard.plugins.hparams import metadata, plugin_data_pb2, api_pb2
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+        start = plugin_data_pb2.SessionStartInfo(start_time_secs=time.time())
+        for key, value in self.values(event.config).items():
+            if isinstance(value, bool):  # before int: a bool is an int to Python
+                start.hparams[key].bool_value = value
+            elif isinstance(value, (int, float)):
+                start.hparams[key].number_value = value
+            else:
+                start.hparams[key].string_value = value
+        end = plugin_data_pb2.SessionEndInfo(status=api_pb2.Status.Value("STATUS_SUCCESS"),
+                                             end_time_secs=time.time())
+
+        def plugin(tag, **data):
+            meta = metadata.create_summary_metadata(plugin_data_pb2.HParamsPluginData(**data))
+            return Summary.Value(tag=tag, metadata=meta, tensor=metadata.NULL_TENSOR)
+
+        s = event.summary
+        figures = []
+        for name, path in self.METRICS.items():
+            value = s
+            for part in path:
+                value = value[part]
+            figures.append(Summary.Value(tag=f"hparams/{name}", simple_value=float(value)))
+        writer = EventFileWriter(str(event.run_dir / self.subdir), filename_suffix=".hparams")
+        step, now = int(s["steps"]), time.time()
+        writer.add_event(TbEvent(step=step, wall_time=now, summary=Summary(value=[
+            plugin(metadata.SESSION_START_INFO_TAG, session_start_info=start)])))
+        writer.add_event(TbEvent(step=step, wall_time=now, summary=Summary(value=figures)))
+        writer.add_event(TbEvent(step=step, wall_time=now, summary=Summary(value=[
+            plugin(metadata.SESSION_END_INFO_TAG, session_end_info=end)])))
+        writer.close()
+
+
 class ProgressBar(Callback):
     """A tqdm bar over all steps of the run and one line per epoch (`train.progress`)."""
 
@@ -387,10 +454,11 @@ class DeadFilterCount(Callback):
 
 def default_callbacks(cfg, stop_at_step: int | None = None) -> list[Callback]:
     """What `cnnjax train` runs with: the logs, TensorBoard, the progress bar, mid-epoch
-    checkpoints, the augmentation grid, the dead-filter count, and --stop-at-step if given."""
+    checkpoints, the augmentation grid, the dead-filter count, the HParams summary, and
+    --stop-at-step if given."""
     callbacks = [MetricsLog(), TimingLog(), TensorBoard(), ProgressBar(),
                  CheckpointEvery(cfg.train.checkpoint_every_steps), AugmentationGrid(),
-                 DeadFilterCount()]
+                 DeadFilterCount(), HParams()]
     if stop_at_step is not None:
         callbacks.append(StopAtStep(stop_at_step))
     return callbacks

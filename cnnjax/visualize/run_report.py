@@ -25,8 +25,11 @@ from cnnjax.visualize.actmax import (ActMaxConfig, activation_maximization, actm
 from cnnjax.nn.capture import (LOGITS, Layer, capture, inference_variables, last_feature_layer,
                                list_layers, rectified_feature_layer, top_level)
 from cnnjax.nn.health import filter_health
-from cnnjax.report.plots import plot_run
+from cnnjax.report.plots import plot_run, save_figure
 from cnnjax.visualize.filter_health import health_figure
+from cnnjax.training import calibration
+from cnnjax.training.ensemble import softmax
+from cnnjax.visualize.calibration import reliability_figure
 
 DEFAULT_IMAGES = 4  # the first test image of each of the first classes
 LOCALIZATION_IMAGES = 100  # the first test images, over which Grad-CAM's localization is measured
@@ -152,6 +155,7 @@ def visualize_run(run_dir: pathlib.Path | str, images: Sequence[str | int] | Non
     record: dict = {}  # the checks' numbers, written to checks.json beside the report's tables
     sections = [("run", "Run", _run_section(run, table))]
     sections.append(("curves", "Training curves", _curves_section(run_dir)))
+    sections.append(("calibration", "Calibration", _calibration_section(out, run, record)))
     sections.append(("feature-maps", "Feature maps",
                      _feature_map_section(out, model, variables, x, display, titles,
                                           [l.name for l in top_level(table)], grid_layers, scale)))
@@ -194,6 +198,20 @@ def _curves_section(run_dir: pathlib.Path) -> str:
     if not found:
         return H.note("No training plots or metrics.jsonl in the run directory.")
     return "".join(H.figure(p, p.stem.replace("_", " "), width=480) for p in found)
+
+
+def _calibration_section(out, run: Run, record) -> str:
+    images, labels = test_set(run)
+    table = calibration.reliability(softmax(run.logits(images)), labels)
+    record["calibration"] = {"split": "test", **table.to_json()}
+    path = save_figure(reliability_figure({run.run_dir.name: table}),
+                       out / "reliability.png")
+    return (H.note(f"Expected calibration error on the {len(labels)} test images: "
+                   f"{table.ece:.4f} ({len(table.count)} equal-width confidence bins; the "
+                   f"count-weighted mean of |accuracy - confidence|). A point below the diagonal "
+                   f"is a bin where the model is more confident than it is right.")
+            + H.figure(path, "reliability diagram: accuracy against confidence per bin, and "
+                             "the share of test predictions in each bin"))
 
 
 def _feature_map_section(out, model, variables, x, display, titles, map_names, grid_layers,
