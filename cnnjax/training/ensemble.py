@@ -36,7 +36,8 @@ import numpy as np
 import scipy.special
 
 from cnnjax.data import input_pipeline
-from cnnjax.data.input_pipeline import as_nhwc, normalize
+from cnnjax.data.input_pipeline import as_nhwc
+from cnnjax.data.pixels import normalize
 from cnnjax.training import calibration, runset
 from cnnjax.training.runs import Run, load_run
 

@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnnjax.data import input_pipeline, pixels
+from cnnjax.data import input_pipeline
+from cnnjax.data.pixels import normalize
 from cnnjax.report import logs as report
 from cnnjax.training.runs import Run, load_run
 from cnnjax.visualize import attribution, checks, feature_maps, html_report as H
@@ -149,7 +150,7 @@ def visualize_run(run_dir: pathlib.Path | str, images: Sequence[str | int] | Non
     pixels, titles = resolve_images(run, images)
     out = run_dir / OUT_DIR
     out.mkdir(exist_ok=True)
-    x = pixels.normalize(jnp.asarray(pixels), spec.mean, spec.std)
+    x = normalize(jnp.asarray(pixels), spec.mean, spec.std)
     display = pixels.astype(np.float32) / 255.0
     bounds = pixel_bounds(spec.mean, spec.std)  # per channel for a colour dataset
     record: dict = {}  # the checks' numbers, written to checks.json beside the report's tables
@@ -402,7 +403,7 @@ def _localization(run: Run, cam_layer: str, record) -> str:
         return H.note("Localization is measured on digits (bright strokes on black); this "
                       "dataset's images have no stroke mask.")
     pixels = test_set(run)[0][:LOCALIZATION_IMAGES]
-    x = pixels.normalize(jnp.asarray(pixels), run.spec.mean, run.spec.std)
+    x = normalize(jnp.asarray(pixels), run.spec.mean, run.spec.std)
 
     @jax.jit
     def cams(v, x):
