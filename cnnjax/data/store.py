@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import math
 import os
 import pathlib
 import socket
@@ -249,10 +250,9 @@ def _preparing(builder: tfds.core.DatasetBuilder):
         os.close(fd)
 
 
-def load(builder: tfds.core.DatasetBuilder, split: str, *, label_key: str = "label",
-         prepare: Callable[[], None] | None = None, **read_kwargs: Any
-         ) -> tuple[np.ndarray, np.ndarray]:
-    """One split of `builder`'s dataset, prepared first (`prepare()`) if it is not yet."""
+def ensure_prepared(builder: tfds.core.DatasetBuilder,
+                    prepare: Callable[[], None] | None = None) -> None:
+    """Prepares `builder`'s dataset (`prepare()`) unless it is; one process at a time."""
     with quiet():
         with quiet(absl_logging.ERROR):  # a dataset not yet prepared is no cause for a warning
             prepared = builder.is_prepared()
@@ -266,6 +266,14 @@ def load(builder: tfds.core.DatasetBuilder, split: str, *, label_key: str = "lab
                     builder.info.read_from_directory(builder.data_path)
                 else:
                     prepare()
+
+
+def load(builder: tfds.core.DatasetBuilder, split: str, *, label_key: str = "label",
+         prepare: Callable[[], None] | None = None, **read_kwargs: Any
+         ) -> tuple[np.ndarray, np.ndarray]:
+    """One split of `builder`'s dataset, prepared first (`prepare()`) if it is not yet."""
+    ensure_prepared(builder, prepare)
+    with quiet():
         # The info file's mtime tells a re-prepared dataset from the one that was cached.
         stamp = os.stat(builder.data_path / "dataset_info.json").st_mtime_ns
         key = (os.fspath(pathlib.Path(builder.data_path).resolve()), split, label_key, stamp,
@@ -275,6 +283,63 @@ def load(builder: tfds.core.DatasetBuilder, split: str, *, label_key: str = "lab
         return cached(key, lambda: read_split(
             builder.as_data_source(split), where, num_classes=feature.num_classes,
             label_key=label_key, **read_kwargs))
+
+
+class RecordReader:
+    """Random access to the images of a prepared array_record split, for streaming:
+    `reader[row]` is its (H, W, C) uint8 image (after `convert(image, row)`), decoded by TFDS.
+    The data source is opened in each process on first use, so grain's worker processes each get
+    their own (the reader pickles as its path)."""
+
+    def __init__(self, path: os.PathLike | str, split: str, length: int, image_key: str = "image",
+                 convert: Callable[[np.ndarray, int], np.ndarray] | None = None):
+        self.path, self.split, self.length = os.fspath(path), split, length
+        self.image_key, self.convert = image_key, convert
+        self._source = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_source": None}
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, row: int) -> np.ndarray:
+        if self._source is None:
+            with quiet(absl_logging.ERROR):  # TFDS notes that it decodes with Pillow
+                self._source = tfds.builder_from_directory(self.path).as_data_source(
+                    self.split, file_format="array_record")
+        image = np.asarray(self._source[row][self.image_key])
+        image = self.convert(image, row) if self.convert is not None else image
+        return image[..., None] if image.ndim == 2 else image
+
+
+def read_labels(path: os.PathLike | str, split: str, label_key: str, image_key: str = "image"
+                ) -> np.ndarray:
+    """A prepared array_record split's labels (int32), read without decoding the images."""
+    with quiet(absl_logging.ERROR):
+        builder = tfds.builder_from_directory(os.fspath(path))
+        source = builder.as_data_source(split, file_format="array_record",
+                                        decoders={image_key: tfds.decode.SkipDecoding()})
+    n = len(source)
+    labels = np.empty(n, np.int32)
+    for start in range(0, n, _READ_CHUNK):
+        records = source.__getitems__(list(range(start, min(start + _READ_CHUNK, n))))
+        labels[start:start + len(records)] = [record[label_key] for record in records]
+    return labels
+
+
+def write_small(path: pathlib.Path, write: Callable[[pathlib.Path], None]) -> bool:
+    """Writes a small cache file atomically (a temporary file renamed); False, and nothing
+    written, where the directory is not writable (a shared, read-only data dir)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        os.replace(tmp, path)
+        return True
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        return False
 
 
 def holdout(labels: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
@@ -309,7 +374,14 @@ def resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and (population) std over all pixels of (N, H, W, C) pixel-unit images,
-    in [0, 1] units: two float64 passes in chunks, so a large uint8 split is never copied whole."""
+    in [0, 1] units. uint8 images: exact, from per-channel value counts (`pixel_histogram`), in
+    chunks, so a split streamed batch by batch (cnnjax/data/stream.py) gets the very same numbers
+    as one held whole; float images: two float64 passes in chunks, never copied whole."""
+    if images.dtype == np.uint8:
+        hist = sum((pixel_histogram(images[s:s + _HIST_CHUNK])
+                    for s in range(0, len(images), _HIST_CHUNK)),
+                   np.zeros((images.shape[-1], 256), np.int64))
+        return stats_from_histogram(hist)
     c, chunk = images.shape[-1], 4096
     parts = lambda: (images[s:s + chunk].reshape(-1, c).astype(np.float64)
                      for s in range(0, len(images), chunk))
@@ -317,3 +389,28 @@ def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, .
     mean = sum(x.sum(0) for x in parts()) / count
     var = sum(np.square(x - mean).sum(0) for x in parts()) / count
     return tuple(map(float, mean / 255.0)), tuple(map(float, np.sqrt(var) / 255.0))
+
+
+_HIST_CHUNK = 512  # images per count: bounds the int64 copy bincount makes
+
+
+def pixel_histogram(images: np.ndarray) -> np.ndarray:
+    """(C, 256) int64: how many pixels of each channel of uint8 (..., C) images hold each value.
+    Counts add up across chunks, workers and processes in any order."""
+    c = images.shape[-1]
+    codes = images.reshape(-1, c).astype(np.intp) + np.arange(c) * 256
+    return np.bincount(codes.ravel(), minlength=256 * c).reshape(c, 256).astype(np.int64)
+
+
+def stats_from_histogram(hist: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and population std in [0, 1] units from `pixel_histogram` counts, with
+    integer sums: the mean is the correctly rounded quotient (as a float64 sum of the pixels gives
+    it), the variance (n * sum x^2 - (sum x)^2) / n^2 rounded once before its square root."""
+    means, stds = [], []
+    for counts in hist.tolist():
+        n = sum(counts)
+        s1 = sum(k * v for v, k in enumerate(counts))
+        s2 = sum(k * v * v for v, k in enumerate(counts))
+        means.append(s1 / n / 255.0)
+        stds.append(math.sqrt((n * s2 - s1 * s1) / (n * n)) / 255.0)
+    return tuple(means), tuple(stds)

@@ -66,12 +66,14 @@ def filter_health(model: nn.Module, variables: Mapping[str, Any], images: np.nda
                   std: float, layers: Sequence[str] | None = None, batch_size: int = 500
                   ) -> dict[str, FilterHealth]:
     """Statistics for each conv layer (all of them by default) over images (N, H, W, C) in pixel
-    units: uint8, or float32 0..255 (`cnnjax.data.sources` keeps float data so).
+    units: uint8, or float32 0..255 (`cnnjax.data.sources` keeps float data so), or an array-like
+    with `shape` and `dtype` read by slices (a streamed split's view), never held whole.
 
     Batches are padded to one shape (one compile) and the padding masked out; each batch's sums
     are pulled to the host (a sync per batch) and added there.
     """
-    images = np.asarray(images)
+    if not (hasattr(images, "shape") and hasattr(images, "dtype")):
+        images = np.asarray(images)
     if images.dtype not in (np.uint8, np.float32) or images.ndim != 4 or len(images) == 0:
         raise ValueError(f"filter_health takes a non-empty uint8 or float32 batch (N, H, W, C), got "
                          f"{images.dtype} {images.shape}.")
@@ -89,7 +91,7 @@ def filter_health(model: nn.Module, variables: Mapping[str, Any], images: np.nda
     batch_size = min(batch_size, len(images))
     totals: dict[str, list] = {}
     for start in range(0, len(images), batch_size):
-        batch = images[start:start + batch_size]
+        batch = np.asarray(images[start:start + batch_size])
         mask = np.ones(batch_size, np.float32)
         if len(batch) < batch_size:
             mask[len(batch):] = 0.0

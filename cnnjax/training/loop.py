@@ -122,7 +122,7 @@ class RunSetup:
 
     cfg: Config
     run_dir: pathlib.Path
-    data: input_pipeline.Data
+    data: input_pipeline.Data | input_pipeline.Streamed  # in memory or read through grain
     parts: RunParts
     par: parallel.DataParallel
     resuming: bool
@@ -143,15 +143,14 @@ class RunSetup:
         the parameters' EMA when `optim.ema_decay` keeps one."""
         if split not in self.eval_sizes:
             raise ValueError(f"split must be one of {sorted(self.eval_sizes)}, got {split!r}.")
-        batches = input_pipeline.eval_batches(*getattr(self.data, split), self.eval_sizes[split],
-                                              self.par.part)
+        batches = self.data.eval_batches(split, self.eval_sizes[split], self.par.part)
         return evaluate(self.parts.eval_step, self.parts.evaluated(state),
                         _on_devices(self, batches))
 
     def images(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         if split not in ("train", "val", "test"):
             raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}.")
-        return getattr(self.data, split)
+        return self.data.images(split)
 
     def epochs(self, loop: LoopState) -> Iterator[int]:
         """The epochs left to train (none once early stopping has ended the run)."""
@@ -164,6 +163,9 @@ class RunSetup:
                     state=state, control=control, best=loop.best, config=self.cfg,
                     run_dir=self.run_dir, is_primary=self.par.is_primary,
                     steps_per_epoch=self.steps_per_epoch, _run=self, **fields)
+
+
+_DATA_POSITION = "data"  # the loop JSON's key for the data reader's position (streamed runs)
 
 
 def _on_devices(run: RunSetup, batches) -> Iterator[dict[str, jax.Array]]:
@@ -207,15 +209,15 @@ def setup(cfg: Config, run_dir: pathlib.Path | str | None = None
     train and loop states."""
     started = time.perf_counter()
     tc = cfg.train
-    data = input_pipeline.load_data(cfg.data, tc.seed)
+    data = input_pipeline.open_data(cfg.data, tc.seed)
     par = parallel.DataParallel.create()
     par.check_batch_size(tc.batch_size)
-    eval_sizes = {split: par.eval_batch_size(tc.eval_batch_size, len(getattr(data, split)[1]))
+    eval_sizes = {split: par.eval_batch_size(tc.eval_batch_size, data.size(split))
                   for split in ("val", "test")}
     if run_dir is None and jax.process_count() > 1:
         raise ValueError("a multi-process run needs an explicit --run-dir shared by every process.")
     parts = builder.build(cfg, data.spec,
-                          input_pipeline.steps_per_epoch(len(data.train[1]), tc.batch_size),
+                          input_pipeline.steps_per_epoch(data.size("train"), tc.batch_size),
                           devices=par.num_devices, sharding=par.replicated,
                           eval_rows=eval_sizes["val"])
     run_dir = pathlib.Path(run_dir if run_dir is not None else rundir.default_run_dir(cfg))
@@ -229,6 +231,7 @@ def setup(cfg: Config, run_dir: pathlib.Path | str | None = None
     if resuming:
         state, saved, step, _ = _restore(ckpt, parts.abstract)
         loop = LoopState.from_json(saved, tc.monitor)
+        data.restore(saved.get(_DATA_POSITION))  # the streamed reader's place, where saved
         if par.is_primary:
             print(f"resuming {run_dir} from step {step} (epoch {loop.epoch}, batch {loop.batch})")
     loop = loop.replace(last_checkpoint_step=int(state.step))
@@ -249,7 +252,10 @@ def save(run: RunSetup, state: TrainState, loop: LoopState, callbacks: CallbackL
     """Checkpoints the state with the loop state and the callbacks' state; the seconds the save
     waited for the previous one go to the next timing line."""
     loop = loop.replace(callbacks=callbacks.state_dict(), last_checkpoint_step=int(state.step))
-    blocked = run.ckpt.save(int(state.step), state, loop.to_json(), best)
+    saved = loop.to_json()
+    if (position := run.data.position()) is not None:  # a streamed run's grain iterator state
+        saved[_DATA_POSITION] = position
+    blocked = run.ckpt.save(int(state.step), state, saved, best)
     return loop.replace(timing=dataclasses.replace(
         loop.timing, unlogged_checkpoint_seconds=loop.timing.unlogged_checkpoint_seconds + blocked))
 
@@ -265,8 +271,7 @@ def train_epoch(run: RunSetup, state: TrainState, loop: LoopState, callbacks: Ca
     t_epoch, first_batch = time.perf_counter(), loop.batch
     step_log = StepLog(tc.log_every, int(state.step) + 1)
     timing = loop.timing
-    batches = input_pipeline.train_batches(*run.data.train, tc.batch_size, tc.seed, epoch,
-                                           first_batch, run.par.part)
+    batches = run.data.train_batches(tc.batch_size, tc.seed, epoch, first_batch, run.par.part)
     for batch in _on_devices(run, batches):
         t_step = time.perf_counter()
         state, metrics = train_step(state, batch, run.train_key)
@@ -352,6 +357,7 @@ def finish(run: RunSetup, state: TrainState, loop: LoopState, callbacks: Callbac
         "conv_lowerings": run.parts.lowerings,
         "checkpoint_seconds": checkpoint_seconds,
         "checkpoint_fraction_of_epoch_time": checkpoint_seconds / epoch_seconds if epoch_seconds else 0.0,
+        "data": run.data.report(),
     }
     _hook(callbacks, "on_train_end", run, EndEvent, best_state, loop, summary=summary)
     plots.plot_run(run.run_dir, confusion=test["confusion"])
@@ -361,7 +367,8 @@ def finish(run: RunSetup, state: TrainState, loop: LoopState, callbacks: Callbac
 
 
 def _close(run: RunSetup) -> None:
-    """Waits for the last save and gives the run directory's lock back."""
+    """Stops the data's readers, waits for the last save and gives the run directory's lock back."""
+    run.data.close()
     run.ckpt.close()
     rundir.close_run_dir(run.run_dir)
 
@@ -385,7 +392,7 @@ def train_and_evaluate(cfg: Config, run_dir: pathlib.Path | str | None = None, *
             if loop.stop_reason or loop.stopped_early:
                 break
         return finish(run, state, loop, hooks)
-    except (FloatingPointError, CallbackError) as err:
+    except (FloatingPointError, CallbackError, input_pipeline.ReadError) as err:
         last = run.ckpt.last_good_step()
         where = (f"step {last} in {run.ckpt.directory}; resume with cnnjax train --resume "
                  f"{run.run_dir}" if last else "none yet")
