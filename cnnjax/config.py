@@ -37,7 +37,7 @@ class DataConfig:
     stream: str = "auto"
     max_memory_gb: float = 4.0  # the in-memory path peaks near twice this (the split read, its copy)
     workers: int = 0  # grain worker processes that read, decode and resize; 0: the main process
-    read_timeout_s: float = 300.0  # a streamed batch awaited longer: its reader is taken as hung
+    read_timeout_s: float = 300.0  # a streamed batch awaited longer (+2 min while workers start): hung
     on_bad_image: str = "error"  # an image folder's unreadable file: 'error' names it, 'skip' drops it
 
     def __post_init__(self):

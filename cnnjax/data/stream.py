@@ -26,6 +26,7 @@ Workers never outlive the process that started them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import multiprocessing
 import os
@@ -46,6 +47,7 @@ _SLOTS_AHEAD = 1 << 40  # a training iterator covers the run: far more batches t
 _THREAD_BUFFER = 2  # batches read ahead by the main process's reader thread (workers=0)
 _WORKER_BUFFER = 2  # batches each worker process keeps ready
 _SCAN_CHUNK = 256  # images a scan element reads
+_START_S = 120.0  # added to the deadline of a reader's first batch: its workers start (import grain)
 
 
 class ReadError(OSError):
@@ -165,10 +167,10 @@ class Arranged(grain.MapDataset):
 # ----------------------------------------------------------------------------- reading
 
 
-def _watch_parent(index: int, count: int) -> None:
-    """A worker's start: it exits when the process that started it is gone (a SIGKILLed trainer
-    leaves no readers behind), checked each second by a daemon thread."""
-    parent = os.getppid()
+def _watch_parent(parent: int, index: int, count: int) -> None:
+    """A worker's start: it exits when `parent`, the process that started it, is gone (a
+    SIGKILLed trainer leaves no readers behind), checked each second by a daemon thread. The pid
+    comes from the parent: a worker still starting when its parent died would see another one."""
 
     def watch():
         while os.getppid() == parent:
@@ -188,6 +190,17 @@ def _readable_profiling_flag() -> None:
         pass
 
 
+_TRACKER_NOTICE = "ignore::UserWarning:multiprocessing.resource_tracker"
+
+
+def _quiet_resource_tracker() -> None:
+    """multiprocessing's resource tracker unlinks the shared-memory batches a worker that died had
+    made, then warns about them in two lines after the run's one-line error. It takes its warning
+    filters from `sys.warnoptions` when grain first starts it: this one drops that notice only."""
+    if _TRACKER_NOTICE not in sys.warnoptions:
+        sys.warnoptions.append(_TRACKER_NOTICE)
+
+
 def iterate(dataset: grain.MapDataset, workers: int) -> grain.DatasetIterator:
     """grain's iterator over `dataset`: read ahead by one daemon thread in this process, or by
     `workers` worker processes."""
@@ -196,9 +209,11 @@ def iterate(dataset: grain.MapDataset, workers: int) -> grain.DatasetIterator:
         ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=_THREAD_BUFFER)
     else:
         _readable_profiling_flag()
+        _quiet_resource_tracker()
         ds = dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=workers, per_worker_buffer_size=_WORKER_BUFFER), worker_init_fn=_watch_parent)
+            num_workers=workers, per_worker_buffer_size=_WORKER_BUFFER),
+            worker_init_fn=functools.partial(_watch_parent, os.getpid()))
     return iter(ds)
 
 
@@ -207,23 +222,23 @@ def _worker_processes() -> list[multiprocessing.Process]:
 
 
 def explain(err: BaseException, what: str) -> str:
-    """One line for a failed read: grain's worker failures put in words; a reader's own error (a
-    file that cannot be decoded, named) as it is."""
-    text = (str(err).splitlines() or [type(err).__name__])[0]
+    """One sentence for a failed read: grain's worker failures put in words; a reader's own error
+    (a file that cannot be decoded, named) as it is."""
+    text = (str(err).splitlines() or [type(err).__name__])[0].rstrip(".")
     if "terminated unexpectedly" in text:
         code = text.rsplit("exit code", 1)[-1].strip(" .").split(".")[0]
         try:
-            signame = f" ({signal.Signals(-int(code)).name})" if int(code) < 0 else ""
+            signame = f", {signal.Signals(-int(code)).name}" if int(code) < 0 else ""
         except ValueError:
             signame = ""
-        return (f"a data worker process died while reading {what} (exit code {code}{signame}); "
-                f"the run stopped")
-    return f"reading {what} failed: {text}"
+        return f"a data worker process died while reading {what} (exit code {code}{signame})."
+    return f"reading {what} failed: {text}."
 
 
 class Reader:
     """A grain iterator read with a deadline: each batch is awaited at most `timeout_s` seconds, in
-    a daemon thread, so a reader that hangs ends the run with a ReadError instead of blocking it.
+    a daemon thread, so a reader that hangs ends the run with a ReadError instead of blocking it
+    (the first batch of a reader with workers gets `_START_S` more: they are being started).
 
     `position` counts global batches from the run's start (or evaluation passes' batches); `start`
     is where the underlying dataset begins, `state()` grain's state relative to it."""
@@ -234,7 +249,9 @@ class Reader:
         self.position, self.start, self.key, self.workers = position, start, key, workers
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self._results: queue.SimpleQueue = queue.SimpleQueue()
-        self._broken: str | None = None
+        self._broken: str | None = None  # why the reader can read no more
+        self._stalled = False
+        self._first = position
         self._thread = threading.Thread(target=self._serve, daemon=True, name="cnnjax-reader")
         self._thread.start()
 
@@ -249,13 +266,15 @@ class Reader:
         if self._broken:
             raise ReadError(self._broken)
         self._requests.put(True)
+        starting = bool(self.workers) and self.position == self._first
         try:
-            batch, err = self._results.get(timeout=self.timeout_s)
+            batch, err = self._results.get(timeout=self.timeout_s + _START_S * starting)
         except queue.Empty:
+            self._stalled = True
             self._broken = (f"no batch of {self.what} arrived within {self.timeout_s:g} s "
                             f"(data.read_timeout_s): a data reader hangs"
-                            + (f" (one of {self.workers} worker processes)" if self.workers
-                               else " (a file read that does not return)"))
+                            + (f" (one of {self.workers} worker processes)." if self.workers
+                               else " (a file read that does not return)."))
             for process in _worker_processes():  # unblocks grain's threads, so they can close
                 process.kill()
             raise ReadError(self._broken) from None
@@ -271,10 +290,12 @@ class Reader:
         return self.iterator.get_state()
 
     def close(self) -> None:
-        if self._broken and self.workers:
-            for process in _worker_processes():
-                process.kill()
         self._requests.put(False)
+        if self._stalled and not self.workers:
+            return  # a read that never returns holds grain's reader thread: closing would wait on it
+        if self._broken and self.workers:
+            for process in _worker_processes():  # a dead worker's siblings need not finish
+                process.kill()
         self.iterator.close()
 
 
