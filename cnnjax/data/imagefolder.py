@@ -365,10 +365,10 @@ def _builder(cfg: DataConfig, folder: _Folder) -> tfds.core.DatasetBuilder:
                 _check_skipped(cfg, folder, metadata.get("skipped") or [])
                 return tfds.builder_from_directory(path)
             shutil.rmtree(path)
-        skip_bad = cfg.on_bad_image == "skip"
-        shape, not_images = _prepared_shape(folder, size, skip_bad)
-        return CnnjaxImageFolder(folder=folder, image_shape=shape, config=config,
-                                 skip_bad=skip_bad, not_images=not_images,
+        headers = _headers(cfg, folder)
+        return CnnjaxImageFolder(folder=folder, image_shape=tuple(headers["shape"]),
+                                 config=config, skip_bad=cfg.on_bad_image == "skip",
+                                 not_images=[folder.root / f for f in headers["not_images"]],
                                  data_dir=os.fspath(data_dir))
 
 
@@ -430,7 +430,8 @@ def _read_index(path: pathlib.Path, folder: _Folder) -> dict:
 
 
 def _headers(cfg: DataConfig, folder: _Folder) -> dict:
-    """The image shape and the files that are no image, from the headers (cached in the index)."""
+    """The image shape and the files that are no image, from the headers (`_prepared_shape`),
+    cached in the folder's index: one header pass serves `auto`'s size, preparing and streaming."""
     path = _config_dir(cfg, folder) / _INDEX
     index = _read_index(path, folder)
     if "shape" not in index:

@@ -16,7 +16,8 @@ every checkpoint with the position it stands for and is set again on resume (`se
 process's iterator stands at the same position (processes step together), so the state the first
 process saves restores each of them. When a saved state does not fit (another worker count, an
 in-memory checkpoint) the iterator is rebuilt at the position instead: the same batches either way.
-Evaluation keeps one repeating iterator per split, one pass per call.
+Evaluation keeps a repeating iterator over the split last evaluated (its workers stay between
+epochs), one pass per call.
 
 Every wait for a batch has a deadline (`data.read_timeout_s`), and a worker that dies is noticed by
 grain within a second: either ends the run with a `ReadError` naming what happened, never a hang.
@@ -464,11 +465,14 @@ class Streamed:
         data = self.splits[split]
         rows = order.process_rows(batch_size, part)
         batches = math.ceil(len(data) / batch_size)
+        if not batches:
+            return iter(())
         key = [split, batch_size, *part]
         reader = self._eval.get(split)
-        if reader is None or reader.key != key or reader.position % max(batches, 1):
-            if reader is not None:
-                reader.close()
+        if reader is None or reader.key != key or reader.position % batches:
+            for other in self._eval.values():  # one evaluation reader (and its workers) at a time
+                other.close()
+            self._eval = {}
             arrange = EvalOrder(len(data), batch_size, rows)
             local = arrange.local
             dataset = self._dataset(data, arrange, 0, batches * local, train=False)
