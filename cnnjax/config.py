@@ -35,10 +35,10 @@ class DataConfig:
     # its splits' decoded pixels exceed max_memory_gb, else holds it in memory; 'on' always streams
     # a prepared dataset, image folder or tfds: dataset; 'off' never does. Same batches either way.
     stream: str = "auto"
-    max_memory_gb: float = 4.0  # the in-memory path peaks near twice this (the split read, its copy)
+    max_memory_gb: float = 4.0  # an in-memory run peaks near twice its data (split read, copy)
     workers: int = 0  # grain worker processes that read, decode and resize; 0: the main process
-    read_timeout_s: float = 300.0  # a streamed batch awaited longer (+2 min while workers start): hung
-    on_bad_image: str = "error"  # an image folder's unreadable file: 'error' names it, 'skip' drops it
+    read_timeout_s: float = 300.0  # a batch awaited longer (+2 min as workers start): a hang
+    on_bad_image: str = "error"  # an unreadable image file: 'error' names it, 'skip' drops it
 
     def __post_init__(self):
         if len(self.image_size) not in (0, 1, 2) or not all(s > 0 for s in self.image_size):

@@ -39,7 +39,7 @@ def pytest_configure(config):
 # order, so starting the long ones first lets the workers end together, not one finishing alone.
 SLOW_FIRST = ("test_parallel.py", "test_sweep.py", "test_steps.py", "test_open.py",
               "test_visualize.py", "test_checkpoint.py", "test_transfer.py", "test_faults.py",
-              "test_callbacks.py", "test_regularization.py", "test_train.py")
+              "test_callbacks.py", "test_regularization.py", "test_train.py", "test_stream.py")
 
 
 def pytest_collection_modifyitems(items):

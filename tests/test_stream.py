@@ -95,7 +95,7 @@ def test_streamed_batches_are_the_in_memory_batches():
             for epoch, start in ((1, 0), (2, 7), (4, 0)):
                 assert_same_batches(streamed.train_batches(48, 5, epoch, start, part),
                                     memory.train_batches(48, 5, epoch, start, part))
-            for split in ("val", "test", "val"):
+            for split in ("val", "val", "test"):  # a second pass of the same reader, then another
                 assert_same_batches(streamed.eval_batches(split, 64, part),
                                     memory.eval_batches(split, 64, part))
         images, labels = streamed.images("val")
@@ -176,7 +176,7 @@ def test_a_streamed_folder_is_read_from_its_files_and_skips_what_the_in_memory_c
     bad = _folder(tmp_path / "photos")
     data_dir = tmp_path / "tfds"
     folder = [f"data.dataset=imagefolder:{tmp_path / 'photos'}", f"data.data_dir={data_dir}",
-              "train.batch_size=16", "train.checkpoint_every_steps=0"]
+              "train.batch_size=16", "train.checkpoint_every_steps=0", "train.epochs=1"]
     for mode in ("on", "off"):
         with pytest.raises(ValueError, match=rf"{bad['truncated']} cannot be read as an image .*"
                                              rf"data.on_bad_image=skip"):
@@ -291,7 +291,9 @@ def test_a_dead_or_hung_worker_or_a_killed_trainer_resumes_to_the_uninterrupted_
     while any(map(_alive, workers)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(map(_alive, workers)), "a worker outlived its trainer"
-    saved = Checkpointer(run, read_only=True).read_loop(Checkpointer(run, read_only=True).steps()[-1])
+    ckpt = Checkpointer(run, read_only=True)
+    saved = ckpt.read_loop(ckpt.steps()[-1])
+    ckpt.close()
     assert saved["batch"] > 0 and saved["data"]["workers"] == 1  # mid-epoch, grain's state saved
 
     summary = train_and_evaluate(config("data.stream=on"), run).summary  # no workers this time

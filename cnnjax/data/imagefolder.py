@@ -249,6 +249,9 @@ class FolderReader:
     def __getitem__(self, i: int) -> np.ndarray:
         return _decode(pathlib.Path(self.files[i]), self.channels, self.size)
 
+    def _getitems(self, rows: Sequence[int]) -> list[np.ndarray]:
+        return [self[i] for i in rows]
+
 
 def _relative(folder: _Folder, paths) -> list[str]:
     return [os.fspath(pathlib.Path(p).relative_to(folder.root)) for p in paths]

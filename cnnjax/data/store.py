@@ -287,9 +287,10 @@ def load(builder: tfds.core.DatasetBuilder, split: str, *, label_key: str = "lab
 
 class RecordReader:
     """Random access to the images of a prepared array_record split, for streaming:
-    `reader[row]` is its (H, W, C) uint8 image (after `convert(image, row)`), decoded by TFDS.
-    The data source is opened in each process on first use, so grain's worker processes each get
-    their own (the reader pickles as its path)."""
+    `reader[row]` is its (H, W, C) uint8 image (after `convert(image, row)`), decoded by TFDS;
+    `reader._getitems(rows)` reads several at once (grain's batched read; array_record reads them
+    in parallel). The data source is opened in each process on first use, so grain's worker
+    processes each get their own (the reader pickles as its path)."""
 
     def __init__(self, path: os.PathLike | str, split: str, length: int, image_key: str = "image",
                  convert: Callable[[np.ndarray, int], np.ndarray] | None = None):
@@ -303,14 +304,24 @@ class RecordReader:
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, row: int) -> np.ndarray:
+    def _open(self):
         if self._source is None:
             with quiet(absl_logging.ERROR):  # TFDS notes that it decodes with Pillow
                 self._source = tfds.builder_from_directory(self.path).as_data_source(
                     self.split, file_format="array_record")
-        image = np.asarray(self._source[row][self.image_key])
+        return self._source
+
+    def _image(self, record: Mapping[str, Any], row: int) -> np.ndarray:
+        image = np.asarray(record[self.image_key])
         image = self.convert(image, row) if self.convert is not None else image
         return image[..., None] if image.ndim == 2 else image
+
+    def __getitem__(self, row: int) -> np.ndarray:
+        return self._image(self._open()[row], row)
+
+    def _getitems(self, rows: Sequence[int]) -> list[np.ndarray]:
+        return [self._image(record, row)
+                for record, row in zip(self._open().__getitems__(list(rows)), rows)]
 
 
 def read_labels(path: os.PathLike | str, split: str, label_key: str, image_key: str = "image"

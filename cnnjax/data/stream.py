@@ -1,14 +1,15 @@
 """Data larger than memory: the batches of an in-memory run, read by index through grain.
 
 A streamed split is a random-access reader (`reader[row]` is one decoded (H, W, C) uint8 image: a
-row of a prepared array_record split, a file of an image folder) with the rows and labels of the
-split's examples in it (`Split`). grain reads it: `MapDataset.source(reader)`, arranged by
-cnnjax's own order (`Arranged`: a process's slots of every global batch, each slot a pure function
-of (seed, epoch, step, row) through cnnjax/data/order.py, the order the in-memory batches take),
-batched with grain's `batch`, and iterated in the main process (`data.workers=0`: one background
-thread reads ahead, `ThreadPrefetchIterDataset`) or by `data.workers` grain worker processes
-(`mp_prefetch`: worker i builds batches i, i + W, ... and grain interleaves them back in order).
-Augmentation stays on the device; the workers only read, decode and resize.
+row of a prepared array_record split, a file of an image folder; `reader._getitems(rows)` several
+at once, grain's batched read) with the rows and labels of the split's examples in it (`Split`).
+grain reads it: `MapDataset.source(reader)`, arranged in batches by cnnjax's own order (`Batches`:
+a process's rows of each global batch, a pure function of (seed, epoch, step) through
+cnnjax/data/order.py, the order the in-memory batches take), iterated in the main process
+(`data.workers=0`: one background thread reads ahead, `ThreadPrefetchIterDataset`) or by
+`data.workers` grain worker processes (`mp_prefetch`: worker i builds batches i, i + W, ... and
+grain interleaves them back in order). Augmentation stays on the device; the workers only read,
+decode and resize.
 
 Training reads one grain iterator over the run (every epoch's batches, this process's rows), so
 the workers read the next epoch while the last is evaluated; its state (`get_state`) goes into
@@ -44,11 +45,11 @@ from absl import flags
 
 from cnnjax.data import order, store
 
-_SLOTS_AHEAD = 1 << 40  # a training iterator covers the run: far more batches than any run takes
+_BATCHES_AHEAD = 1 << 40  # a training iterator covers the run: more batches than any run takes
 _THREAD_BUFFER = 2  # batches read ahead by the main process's reader thread (workers=0)
 _WORKER_BUFFER = 2  # batches each worker process keeps ready
 _SCAN_CHUNK = 256  # images a scan element reads
-_START_S = 120.0  # added to the deadline of a reader's first batch: its workers start (import grain)
+_START_S = 120.0  # added to the deadline of a reader's first batch, while its workers start
 
 
 class ReadError(OSError):
@@ -97,49 +98,49 @@ def notice(message: str) -> None:
 
 
 class TrainOrder:
-    """Slot s of a process's training stream -> its example's position in the split: slot s is
-    row `rows.start + s % r` (r rows a process) of global batch s // r counted from the run's
-    start, i.e. epoch 1 + b // steps, step b % steps, ordered by `order.epoch_permutation`."""
+    """Global batch b of a run -> the training split's positions in this process's `rows` of it:
+    epoch 1 + b // steps, step b % steps, ordered by `order.epoch_permutation` (the in-memory
+    batches' order)."""
 
     def __init__(self, n: int, batch_size: int, seed: int, rows: slice):
         self.n, self.batch_size, self.seed, self.rows = n, batch_size, seed, rows
         self.steps = order.steps_per_epoch(n, batch_size)
-        self.local = rows.stop - rows.start
-        self._perm: tuple[int, np.ndarray] | None = None  # this process's latest epoch
+        self._perm: tuple[int, np.ndarray] | None = None  # this process's latest epoch's order
 
     def __getstate__(self):
         return {**self.__dict__, "_perm": None}
 
-    def __call__(self, slot: int) -> int:
-        batch, row = divmod(slot, self.local)
+    def __call__(self, batch: int) -> np.ndarray:
         epoch, step = divmod(batch, self.steps)
         cached = self._perm
         if cached is None or cached[0] != epoch:
             cached = (epoch, order.epoch_permutation(self.n, self.seed, epoch + 1))
             self._perm = cached
-        return int(cached[1][step * self.batch_size + self.rows.start + row])
+        first = step * self.batch_size
+        return cached[1][first + self.rows.start:first + self.rows.stop]
 
 
 class EvalOrder:
-    """Slot s of a process's evaluation stream -> a position in file order, or one past the split
-    for the padding of the last batch (masked out)."""
+    """Evaluation batch b -> the positions in this process's `rows` of it, in file order; those
+    past the split's end pad the last batch."""
 
-    def __init__(self, n: int, batch_size: int, rows: slice):
-        self.n, self.batch_size, self.rows = n, batch_size, rows
-        self.local = rows.stop - rows.start
+    def __init__(self, batch_size: int, rows: slice):
+        self.batch_size, self.rows = batch_size, rows
 
-    def __call__(self, slot: int) -> int:
-        batch, row = divmod(slot, self.local)
-        return min(batch * self.batch_size + self.rows.start + row, self.n)
+    def __call__(self, batch: int) -> np.ndarray:
+        first = batch * self.batch_size
+        return np.arange(first + self.rows.start, first + self.rows.stop)
 
 
-class Arranged(grain.MapDataset):
-    """A grain MapDataset over a split's images (`parent`, `MapDataset.source(reader)`) indexed by
-    cnnjax's order: element i is the example of slot `first + i`, as the in-memory batches hold it
-    ({'image', 'label', 'index'} for training, {'image', 'label', 'mask'} for evaluation, where a
-    slot past the split is a zero image with mask 0)."""
+class Batches(grain.MapDataset):
+    """A grain MapDataset of a process's batches over a split's images (`parent`, which is
+    `MapDataset.source(reader)`), arranged by cnnjax's order: element i is batch `first + i` of
+    `arrange`, its images read in one batched read (grain's `_getitems`, which an array_record
+    reader serves with parallel reads), as the in-memory batches hold it: {'image', 'label',
+    'index'} for training; {'image', 'label', 'mask'} for evaluation, where a position past the
+    split is a zero image with mask 0."""
 
-    def __init__(self, parent: grain.MapDataset, split: Split, arrange: Callable[[int], int],
+    def __init__(self, parent: grain.MapDataset, split: Split, arrange: Callable[[int], np.ndarray],
                  first: int, length: int, shape: tuple[int, ...], train: bool):
         super().__init__(parent)
         self._split, self._arrange, self._first, self._length = split, arrange, first, length
@@ -149,20 +150,24 @@ class Arranged(grain.MapDataset):
         return self._length
 
     def __str__(self) -> str:
-        return f"Arranged(first={self._first}, length={self._length}, train={self._train})"
+        return f"Batches(first={self._first}, length={self._length}, train={self._train})"
 
     def __getitem__(self, index):
         if isinstance(index, slice):
             return self.slice(index)
-        position = self._arrange(self._first + index % self._length)
-        if position >= len(self._split):
-            return {"image": np.zeros(self._shape, np.uint8), "label": np.int32(0),
-                    "mask": np.float32(0.0)}
-        image = self._parent[int(self._split.rows[position])]
-        label = self._split.labels[position]
+        positions = self._arrange(self._first + index % self._length)  # grain's repeat: mod len
+        split = self._split
         if self._train:
-            return {"image": image, "label": label, "index": np.int32(position)}
-        return {"image": image, "label": label, "mask": np.float32(1.0)}
+            images = np.stack(self._parent._getitems(split.rows[positions].tolist()))
+            return {"image": images, "label": split.labels[positions],
+                    "index": positions.astype(np.int32)}
+        real = positions < len(split)
+        images = np.zeros((len(positions), *self._shape), np.uint8)
+        labels = np.zeros(len(positions), np.int32)
+        if real.any():
+            images[real] = np.stack(self._parent._getitems(split.rows[positions[real]].tolist()))
+            labels[real] = split.labels[positions[real]]
+        return {"image": images, "label": labels, "mask": real.astype(np.float32)}
 
 
 # ----------------------------------------------------------------------------- reading
@@ -293,7 +298,7 @@ class Reader:
     def close(self) -> None:
         self._requests.put(False)
         if self._stalled and not self.workers:
-            return  # a read that never returns holds grain's reader thread: closing would wait on it
+            return  # a read that never returns holds grain's reader thread: close would wait
         if self._broken and self.workers:
             for process in _worker_processes():  # a dead worker's siblings need not finish
                 process.kill()
@@ -402,9 +407,9 @@ class Streamed:
         part = self.splits[split]
         return ImagesView(part, self.spec.image_shape), part.labels
 
-    def _dataset(self, split: Split, arrange, first: int, length: int, train: bool):
+    def _batches(self, split: Split, arrange, first: int, length: int, train: bool) -> Batches:
         images = grain.MapDataset.source(split.reader)
-        return Arranged(images, split, arrange, first, length, self.spec.image_shape, train)
+        return Batches(images, split, arrange, first, length, self.spec.image_shape, train)
 
     # training --------------------------------------------------------------------------------
 
@@ -428,9 +433,8 @@ class Streamed:
         fits = (saved is not None and saved.get("position") == target and saved.get("key") == key
                 and saved.get("workers") == self.workers)
         start = int(saved["start"]) if fits else target
-        dataset = self._dataset(split, arrange, start * arrange.local,
-                                _SLOTS_AHEAD * arrange.local, train=True).batch(arrange.local)
-        iterator = iterate(dataset, self.workers)
+        iterator = iterate(self._batches(split, arrange, start, _BATCHES_AHEAD, train=True),
+                           self.workers)
         if fits:
             iterator.set_state(saved["grain"])
         self._train = Reader(iterator, self.timeout_s, "the training data", position=target,
@@ -473,10 +477,8 @@ class Streamed:
             for other in self._eval.values():  # one evaluation reader (and its workers) at a time
                 other.close()
             self._eval = {}
-            arrange = EvalOrder(len(data), batch_size, rows)
-            local = arrange.local
-            dataset = self._dataset(data, arrange, 0, batches * local, train=False)
-            dataset = dataset.batch(local).repeat()  # one pass per call, the workers stay
+            dataset = self._batches(data, EvalOrder(batch_size, rows), 0, batches, train=False)
+            dataset = dataset.repeat()  # one pass per call, the workers stay
             reader = Reader(iterate(dataset, self.workers), self.timeout_s,
                             f"the {split} data", key=key, workers=self.workers)
             self._eval[split] = reader
