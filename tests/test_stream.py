@@ -19,7 +19,7 @@ from PIL import Image
 
 from cnnjax import Config, train_and_evaluate
 from cnnjax.config import DataConfig
-from cnnjax.data import input_pipeline, stream
+from cnnjax.data import input_pipeline, store, stream
 from cnnjax.training.checkpoint import Checkpointer
 
 # All ten digits: 50 steps an epoch, so a kill lands mid-epoch; dropout and rotation on, their
@@ -80,6 +80,30 @@ def test_auto_streams_what_exceeds_the_memory_budget():
 
 
 # ----------------------------------------------------------------------------- the batches
+
+
+def test_uint8_tensor_records_decode_as_tfds_writes_them():
+    """`store.packed_uint8` against TFDS's own serializer and decoder: every value 0..255, one and
+    three channels; records of another layout are left to TFDS."""
+    import tensorflow_datasets as tfds
+
+    rng = np.random.default_rng(0)
+    for shape in ((4, 5, 3), (6, 2, 1)):
+        features = tfds.features.FeaturesDict({
+            "image": tfds.features.Tensor(shape=shape, dtype=np.uint8),
+            "label": tfds.features.ClassLabel(num_classes=3)})
+        images = rng.integers(0, 256, (7, *shape), dtype=np.uint8)
+        images[0].flat[:4] = [0, 127, 128, 255]
+        records = [features.serialize_example({"image": x, "label": i % 3})
+                   for i, x in enumerate(images)]
+        np.testing.assert_array_equal(store.packed_uint8(records, b"image", shape), images)
+        for record, image in zip(records, images):
+            np.testing.assert_array_equal(features.deserialize_example_np(record)["image"], image)
+        assert store.packed_uint8(records, b"label", shape) is None  # one value, not 4*5*3
+        assert store.packed_uint8(records, b"mask", shape) is None  # no such feature
+    wide = tfds.features.FeaturesDict({"image": tfds.features.Tensor(shape=(3,), dtype=np.int64)})
+    assert store.packed_uint8([wide.serialize_example({"image": [1, 300, 2]})], b"image",
+                              (3,)) is None  # a value beyond 255
 
 
 def test_streamed_batches_are_the_in_memory_batches():

@@ -285,6 +285,80 @@ def load(builder: tfds.core.DatasetBuilder, split: str, *, label_key: str = "lab
             label_key=label_key, **read_kwargs))
 
 
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[i]
+        i += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, i
+        shift += 7
+
+
+def _length_fields(buf: bytes, start: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """(field number, start, end) of each length-delimited field of the protobuf message in
+    buf[start:end]; fields of other wire types are stepped over."""
+    i = start
+    while i < end:
+        key, i = _varint(buf, i)
+        wire = key & 7
+        if wire == 2:
+            n, i = _varint(buf, i)
+            yield key >> 3, i, i + n
+            i += n
+        elif wire == 0:
+            i = _varint(buf, i)[1]
+        elif wire in (1, 5):
+            i += 8 if wire == 1 else 4
+        else:
+            raise ValueError(f"protobuf wire type {wire}")
+
+
+def _packed_values(record: bytes, key: bytes) -> tuple[int, int] | None:
+    """Where the packed int64 values of feature `key` lie in a serialized tf.train.Example
+    (Example: 1 features; Features: 1 entries; entry: 1 key, 2 Feature; Feature: 3 int64_list;
+    Int64List: 1 packed values), or None where the record is laid out otherwise."""
+    for field, start, end in _length_fields(record, 0, len(record)):
+        if field != 1:
+            continue
+        for entry, entry_start, entry_end in _length_fields(record, start, end):
+            parts = {f: (a, b) for f, a, b in _length_fields(record, entry_start, entry_end)}
+            if entry == 1 and 2 in parts and 1 in parts and record[slice(*parts[1])] == key:
+                lists = {f: (a, b) for f, a, b in _length_fields(record, *parts[2])}
+                values = {f: (a, b) for f, a, b in _length_fields(record, *lists[3])} \
+                    if 3 in lists else {}
+                return values.get(1)
+    return None
+
+
+def packed_uint8(records: Sequence[bytes], key: bytes, shape: tuple[int, ...]
+                 ) -> np.ndarray | None:
+    """(N, *shape) uint8: the Tensor feature `key` that TFDS wrote into each serialized
+    tf.train.Example as an int64_list of packed varints, decoded with NumPy for the whole batch
+    at once; None where a record is laid out otherwise (TFDS then decodes them).
+
+    A value below 128 is one byte; from 128 to 255 it is two, the value itself and then 0x01, so
+    decoding drops each byte that follows one of 128 or more. TFDS's decoder parses every varint
+    into a protobuf list and converts it element by element: about twice the cost of the
+    array_record read, which a streamed run pays for every image."""
+    spans = [_packed_values(record, key) for record in records]
+    if not records or None in spans:
+        return None
+    data = np.frombuffer(b"".join(memoryview(r)[a:b] for r, (a, b) in zip(records, spans)),
+                         np.uint8)
+    high = data >= 0x80
+    lengths = np.array([b - a for a, b in spans])
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    if high[-1] or not np.all(~high[:-1] | (data[1:] == 1)):
+        return None  # a value beyond 255: not a uint8 feature
+    if (lengths - np.add.reduceat(high, starts, dtype=np.int64) != math.prod(shape)).any():
+        return None  # another number of values than the feature's shape holds
+    first = np.ones(len(data), bool)  # the first byte of each varint: its value
+    first[1:] = ~high[:-1]
+    return np.compress(first, data).reshape(len(records), *shape)
+
+
 class RecordReader:
     """Random access to the images of a prepared array_record split, for streaming:
     `reader[row]` is its (H, W, C) uint8 image (after `convert(image, row)`), decoded by TFDS;
@@ -296,10 +370,10 @@ class RecordReader:
                  convert: Callable[[np.ndarray, int], np.ndarray] | None = None):
         self.path, self.split, self.length = os.fspath(path), split, length
         self.image_key, self.convert = image_key, convert
-        self._source = None
+        self._source = self._shape = None
 
     def __getstate__(self):
-        return {**self.__dict__, "_source": None}
+        return {**self.__dict__, "_source": None, "_shape": None}
 
     def __len__(self) -> int:
         return self.length
@@ -309,19 +383,28 @@ class RecordReader:
             with quiet(absl_logging.ERROR):  # TFDS notes that it decodes with Pillow
                 self._source = tfds.builder_from_directory(self.path).as_data_source(
                     self.split, file_format="array_record")
+            feature = self._source.dataset_info.features[self.image_key]
+            fixed = (isinstance(feature, tfds.features.Tensor) and feature.np_dtype == np.uint8
+                     and None not in feature.shape)
+            self._shape = tuple(feature.shape) if fixed else None  # `packed_uint8`'s, if it applies
         return self._source
 
-    def _image(self, record: Mapping[str, Any], row: int) -> np.ndarray:
-        image = np.asarray(record[self.image_key])
+    def _decode(self, raw: bytes, row: int) -> np.ndarray:
+        image = np.asarray(self._source.dataset_info.features.deserialize_example_np(raw)
+                           [self.image_key])
         image = self.convert(image, row) if self.convert is not None else image
         return image[..., None] if image.ndim == 2 else image
 
     def __getitem__(self, row: int) -> np.ndarray:
-        return self._image(self._open()[row], row)
+        return self._decode(self._open().data_source[row], row)
 
-    def _getitems(self, rows: Sequence[int]) -> list[np.ndarray]:
-        return [self._image(record, row)
-                for record, row in zip(self._open().__getitems__(list(rows)), rows)]
+    def _getitems(self, rows: Sequence[int]) -> Sequence[np.ndarray]:
+        raws = self._open().data_source.__getitems__(list(rows))
+        if self._shape is not None and self.convert is None:
+            images = packed_uint8(raws, self.image_key.encode(), self._shape)
+            if images is not None:  # a list, as grain takes it: views of one array
+                return list(images if images.ndim == 4 else images[..., None])
+        return [self._decode(raw, row) for raw, row in zip(raws, rows)]
 
 
 def read_labels(path: os.PathLike | str, split: str, label_key: str, image_key: str = "image"
