@@ -238,9 +238,8 @@ def _select_split(split: stream.Split, classes: tuple[int, ...]) -> stream.Split
     """`select_classes` on a streamed split: its examples of `classes`, relabelled by position."""
     if not classes:
         return split
-    rows = np.arange(len(split))
-    kept, labels = select_classes(rows, split.labels, classes)
-    return split.relabel(kept, labels)
+    kept, labels = select_classes(np.arange(len(split)), split.labels, classes)
+    return split.take(kept, labels)
 
 
 

@@ -67,11 +67,10 @@ class Split:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def take(self, positions: np.ndarray) -> "Split":
-        return Split(self.reader, self.rows[positions], self.labels[positions])
-
-    def relabel(self, keep: np.ndarray, labels: np.ndarray) -> "Split":
-        return Split(self.reader, self.rows[keep], labels.astype(np.int32))
+    def take(self, positions: np.ndarray, labels: np.ndarray | None = None) -> "Split":
+        """The examples at `positions`, in that order (with new `labels`, one per position)."""
+        labels = self.labels[positions] if labels is None else labels.astype(np.int32)
+        return Split(self.reader, self.rows[positions], labels)
 
 
 def whole(reader, labels: np.ndarray) -> Split:
