@@ -84,7 +84,8 @@ def test_auto_streams_what_exceeds_the_memory_budget():
 
 def test_uint8_tensor_records_decode_as_tfds_writes_them():
     """`store.packed_uint8` against TFDS's own serializer and decoder: every value 0..255, one and
-    three channels; records of another layout are left to TFDS."""
+    three channels; records of another layout are left to TFDS (None), whose decoder then reads
+    them (PNG-encoded images: test_tfds_prepared's streamed datasets)."""
     import tensorflow_datasets as tfds
 
     rng = np.random.default_rng(0)
@@ -104,6 +105,12 @@ def test_uint8_tensor_records_decode_as_tfds_writes_them():
     wide = tfds.features.FeaturesDict({"image": tfds.features.Tensor(shape=(3,), dtype=np.int64)})
     assert store.packed_uint8([wide.serialize_example({"image": [1, 300, 2]})], b"image",
                               (3,)) is None  # a value beyond 255
+    for encoding in ("bytes", "zlib"):  # uint8 Tensors TFDS stores as a bytes_list
+        encoded = tfds.features.FeaturesDict({"image": tfds.features.Tensor(
+            shape=(4, 5, 3), dtype=np.uint8, encoding=encoding)})
+        image = rng.integers(0, 256, (4, 5, 3), dtype=np.uint8)
+        assert store.packed_uint8([encoded.serialize_example({"image": image})], b"image",
+                                  (4, 5, 3)) is None
 
 
 def test_streamed_batches_are_the_in_memory_batches():
