@@ -90,14 +90,16 @@ class SurplusTrial(Exception):
 
 def make_sampler(settings: SearchSettings, space: Space, position: int
                  ) -> optuna.samplers.BaseSampler:
-    """Optuna's sampler for the trial at `position`, seeded from the study's seed and it."""
+    """Optuna's sampler for the trial at `position`, seeded from the study's seed and it (the grid
+    sampler from the study's seed alone: its seed orders the whole grid, each trial takes the
+    next point not yet visited)."""
     seed = int(np.random.SeedSequence([settings.study_seed, position]).generate_state(1)[0])
     if settings.sampler == "tpe":
         return optuna.samplers.TPESampler(seed=seed)
     if settings.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if settings.sampler == "grid":
-        return optuna.samplers.GridSampler(space.grid(), seed=seed)
+        return optuna.samplers.GridSampler(space.grid(), seed=settings.study_seed)
     return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
 
 
@@ -240,6 +242,7 @@ class Worker:
         if self.settings.sampler == "grid":
             target = min(target, self.space.grid_size())
         while True:
+            t0 = time.perf_counter()  # the search's own cost: all of an iteration but training
             self.take_over_dead()
             done, slots = self.open_slots()
             if done >= target or slots <= 0:
@@ -247,7 +250,7 @@ class Worker:
             position = self.position(self.study.get_trials(deepcopy=False))
             self.study.sampler = make_sampler(self.settings, self.space, position)
             self.study.pruner = make_pruner(self.settings.pruner, self.cfg.train.epochs)
-            t0 = time.perf_counter()
+            ran = len(self.ran)
             try:
                 self.study.optimize(lambda trial: self.objective(trial, position, target),
                                     n_trials=1, catch=(TrialFailed, SurplusTrial),
@@ -255,9 +258,10 @@ class Worker:
             except KeyboardInterrupt:
                 self._interrupted()
                 raise
-            if self.ran and "iteration_s" not in self.ran[-1]:
-                self.ran[-1]["iteration_s"] = time.perf_counter() - t0
             self.write()
+            if len(self.ran) > ran:
+                trial = self.ran[-1]
+                trial["overhead_s"] = time.perf_counter() - t0 - trial["train_s"]
 
     def _interrupted(self) -> None:
         """Ctrl-C: the trial just failed by Optuna is queued again, to resume from its last
