@@ -290,3 +290,36 @@ def test_a_study_run_with_another_space_is_refused_with_the_difference(study, tm
     err = capsys.readouterr().err
     assert "augment.rotate" in err and '"high": 10' in err and '"high": 15' in err
     assert "Traceback" not in err
+
+
+def test_optuna_dashboard_opens_the_study_and_compare_reads_it(study, tmp_path):
+    """The real optuna-dashboard server on the study's journal lists the study and its trials;
+    `cnnjax compare` ranks the trials' runs from study.json."""
+    import socket
+    import urllib.request
+
+    from cnnjax import compare_runs
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dashboard = pathlib.Path(sys.executable).with_name("optuna-dashboard")
+    server = subprocess.Popen([str(dashboard), str(study / "study.journal"), "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(200):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies") as r:
+                    studies = json.loads(r.read())["study_summaries"]
+                break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            raise AssertionError("optuna-dashboard did not answer")
+    finally:
+        server.terminate()
+        server.wait()
+    assert [s["study_name"] for s in studies] == [study.name]
+    page = compare_runs([study], tmp_path / "compare", calibrate=False)
+    html = pathlib.Path(page).read_text()
+    assert all(f"trial {n}" in html for n in range(N))
