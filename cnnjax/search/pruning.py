@@ -20,8 +20,8 @@ PRUNERS = ("median", "hyperband", "halving", "none")
 
 
 def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
-    """Optuna's pruner by its short name: the median rule (after 5 complete trials and 1 epoch),
-    successive halving / Hyperband over the run's epochs, or none."""
+    """Optuna's pruner by its short name: the median rule (once 5 trials completed, from the
+    first epoch's end on), successive halving / Hyperband over the run's epochs, or none."""
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1)
     if name == "hyperband":
