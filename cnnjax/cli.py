@@ -6,6 +6,10 @@
     cnnjax eval --run DIR [--dataset NAME] [--split test] [--step N]
     cnnjax visualize --run DIR [--images INDEX|FILE ...] [--layer NAME ...]
     cnnjax sweep --seeds N [--lowering loop|vmap|unroll] [the train flags]
+    cnnjax search --space SPACE --trials N [--study DIR] [--storage URL]
+                  [--sampler tpe|random|grid|cmaes] [--pruner median|hyperband|halving|none]
+                  [the train flags]
+    cnnjax search --show STUDY [--storage URL]
     cnnjax compare RUN... | STUDY [--out DIR]
     cnnjax ensemble --runs RUN... | --study S [--top K] [--weights uniform|val]
                     [--method average|greedy] [--logits] [--out DIR]
@@ -69,6 +73,35 @@ def _sweep_parser(sub) -> None:
     _config_flags(p, seed_help="the first seed (default: train.seed)")
     p.add_argument("--out", type=pathlib.Path,
                    help="output directory (default checkpoints/sweep-<dataset>-<model>-s<seed>xN-<time>)")
+
+
+def _search_parser(sub) -> None:
+    p = sub.add_parser("search", help="search over configurations with Optuna; every trial a run",
+                       description="Fills a study with --trials finished trials, each a cnnjax "
+                                   "train run of the fixed config (the train flags, --set) with "
+                                   "the trial's values of the space; the objective is "
+                                   "train.monitor on validation at the best epoch. Run the same "
+                                   "command again to continue a study, on any number of machines "
+                                   "with --storage.")
+    p.add_argument("--space", metavar="SPACE",
+                   help="a TOML or JSON file mapping config keys to {low, high[, log][, step]} "
+                        "or {choices: [...]}, or a registered space or package.module:function "
+                        "(trial) -> {key: value}")
+    p.add_argument("--trials", type=int, help="the finished trials the study should hold")
+    p.add_argument("--study", type=pathlib.Path, metavar="DIR",
+                   help="the study directory (default checkpoints/search-<space>); its last "
+                        "component names the study in a database")
+    p.add_argument("--storage", metavar="URL", help="a database shared by workers on many "
+                   "machines, e.g. postgresql://user@host/db (default: a journal file in DIR)")
+    p.add_argument("--sampler", default="tpe", choices=("tpe", "random", "grid", "cmaes"))
+    p.add_argument("--pruner", default="median", choices=("median", "hyperband", "halving", "none"))
+    p.add_argument("--study-seed", type=int, default=0, help="seeds the sampler (default 0)")
+    p.add_argument("--heartbeat", type=int, default=60, metavar="S",
+                   help="seconds between a running trial's heartbeats in a database; a trial "
+                        "silent for 3x this long is taken over (default 60)")
+    p.add_argument("--show", type=pathlib.Path, metavar="STUDY",
+                   help="print the table of a study (with --storage for one in a database)")
+    _config_flags(p)
 
 
 def _eval_parser(sub) -> None:
@@ -225,6 +258,25 @@ def _run_sweep(args) -> int:
     return 0
 
 
+def _run_search(args) -> int:
+    from cnnjax.search import run_search, show
+
+    if args.show is not None:
+        print(show(args.show, args.storage))
+        return 0
+    if args.space is None or args.trials is None:
+        raise ValueError("cnnjax search needs --space SPACE and --trials N (or --show STUDY).")
+    try:
+        run_search(config_from_args(args), args.space, args.trials, args.study,
+                   storage=args.storage, sampler=args.sampler, pruner=args.pruner,
+                   study_seed=args.study_seed, heartbeat=args.heartbeat)
+    except KeyboardInterrupt:
+        print("cnnjax search: interrupted; run the same command again to continue the study "
+              "(the interrupted trial resumes from its last checkpoint).", file=sys.stderr)
+        return 130
+    return 0
+
+
 def _run_eval(args) -> int:
     from cnnjax.training.runs import load_run
 
@@ -273,12 +325,13 @@ def main(argv: list[str] | None = None) -> int:
     _eval_parser(sub)
     _visualize_parser(sub)
     _sweep_parser(sub)
+    _search_parser(sub)
     _compare_parser(sub)
     _ensemble_parser(sub)
     args = parser.parse_args(argv)
     try:
         return {"train": _run_train, "eval": _run_eval, "visualize": _run_visualize,
-                "sweep": _run_sweep, "compare": _run_compare,
+                "sweep": _run_sweep, "search": _run_search, "compare": _run_compare,
                 "ensemble": _run_ensemble}[args.command](args)
     # The user's errors: bad input (ValueError), paths and files (OSError), a missing optional
     # package (ImportError), a diverging run (FloatingPointError), their own code failing
