@@ -20,6 +20,7 @@ path named before any data is read.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -47,16 +48,41 @@ class DamagedCheckpoint(ValueError):
     """A step whose files do not match their checksums, or that orbax cannot read."""
 
 
-class _QuietReadOnly(logging.Filter):
-    """Drops orbax's notices about read-only managers: they describe our own choice, not a fault."""
+class _QuietOrbax(logging.Filter):
+    """Drops orbax's notices about read-only managers (our own choice, not a fault) and the
+    tracebacks its background save threads log when a save fails: the failure comes back to the
+    loop at the next save or wait, which reports it in one line (`disk_error`)."""
 
-    NOTICES = ("read_only=True, setting save_interval_steps=0", "Given directory is read only")
+    NOTICES = ("read_only=True, setting save_interval_steps=0", "Given directory is read only",
+               "_SignalingThread.run() raised an exception", "in background save thread",
+               "Save Finalize thread", "Failed to run")
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not any(n in str(record.msg) for n in self.NOTICES)
 
 
-logging.getLogger("absl").addFilter(_QuietReadOnly())
+logging.getLogger("absl").addFilter(_QuietOrbax())
+
+# What a write that cannot go on says: the disk is full, over quota, or read-only.
+_DISK_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+                errno.EROFS: "the file system is read-only", errno.EACCES: "it is not writable"}
+_DISK_TEXTS = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT,
+               "Read-only file system": errno.EROFS, "Permission denied": errno.EACCES}
+
+
+def disk_error(err: BaseException, directory: pathlib.Path, written: list[int]) -> OSError | None:
+    """One OSError saying why `directory` cannot be written and what is safe, or None when `err`
+    is not about the disk (orbax reports a failed write as a ValueError of tensorstore's text)."""
+    code = getattr(err, "errno", None)
+    if code not in _DISK_ERRNOS:
+        code = next((c for text, c in _DISK_TEXTS.items() if text in str(err)), None)
+    if code is None:
+        return None
+    kept = (f"the checkpoints written before (steps {written[0]}..{written[-1]}) are intact"
+            if written else "no checkpoint was written yet")
+    return OSError(code, f"cannot write to {directory}: {_DISK_ERRNOS[code]}; {kept}. Free space "
+                         f"(or make it writable) and resume: cnnjax train --resume "
+                         f"{directory.parent if directory.name == CKPT_DIR else directory}")
 
 
 def _path_name(path) -> str:
@@ -159,14 +185,17 @@ class Checkpointer:
         {'val_accuracy': 0.98}, the monitored figure) marks a best-so-far candidate. Returns the
         seconds the caller was blocked (waiting for the previous save, writing a synchronous one)."""
         t0 = time.perf_counter()
-        self.manager.wait_until_finished()  # one save in flight, so `_saving` names it
-        self._saving = step
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        loop=ocp.args.JsonSave(loop)),
-                          metrics=None if best is None else {k: float(v) for k, v in best.items()},
-                          force=True)
-        if not self.async_save:
-            self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()  # one save in flight, so `_saving` names it
+            self._saving = step
+            self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), loop=ocp.args.JsonSave(loop)),
+                metrics=None if best is None else {k: float(v) for k, v in best.items()},
+                force=True)
+            if not self.async_save:
+                self.manager.wait_until_finished()
+        except Exception as err:
+            raise disk_error(err, self.directory, self.steps()) or err
         return time.perf_counter() - t0
 
     def _record_checksums(self) -> None:
@@ -180,7 +209,10 @@ class Checkpointer:
     def wait(self) -> float:
         """Waits for a save in flight; returns the seconds waited."""
         t0 = time.perf_counter()
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as err:
+            raise disk_error(err, self.directory, self.steps()) or err
         return time.perf_counter() - t0
 
     def last_good_step(self) -> int | None:

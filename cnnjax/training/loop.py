@@ -360,10 +360,16 @@ def finish(run: RunSetup, state: TrainState, loop: LoopState, callbacks: Callbac
     return RunResult(run.run_dir, summary=summary)
 
 
-def _close(run: RunSetup) -> None:
-    """Waits for the last save and gives the run directory's lock back."""
-    run.ckpt.close()
-    rundir.close_run_dir(run.run_dir)
+def _close(run: RunSetup, failed: bool = False) -> None:
+    """Waits for the last save and gives the run directory's lock back; after a failure already
+    on its way to the caller, a failing last save is that failure again, not news."""
+    try:
+        run.ckpt.close()
+    except (OSError, ValueError):
+        if not failed:
+            raise
+    finally:
+        rundir.close_run_dir(run.run_dir)
 
 
 def train_and_evaluate(cfg: Config, run_dir: pathlib.Path | str | None = None, *,
@@ -377,6 +383,7 @@ def train_and_evaluate(cfg: Config, run_dir: pathlib.Path | str | None = None, *
     """
     hooks = CallbackList(default_callbacks(cfg, stop_at_step) + list(callbacks))
     run, state, loop = setup(cfg, run_dir)
+    failed = True
     try:
         loop = start(run, state, loop, hooks)
         for _ in run.epochs(loop):
@@ -384,7 +391,11 @@ def train_and_evaluate(cfg: Config, run_dir: pathlib.Path | str | None = None, *
             state, loop = end_epoch(run, state, loop, hooks)
             if loop.stop_reason or loop.stopped_early:
                 break
-        return finish(run, state, loop, hooks)
+        result = finish(run, state, loop, hooks)
+        failed = False
+        return result
+    except OSError as err:  # a full or read-only disk: one line, and what is safe
+        raise checkpoint.disk_error(err, run.run_dir, run.ckpt.steps()) or err
     except (FloatingPointError, CallbackError) as err:
         last = run.ckpt.last_good_step()
         where = (f"step {last} in {run.ckpt.directory}; resume with cnnjax train --resume "
@@ -392,4 +403,4 @@ def train_and_evaluate(cfg: Config, run_dir: pathlib.Path | str | None = None, *
         raise type(err)(f"{err} Last good checkpoint: {where}.") from err
     finally:
         hooks.close()
-        _close(run)
+        _close(run, failed)
