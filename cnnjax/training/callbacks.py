@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import sys
+import threading
 import time
 import zlib
 from typing import Any, Callable, Iterable, Sequence
@@ -265,6 +266,23 @@ class TimingLog(JsonlLog):
         self.writer.write(event.timing)
 
 
+def _quiet_writer_thread() -> None:
+    """TensorBoard's writer thread re-raises a write the disk refused, which Python prints as a
+    traceback; the writer hands the same error to the loop at its next event or flush, which
+    reports it in one line. Installed once, around whatever hook was there."""
+    previous = threading.excepthook
+    if getattr(previous, "cnnjax_quiet", False):
+        return
+
+    def hook(args):
+        if not (type(args.thread).__name__ == "_AsyncWriterThread"
+                and isinstance(args.exc_value, OSError)):
+            previous(args)
+
+    hook.cnnjax_quiet = True
+    threading.excepthook = hook
+
+
 class TensorBoard(Callback):
     """TensorBoard event files in <run>/tensorboard (TensorBoard's own event writer; no
     TensorFlow): every number of metrics.jsonl as a scalar at its step, tagged `train/<name>` for
@@ -291,6 +309,7 @@ class TensorBoard(Callback):
             from tensorboard.compat.proto.event_pb2 import Event as TbEvent, SessionLog
             from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
+            _quiet_writer_thread()
             self.writer = EventFileWriter(str(event.run_dir / self.subdir), flush_secs=30)
             if self._purge:
                 now = time.time()
@@ -381,6 +400,7 @@ class HParams(Callback):
             for part in path:
                 value = value[part]
             figures.append(Summary.Value(tag=f"hparams/{name}", simple_value=float(value)))
+        _quiet_writer_thread()
         writer = EventFileWriter(str(event.run_dir / self.subdir), filename_suffix=".hparams")
         step, now = int(s["steps"]), time.time()
         writer.add_event(TbEvent(step=step, wall_time=now, summary=Summary(value=[

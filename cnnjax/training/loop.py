@@ -395,12 +395,17 @@ def train_and_evaluate(cfg: Config, run_dir: pathlib.Path | str | None = None, *
         failed = False
         return result
     except OSError as err:  # a full or read-only disk: one line, and what is safe
-        raise checkpoint.disk_error(err, run.run_dir, run.ckpt.steps()) or err
+        raise checkpoint.disk_error(err, run.run_dir, run.ckpt.committed()) or err
     except (FloatingPointError, CallbackError) as err:
         last = run.ckpt.last_good_step()
         where = (f"step {last} in {run.ckpt.directory}; resume with cnnjax train --resume "
                  f"{run.run_dir}" if last else "none yet")
         raise type(err)(f"{err} Last good checkpoint: {where}.") from err
     finally:
-        hooks.close()
-        _close(run, failed)
+        try:
+            hooks.close()  # a log's last flush may fail as the disk did: that failure again
+        except OSError:
+            if not failed:
+                raise
+        finally:
+            _close(run, failed)
