@@ -77,7 +77,7 @@ BROKEN = {
                "usermods_raises.py:2: RuntimeError: no GPU found"),
     "dependency": ("import not_a_real_package_xyz\n",
                    "imports 'not_a_real_package_xyz', which is not installed"),
-    "wrong kind": ("WideNet = 42\n", "names a int, not a flax.linen Module class"),
+    "wrong kind": ("WideNet = 42\n", "names an int (42), not a flax.linen Module class"),
 }
 
 

@@ -27,7 +27,7 @@ class DiskError(OSError):
     """A write the disk refused, as one line (no '[Errno N]' prefix)."""
 
     def __str__(self) -> str:
-        return self.strerror
+        return self.strerror or super().__str__()
 
 
 def disk_error(err: BaseException, directory: pathlib.Path | str, fix: str, kept: str = ""

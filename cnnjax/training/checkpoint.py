@@ -301,8 +301,9 @@ class Checkpointer:
             try:
                 return self._restore(abstract_state, step) + (step,)
             except DamagedCheckpoint as err:
-                raise DamagedCheckpoint(f"checkpoint {self.directory / str(step)} is damaged: {err}; "
-                                        f"choose another step of {steps}.") from None
+                others = [s for s in steps if s != step]
+                raise DamagedCheckpoint(f"checkpoint {self.directory / str(step)} is damaged: {err} "
+                                        f"(the run's other steps: {others}).") from None
         moved = []
         for candidate in reversed(steps):
             try:
