@@ -9,6 +9,7 @@ for, so a run's config.json, which records the path, reloads wherever the module
 from __future__ import annotations
 
 import importlib
+import pathlib
 from typing import Any, Callable
 
 
@@ -117,10 +118,12 @@ def first_line(err: BaseException) -> str:
 
 
 def where(err: BaseException) -> str:
-    """'file.py:12: ' of the innermost frame outside cnnjax and the libraries, or ''."""
+    """'file.py:12: ' of the innermost frame outside cnnjax, the libraries and Python's own
+    modules, or ''."""
+    import sysconfig
     import traceback
 
+    ours = (str(pathlib.Path(__file__).parent) + "/", sysconfig.get_paths()["stdlib"], "<")
     frames = [f for f in traceback.extract_tb(err.__traceback__)
-              if "site-packages" not in f.filename and "/cnnjax/" not in f.filename
-              and not f.filename.startswith("<")]
+              if "site-packages" not in f.filename and not f.filename.startswith(ours)]
     return f"{frames[-1].filename}:{frames[-1].lineno}: " if frames else ""

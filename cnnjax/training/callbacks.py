@@ -15,6 +15,7 @@ every checkpoint under the callback's `name`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 import sys
 import threading
@@ -365,8 +366,6 @@ class HParams(Callback):
     @staticmethod
     def values(config) -> dict[str, Any]:
         """The hyperparameters as TensorBoard takes them: bool, number or string."""
-        import json
-
         from cnnjax.training.runset import flat_config
 
         return {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v)
@@ -522,10 +521,21 @@ class CallbackList:
                 raise_callback_error(c, hook, event)
 
     def state_dict(self) -> dict[str, Any]:
+        """Each named callback's state, checked to be JSON before it goes into a checkpoint (a
+        set or a numpy number would fail the save on orbax's thread, far from its callback)."""
         out = {}
         for c in self.callbacks:
             name = getattr(c, "name", None)
-            state = c.state_dict() if name and hasattr(c, "state_dict") else None
+            if not (name and hasattr(c, "state_dict")):
+                continue
+            try:
+                state = c.state_dict()
+                json.dumps(state)
+            except Exception as err:
+                raise CallbackError(f"callback {type(c).__name__}: its state_dict() is not JSON, "
+                                    f"so it cannot go into a checkpoint: {imports.where(err)}"
+                                    f"{imports.first_line(err)}; return numbers, strings, lists "
+                                    f"and dicts (float(x) for a numpy number).") from None
             if state is not None:
                 out[name] = state
         return out
@@ -534,7 +544,12 @@ class CallbackList:
         for c in self.callbacks:
             name = getattr(c, "name", None)
             if name in states and hasattr(c, "load_state_dict"):
-                c.load_state_dict(states[name])
+                try:
+                    c.load_state_dict(states[name])
+                except Exception as err:
+                    raise CallbackError(f"callback {type(c).__name__} failed in load_state_dict "
+                                        f"(the state its checkpoint saved): {imports.where(err)}"
+                                        f"{imports.first_line(err)}") from err
 
     def close(self) -> None:
         for c in self.callbacks:
