@@ -9,6 +9,7 @@ command runs it; a phase that must fill the disk at a given moment adds a callba
 to the run's default ones (the fault is the real ENOSPC of a full tmpfs; nothing is mocked).
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -196,3 +197,47 @@ def test_a_full_or_read_only_disk_is_one_line_and_the_run_resumes_exactly(tmp_pa
     assert summary.keys() == whole.keys() and summary["resumed"]
     for key in ("best_step", "steps", "epochs_run", "val", "test"):
         assert summary[key] == whole[key], key
+
+
+@contextlib.contextmanager
+def unwritable(path):
+    """`path` and all below it made unwritable for this process: read-only permissions for a
+    user, the immutable attribute for root (whom permissions do not stop)."""
+    paths = [path, *path.rglob("*")]
+    if os.geteuid() != 0:
+        modes = {p: p.stat().st_mode for p in paths}
+        for p in paths:
+            p.chmod(modes[p] & ~0o222)
+        undo = lambda: [p.chmod(m) for p, m in modes.items()]
+    elif shutil.which("chattr") and subprocess.run(["chattr", "-R", "+i", str(path)],
+                                                   capture_output=True).returncode == 0:
+        undo = lambda: subprocess.run(["chattr", "-R", "-i", str(path)], check=True)
+    else:
+        pytest.skip("root, and chattr +i does not work here: nothing makes a directory unwritable")
+    try:
+        yield
+    finally:
+        undo()
+
+
+def test_an_unwritable_directory_is_one_line(tmp_path, capsys):
+    """A new run under a parent it may not write, and a run to resume in a directory it may not
+    write: one line each, naming the directory and what to do; nothing is written."""
+    from cnnjax.cli import main
+
+    flags = [a for item in CFG + ["train.epochs=1"] for a in ("--set", item)]
+    parent, run = tmp_path / "parent", tmp_path / "run"
+    parent.mkdir()
+    assert main(["train", *flags, "--run-dir", str(run), "--stop-at-step", "10"]) == 0
+    capsys.readouterr()
+    with unwritable(parent), unwritable(run):
+        assert main(["train", *flags, "--run-dir", str(parent / "new")]) == 2
+        new = capsys.readouterr().err.strip().splitlines()
+        assert main(["train", "--resume", str(run)]) == 2
+        resume = capsys.readouterr().err.strip().splitlines()
+    assert new == [f"cnnjax train: error: cannot write to {parent / 'new'}: it is not writable. "
+                   f"Choose a --run-dir on a writable disk with free space."]
+    assert resume == [f"cnnjax train: error: cannot write to {run}: it is not writable; the "
+                      f"checkpoints written before (steps 10..10) are intact. Free space (or make "
+                      f"it writable) and resume: cnnjax train --resume {run}"]
+    assert not (parent / "new").exists()
