@@ -7,9 +7,12 @@ must write the uninterrupted run's metrics.jsonl byte for byte and a whole summa
 traceback.
 
     python -m pytest -q -n 0 -m faults -s tests/test_fault_injection.py   # prints what each kill hit
+    CNNJAX_FAULT_ROUNDS=4 python -m pytest ...                              # 4 times the kills
 """
 
 import json
+import os
+import pathlib
 import random
 import shutil
 import sys
@@ -67,10 +70,12 @@ def reference(tmp_path_factory):
 def test_sigkill_at_random_moments_then_resume_replays_the_run(reference, tmp_path):
     lines = faultkit._lines(reference / "metrics.jsonl")
     rng = random.Random(SEED)
-    # the first kill of a trial hits the run, the next one its resume; a last resume runs on
-    trials = [[startup(rng), mid_log(rng, "metrics.jsonl", lines - 1)],
-              [saving(), finishing(rng)],
-              [saving()]]
+    # the first kill of a trial hits the run, the next one its resume; a last resume runs on.
+    # CNNJAX_FAULT_ROUNDS=N repeats the pattern with fresh draws, for a longer soak.
+    trials = [trial for _ in range(int(os.environ.get("CNNJAX_FAULT_ROUNDS", "1"))) for trial in (
+        [startup(rng), mid_log(rng, "metrics.jsonl", lines - 1)],
+        [saving(), finishing(rng)],
+        [saving()])]
     outcomes = kill_and_resume(train, resume, trials, reference, tmp_path,
                                compare=["metrics.jsonl"], complete=["summary.json"], probe=probe)
     whole = json.loads((reference / "summary.json").read_text())
@@ -82,6 +87,42 @@ def test_sigkill_at_random_moments_then_resume_replays_the_run(reference, tmp_pa
             f"{m} -> {d}" for m, d in zip(outcome.moments, outcome.during)))
     kills = [d for o in outcomes for d in o.during]
     assert sum(d == "saving a checkpoint" for d in kills) >= 1, kills
+
+
+def test_sigkill_while_an_image_folder_is_prepared_then_rerun(tmp_path):
+    """A run on `imagefolder:` killed while the folder is being prepared, its rerun killed there
+    too: the third start prepares it whole and trains to the bytes of a run never stopped."""
+    import numpy as np
+    from PIL import Image
+
+    rng, folder = np.random.default_rng(0), tmp_path / "folder"
+    for label, name in enumerate(("cat", "dog")):
+        (folder / name).mkdir(parents=True)
+        for i in range(48):
+            pixels = rng.integers(0, 256, (8, 8, 3), np.uint8)
+            pixels[..., label] = 255  # a class the model can tell
+            Image.fromarray(pixels).save(folder / name / f"{i:02d}.png")
+
+    def command(out):
+        flags = [a for item in CFG if not item.startswith("data.") for a in ("--set", item)]
+        return [sys.executable, "-m", "cnnjax", "train", "--quiet", "--run-dir", str(out),
+                "--dataset", f"imagefolder:{folder}", "--data-dir", f"{out}-data", *flags]
+
+    def preparing(rng):
+        delay = rng.uniform(0.0, 0.3)
+        return faultkit.Moment(f"preparing the folder (+{delay:.2f}s)", lambda out: any(
+            pathlib.Path(f"{out}-data").glob("cnnjax_imagefolder/*")), delay)
+
+    reference = tmp_path / "whole"
+    faultkit.run_to_end(command(reference))
+    draws = random.Random(SEED)
+    outcome, = kill_and_resume(command, lambda out: resume(out) if (out / "config.json").exists()
+                               else command(out), [[preparing(draws), preparing(draws)]],
+                               reference, tmp_path, complete=["summary.json"], probe=lambda out: (
+                                   "after the data" if (out / "config.json").exists()
+                                   else "preparing the data"))
+    print(f"image folder: " + "; ".join(f"{m} -> {d}" for m, d in zip(outcome.moments,
+                                                                      outcome.during)))
 
 
 def _damage(runs, tmp_path):

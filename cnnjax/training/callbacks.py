@@ -407,6 +407,7 @@ class HParams(Callback):
         writer.add_event(TbEvent(step=step, wall_time=now, summary=Summary(value=figures)))
         writer.add_event(TbEvent(step=step, wall_time=now, summary=Summary(value=[
             plugin(metadata.SESSION_END_INFO_TAG, session_end_info=end)])))
+        writer.flush()  # a write its thread could not make is raised here; close() would drop it
         writer.close()
 
 
