@@ -51,7 +51,8 @@ def startup(rng: random.Random, first: str = "config.json", within: float = 0.6)
                   seconds)
 
 
-def _lines(path: pathlib.Path) -> int:
+def count_lines(path: pathlib.Path) -> int:
+    """Lines written so far to `path` (0 while it does not exist)."""
     try:
         return path.read_bytes().count(b"\n")
     except OSError:
@@ -64,7 +65,7 @@ def mid_log(rng: random.Random, log: str, lines: int) -> Moment:
     n = rng.randint(1, lines)
     delay = rng.uniform(0.0, 0.05)
     return Moment(f"after line {n} of {log} (+{delay * 1000:.0f}ms)",
-                  lambda out: _lines(out / log) >= n, delay)
+                  lambda out: count_lines(out / log) >= n, delay)
 
 
 def saving(pattern: str = "**/*.orbax-checkpoint-tmp*") -> Moment:

@@ -55,7 +55,7 @@ def probe(out) -> str:
     if list((out / "ckpt").glob("*.orbax-checkpoint-tmp*")):
         return "saving a checkpoint"
     if (out / "metrics.jsonl").exists():
-        return f"training ({faultkit._lines(out / 'metrics.jsonl')} log lines)"
+        return f"training ({faultkit.count_lines(out / 'metrics.jsonl')} log lines)"
     return "starting up"
 
 
@@ -68,7 +68,7 @@ def reference(tmp_path_factory):
 
 
 def test_sigkill_at_random_moments_then_resume_replays_the_run(reference, tmp_path):
-    lines = faultkit._lines(reference / "metrics.jsonl")
+    lines = faultkit.count_lines(reference / "metrics.jsonl")
     rng = random.Random(SEED)
     # the first kill of a trial hits the run, the next one its resume; a last resume runs on.
     # CNNJAX_FAULT_ROUNDS=N repeats the pattern with fresh draws, for a longer soak.
