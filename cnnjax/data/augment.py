@@ -141,9 +141,27 @@ def from_config(cfg: AugmentConfig) -> Compose:
                          f"name; add them to augment.order or remove their arguments.")
     transforms = []
     for name in cfg.order:
-        transform = imports.call(AUGMENTATIONS.lookup(name), f"augmentation {name!r}", cfg)
+        what = f"augmentation {name!r}"
+        transform = imports.call(AUGMENTATIONS.lookup(name), what, cfg,
+                                 expected="a factory(cfg) returning a Transform or None")
         if transform is not None and not callable(transform):
-            raise ValueError(f"augmentation {name!r} gave a {type(transform).__name__}; a factory "
-                             f"returns a Transform, key -> 3x3 affine matrix, or None for off.")
+            raise ValueError(f"{what} gave {imports.kind(transform)}; a factory returns a "
+                             f"Transform, key -> 3x3 affine matrix, or None for off.")
+        if transform is not None:
+            _check_transform(what, transform)
         transforms.append(transform)
     return Compose(tuple(t for t in transforms if t is not None))
+
+
+def _check_transform(what: str, transform: Transform) -> None:
+    """Draws the transform abstractly on a key (`jax.eval_shape`: nothing runs or compiles) and
+    checks it gives a 3x3 matrix of floats."""
+    try:
+        out = jax.eval_shape(transform, jax.random.key(0))
+    except Exception as err:  # the user's function: any failure is a misfit, reported as one
+        raise ValueError(f"{what}: its Transform fails on a PRNG key: {imports.where(err)}"
+                         f"{imports.first_line(err)}") from None
+    if getattr(out, "shape", None) != (3, 3) or not jnp.issubdtype(out.dtype, jnp.floating):
+        shown = f"{out.dtype}{list(out.shape)}" if hasattr(out, "dtype") else imports.kind(out)
+        raise ValueError(f"{what}: its Transform returns {shown} for a key; it must return the "
+                         f"3x3 affine matrix (float) of one example's warp.")

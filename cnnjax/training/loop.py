@@ -23,6 +23,7 @@ the same metrics.jsonl, byte for byte, as one that never stopped.
 from __future__ import annotations
 
 import dataclasses
+import math
 import pathlib
 import statistics
 import time
@@ -36,6 +37,7 @@ from cnnjax.data import input_pipeline
 from cnnjax.report import logs, plots
 from cnnjax.training import builder, checkpoint, parallel, rundir
 from cnnjax.training.builder import RunParts
+from cnnjax.training.losses import NonFiniteLoss
 from cnnjax.training.callbacks import (Callback, CallbackError, CallbackList, Control, EndEvent,
                                        EpochEvent, Event, LogEvent, StepEvent, default_callbacks)
 from cnnjax.training.periodic import is_due
@@ -65,10 +67,14 @@ class StepLog:
         self.pending = []
         for i, m in enumerate(window):
             if not m["finite"]:
-                raise FloatingPointError(
-                    f"non-finite loss ({float(m['loss'])}) or gradient norm ({float(m['grad_norm'])}) "
-                    f"at step {self.first_step + i} (epoch {epoch}); the update was not applied. "
-                    f"Lower optim.learning_rate or check the data.")
+                loss, norm = float(m["loss"]), float(m["grad_norm"])
+                at = f"at step {self.first_step + i} (epoch {epoch}); the update was not applied."
+                if not math.isfinite(loss):
+                    raise NonFiniteLoss(f"the loss is {loss} {at} Check the loss and the data (a "
+                                        f"log of 0, a division by 0), or lower "
+                                        f"optim.learning_rate.")
+                raise FloatingPointError(f"non-finite gradient norm ({norm}) {at} Lower "
+                                         f"optim.learning_rate or check the data.")
         keys = [k for k in window[0] if k != "finite"]
         record = {k: float(np.mean([m[k] for m in window])) for k in keys}
         last = self.first_step + len(window) - 1
@@ -360,10 +366,16 @@ def finish(run: RunSetup, state: TrainState, loop: LoopState, callbacks: Callbac
     return RunResult(run.run_dir, summary=summary)
 
 
-def _close(run: RunSetup) -> None:
-    """Waits for the last save and gives the run directory's lock back."""
-    run.ckpt.close()
-    rundir.close_run_dir(run.run_dir)
+def _close(run: RunSetup, failed: bool = False) -> None:
+    """Waits for the last save and gives the run directory's lock back; after a failure already
+    on its way to the caller, a failing last save is that failure again, not news."""
+    try:
+        run.ckpt.close()
+    except (OSError, ValueError):
+        if not failed:
+            raise
+    finally:
+        rundir.close_run_dir(run.run_dir)
 
 
 def train_and_evaluate(cfg: Config, run_dir: pathlib.Path | str | None = None, *,
@@ -377,6 +389,7 @@ def train_and_evaluate(cfg: Config, run_dir: pathlib.Path | str | None = None, *
     """
     hooks = CallbackList(default_callbacks(cfg, stop_at_step) + list(callbacks))
     run, state, loop = setup(cfg, run_dir)
+    failed = True
     try:
         loop = start(run, state, loop, hooks)
         for _ in run.epochs(loop):
@@ -384,12 +397,22 @@ def train_and_evaluate(cfg: Config, run_dir: pathlib.Path | str | None = None, *
             state, loop = end_epoch(run, state, loop, hooks)
             if loop.stop_reason or loop.stopped_early:
                 break
-        return finish(run, state, loop, hooks)
+        result = finish(run, state, loop, hooks)
+        failed = False
+        return result
+    except OSError as err:  # a full or read-only disk: one line, and what is safe
+        raise checkpoint.disk_error(err, run.run_dir, run.ckpt.committed()) or err
     except (FloatingPointError, CallbackError) as err:
         last = run.ckpt.last_good_step()
         where = (f"step {last} in {run.ckpt.directory}; resume with cnnjax train --resume "
                  f"{run.run_dir}" if last else "none yet")
-        raise type(err)(f"{err} Last good checkpoint: {where}.") from err
+        loss = f"train.loss {cfg.train.loss!r}: " if isinstance(err, NonFiniteLoss) else ""
+        raise type(err)(f"{loss}{err} Last good checkpoint: {where}.") from err
     finally:
-        hooks.close()
-        _close(run)
+        try:
+            hooks.close()  # a log's last flush may fail as the disk did: that failure again
+        except OSError:
+            if not failed:
+                raise
+        finally:
+            _close(run, failed)

@@ -168,11 +168,29 @@ def make_schedule(cfg: OptimConfig, steps_per_epoch: int | None = None,
         raise ValueError(f"optim.learning_rate must be positive, got {cfg.learning_rate}.")
     factory = SCHEDULES.lookup(cfg.schedule)
     total = steps_per_epoch * epochs if steps_per_epoch and epochs else None
-    lr = imports.call(factory, f"optim.schedule {cfg.schedule!r}", cfg, total)
-    if not (callable(lr) or isinstance(lr, (int, float))):
-        raise ValueError(f"optim.schedule {cfg.schedule!r} returned a {type(lr).__name__}; a "
-                         f"schedule returns a learning rate or a function of the step count.")
+    what = f"optim.schedule {cfg.schedule!r}"
+    lr = imports.call(factory, what, cfg, total, expected="a factory(cfg, total_steps) returning "
+                      "a learning rate or a function of the step count")
+    if not (callable(lr) or isinstance(lr, (int, float))) or isinstance(lr, bool):
+        raise ValueError(f"{what} returned {imports.kind(lr)}; a schedule returns a learning "
+                         f"rate or a function of the step count.")
+    if callable(lr):  # checked abstractly on a step count: nothing is computed
+        try:
+            out = jax.eval_shape(lr, jax.ShapeDtypeStruct((), jnp.int32))
+        except Exception as err:  # the user's function: any failure is a misfit, reported as one
+            raise ValueError(f"{what} returned a schedule that fails on a step count (an int32 "
+                             f"scalar): {imports.where(err)}{imports.first_line(err)}") from None
+        if getattr(out, "shape", None) != () or not jnp.issubdtype(out.dtype, jnp.number):
+            raise ValueError(f"{what} returned a schedule that gives {_described(out)} for a step "
+                             f"count; it must give the learning rate, one number (a scalar).")
     return lr
+
+
+def _described(out) -> str:
+    """'float32[3]' for an abstract array, else what it is."""
+    if hasattr(out, "shape") and hasattr(out, "dtype"):
+        return f"{out.dtype}{list(out.shape)}"
+    return imports.kind(out)
 
 
 # Name -> factory(cfg: OptimConfig, learning_rate) -> optax.GradientTransformation: the update
@@ -225,10 +243,13 @@ def make_base_optimizer(cfg: OptimConfig, steps_per_epoch: int | None = None,
     if cfg.weight_decay < 0:
         raise ValueError(f"optim.weight_decay must be non-negative, got {cfg.weight_decay}.")
     lr = make_schedule(cfg, steps_per_epoch, epochs)
-    tx = imports.call(OPTIMIZERS.lookup(cfg.name), f"optim.name {cfg.name!r}", cfg, lr)
+    tx = imports.call(OPTIMIZERS.lookup(cfg.name), f"optim.name {cfg.name!r}", cfg, lr,
+                      expected="a factory(cfg, learning_rate) returning an "
+                               "optax.GradientTransformation")
     if not isinstance(tx, optax.GradientTransformation):
-        raise ValueError(f"optim.name {cfg.name!r} returned a {type(tx).__name__}; an optimizer "
-                         f"factory(cfg, learning_rate) returns an optax.GradientTransformation.")
+        raise ValueError(f"optim.name {cfg.name!r} returned {imports.kind(tx)}; an optimizer "
+                         f"factory(cfg, learning_rate) returns an optax.GradientTransformation "
+                         f"(optax.adam(learning_rate), optax.chain(...)).")
     return tx
 
 
