@@ -169,7 +169,8 @@ def test_a_killed_worker_is_continued_to_the_same_study(study, space_file, tmp_p
     third = cli(*args)
     out, _ = third.communicate(timeout=300)
     assert third.returncode == 0, out
-    assert "continues trial" in out and "queued again" in out
+    out = second.stdout.read() + out
+    assert out.count("continues trial") == 2 and out.count("queued again") == 2
     assert "starting it afresh" in out and "resuming" in out  # one had no checkpoint, one had
 
     record, reference = study_json(path), study_json(study)
