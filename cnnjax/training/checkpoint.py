@@ -271,6 +271,14 @@ class Checkpointer:
                       f"one.")
         return note.removeprefix("moved aside to ")
 
+    def discard_after(self, step: int) -> list[int]:
+        """Deletes the checkpoints after `step`: a run resumed from an earlier one (a sweep's
+        members, all from the step every one of them saved) writes them again."""
+        later = [s for s in self.steps() if s > step]
+        for s in later:
+            self.manager.delete(s)
+        return later
+
     def verify(self, step: int) -> None:
         """Raises DamagedCheckpoint if a file of `step` differs from its checksums."""
         step_dir = self.directory / str(step)
