@@ -43,7 +43,9 @@ def _config_flags(p, seed_help: str | None = None) -> None:
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a model and write a run directory",
                        description="Train a model; the run directory gets config.json, metrics.jsonl, "
-                                   "summary.json, plots and the best parameters.")
+                                   "summary.json, plots and the best parameters. SIGTERM or Ctrl-C "
+                                   "checkpoints at the next step and exits (143, 130); --resume "
+                                   "continues it byte for byte.")
     _config_flags(p)
     p.add_argument("--run-dir", type=pathlib.Path,
                    help="where to write the run (default checkpoints/<dataset>-<model>-s<seed>-<time>); "
@@ -66,8 +68,10 @@ def _sweep_parser(sub) -> None:
                                    "(train.seed, train.seed+1, ...), each member exactly as its own "
                                    "`cnnjax train` run would and into a run directory of its own "
                                    "in --out, and prints each member's result and who left (stopped "
-                                   "early, or diverged) at which step. Started again with the same "
-                                   "command, or with --resume DIR, it continues where it stopped.")
+                                   "early, or diverged) at which step. SIGTERM or Ctrl-C checkpoints "
+                                   "every member at the next step and exits (143, 130); started "
+                                   "again with the same command, or with --resume DIR, it continues "
+                                   "where it stopped.")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=[V1,V2,...]",
                    help="one config key's values, e.g. --grid 'optim.learning_rate=[1e-3,3e-3]'; "
                         "repeat for every combination. Keys that change no shape or program: "
@@ -261,11 +265,10 @@ def _run_sweep(args) -> int:
                                                                     f"-s{first}x{seeds}-"))
         summary = run_sweep(cfg, range(first, first + seeds), out, args.lowering, grid)
     _print_sweep(summary)
-    if summary["preempted"]:
+    if summary["preempted"] and summary["status"] != "finished":
         print(f"sweep {summary['out_dir']}: stopped by {summary['preempted']}; continue with: "
               f"cnnjax sweep --resume {summary['out_dir']}")
-        return preempt.exit_status(summary["preempted"])
-    return 0
+    return preempt.exit_status(summary["preempted"]) if summary["preempted"] else 0
 
 
 def _print_sweep(summary: dict) -> None:

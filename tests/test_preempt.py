@@ -1,7 +1,6 @@
-"""Preemption: SIGTERM and Ctrl-C checkpoint at the next step and stop; the resumed run or sweep
-writes the bytes of one that never stopped. Real signals, sent to a real process."""
+"""Preemption: SIGTERM and Ctrl-C checkpoint at the next step and stop; the resumed run writes the
+bytes of one that never stopped. Real signals, sent to a real process. (A sweep's: test_sweep.py.)"""
 
-import json
 import os
 import signal
 import subprocess
@@ -15,7 +14,6 @@ from cnnjax import Callback, Config, train_and_evaluate
 from cnnjax.cli import main
 from cnnjax.training import preempt
 from cnnjax.training.checkpoint import Checkpointer
-from cnnjax.training.sweep import run_sweep
 
 # 3 classes: 18 steps an epoch; a log line every 5 steps, so most steps fall between two lines.
 CFG = ["model.kwargs.features=4", "model.kwargs.dense=8", "data.classes=0,1,2", "train.epochs=3",
@@ -138,41 +136,6 @@ def test_a_second_ctrl_c_aborts_at_once_and_the_last_checkpoint_stays(whole, tmp
     assert Checkpointer(run, read_only=True).steps()[-1] == 10
     assert train_and_evaluate(config(*extra), run).summary["resumed"]
     assert (run / "metrics.jsonl").read_bytes() == (whole / "metrics.jsonl").read_bytes()
-
-
-SWEEP_GRID = {"optim.learning_rate": [1e-3, 3e-3]}
-
-
-def test_cnnjax_sweep_stops_on_sigterm_and_resumes_byte_identical(tmp_path):
-    """SIGTERM to a 'vmap' sweep: every member checkpoints at the same step (with its window not yet
-    logged), the command exits 143 naming `cnnjax sweep --resume`, and the resumed sweep's members
-    write the bytes of an uninterrupted sweep's."""
-    cfg = config("train.epochs=2")
-    whole_sweep = tmp_path / "whole"
-    run_sweep(cfg, [0], whole_sweep, "vmap", SWEEP_GRID)
-    out = tmp_path / "stopped"
-    cmd = [sys.executable, "-m", "cnnjax", "sweep", "--seeds", "1", "--lowering", "vmap",
-           "--out", str(out), "--grid", "optim.learning_rate=[1e-3,3e-3]"]
-    for item in CFG + ["train.epochs=2"]:
-        cmd += ["--set", item]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        _wait_for_training(proc, out / "learning_rate=0.001,seed=0" / "metrics.jsonl")
-        proc.send_signal(signal.SIGTERM)
-        stdout, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 143, (stdout, err)
-    assert f"cnnjax sweep --resume {out}" in stdout and "Traceback" not in stdout + err
-    saved = json.loads((out / "sweep.json").read_text())
-    assert saved["status"] == "preempted"
-    names = [m["name"] for m in saved["members"]]
-    steps = {name: Checkpointer(out / name, read_only=True).steps()[-1] for name in names}
-    assert len(set(steps.values())) == 1, steps  # all at the same step
-    assert main(["sweep", "--resume", str(out), "--quiet"]) == 0
-    for name in names:
-        assert (out / name / "metrics.jsonl").read_bytes() == \
-            (whole_sweep / name / "metrics.jsonl").read_bytes(), name
 
 
 def test_exit_status_is_the_shells():

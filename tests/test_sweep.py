@@ -357,3 +357,36 @@ def test_members_at_different_checkpoints_resume_from_the_step_all_saved(tmp_pat
     for name in names:
         assert (out / name / "metrics.jsonl").read_bytes() == \
             (whole / name / "metrics.jsonl").read_bytes(), name
+
+
+def test_sigterm_checkpoints_every_member_at_one_step_and_the_resume_is_byte_identical(
+        tmp_path, vmap_sweep):
+    """SIGTERM to a running 'vmap' sweep: every member checkpoints at the same step (with its log
+    window not yet written), the command exits 143 naming `cnnjax sweep --resume`, and the resumed
+    sweep's members write the bytes of the uninterrupted sweep's."""
+    _, whole = vmap_sweep
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen(sweep_command(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        log, deadline = out / "learning_rate=0.001,dropout=0,seed=0" / "metrics.jsonl", \
+            time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None and not (
+                log.exists() and log.read_text()):
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGTERM)
+        stdout, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, (stdout, err)
+    assert f"cnnjax sweep --resume {out}" in stdout and "Traceback" not in stdout + err
+    saved = json.loads((out / "sweep.json").read_text())
+    assert saved["status"] == "preempted"
+    names = [m["name"] for m in saved["members"]]
+    steps = {name: Checkpointer(out / name, read_only=True).steps()[-1] for name in names}
+    assert len(set(steps.values())) == 1, steps
+    from cnnjax.cli import main
+    assert main(["sweep", "--resume", str(out), "--quiet"]) == 0
+    for name in names:
+        assert (out / name / "metrics.jsonl").read_bytes() == \
+            (whole / name / "metrics.jsonl").read_bytes(), name

@@ -484,6 +484,11 @@ def raise_callback_error(callback, hook: str, event: Event) -> None:
                         f"{imports.where(err)}{type(err).__name__}: {err}") from err
 
 
+def _implements(callback, hook: str) -> bool:
+    fn = getattr(callback, hook, None)
+    return fn is not None and getattr(fn, "__func__", None) is not getattr(Callback, hook)
+
+
 class CallbackList:
     """Calls each hook of every callback in order, on one shared `Control`."""
 
@@ -498,9 +503,13 @@ class CallbackList:
         for c in self.callbacks:
             if not any(hasattr(c, h) for h in self.HOOKS):
                 raise TypeError(f"{c!r} is not a callback: it has none of the hooks {self.HOOKS}.")
+        # per hook, the callbacks that do something there (not `Callback`'s no-op): the loop
+        # calls on_step every step, for every member of a sweep
+        self._hooked = {hook: [c for c in self.callbacks if _implements(c, hook)]
+                        for hook in self.HOOKS}
 
     def call(self, hook: str, event: Event) -> None:
-        for c in self.callbacks:
+        for c in self._hooked.get(hook, self.callbacks):
             fn = getattr(c, hook, None)
             if fn is None:
                 continue

@@ -156,7 +156,7 @@ def make_sweep_step(lowering: str, parts: Sequence[RunParts], keys: Sequence[str
 
 
 @dataclasses.dataclass
-class Member:
+class MemberRun:
     """A member as it trains: the run's loop state as `cnnjax train` holds it for one run."""
 
     spec: grids.Member
@@ -215,7 +215,7 @@ class _Sweep:
     def __init__(self, plan: Plan, out_dir: pathlib.Path):
         self.plan, self.out_dir, self.started = plan, out_dir, time.perf_counter()
         self.specs = plan.members()
-        self.members: list[Member] = []
+        self.members: list[MemberRun] = []
         self.outcomes: dict[str, dict[str, Any]] = {}
         self.rates: list[float] = []
         self.first_step_s: float | None = None
@@ -290,7 +290,9 @@ class _Sweep:
             for m in self.members:
                 self._close(m)
             rundir.close_run_dir(self.out_dir)
-        return {**record, "out_dir": str(self.out_dir), "preempted": self.preempted}
+        # a signal during the members' last evaluation stops nothing, but is reported
+        return {**record, "out_dir": str(self.out_dir),
+                "preempted": self.preempted or preempt.requested()}
 
     def _build(self) -> list[RunParts]:
         """Each member's data (one load per seed) and parts (one build per config apart from the
@@ -351,7 +353,7 @@ class _Sweep:
                 p, self.data[spec.seed], self.par, run_dir, self.started, step=opened[spec.name],
                 keep=max(2, p.cfg.train.keep_checkpoints), announce=False)
             hooks = CallbackList(default_callbacks(p.cfg, progress=False))
-            member = Member(spec, run, state, member_loop, hooks, step=int(state.step))
+            member = MemberRun(spec, run, state, member_loop, hooks, step=int(state.step))
             self.members.append(member)
             member.loop = loop.start(run, state, member_loop, hooks)
         if resuming:
@@ -400,7 +402,7 @@ class _Sweep:
 
     # --- training ---------------------------------------------------------------------------
 
-    def _step_for(self, members: Sequence[Member]) -> SweepStep:
+    def _step_for(self, members: Sequence[MemberRun]) -> SweepStep:
         names = tuple(m.name for m in members)
         if names not in self._steps:
             self._steps = {names: make_sweep_step(
@@ -420,7 +422,7 @@ class _Sweep:
             if not self._epoch(active):
                 return
 
-    def _epoch(self, members: list[Member]) -> bool:
+    def _epoch(self, members: list[MemberRun]) -> bool:
         """One epoch of `members` (from where they stand), its end included; False when a
         signal stopped the sweep."""
         epoch = members[0].loop.epoch
@@ -496,7 +498,8 @@ class _Sweep:
             return False
         return True
 
-    def _report(self, epoch: int, stepped: Sequence[Member], members: Sequence[Member]) -> None:
+    def _report(self, epoch: int, stepped: Sequence[MemberRun], members: Sequence[MemberRun]
+                ) -> None:
         if not self.plan.config.train.progress:
             return
         values = [m.loop.best.value for m in members if m.loop.best.value is not None]
@@ -507,12 +510,12 @@ class _Sweep:
               f"{self.rates[-1]:.0f} images/s" + (f"  leaving: {', '.join(left)}" if left else ""),
               flush=True)
 
-    def _wait(self, members: Sequence[Member]) -> None:
+    def _wait(self, members: Sequence[MemberRun]) -> None:
         for m in members:
             if not m.closed:
                 m.run.ckpt.wait()
 
-    def _finish(self, members: Sequence[Member]) -> None:
+    def _finish(self, members: Sequence[MemberRun]) -> None:
         """Ends the runs of members done training (stopped early, or all epochs run): every
         member's saves are written first, so that a resume finds them all at this step."""
         self._wait(self.members)
@@ -523,7 +526,7 @@ class _Sweep:
             self.outcomes[m.name] = m.outcome
         self.write("training")
 
-    def _leave(self, m: Member, status: str, reason: str, step: int) -> None:
+    def _leave(self, m: MemberRun, status: str, reason: str, step: int) -> None:
         """A member leaves before its end (its loss or gradient not finite, or a callback's
         stop); its checkpoints stay, its run resumable with cnnjax train --resume."""
         m.outcome = {"status": status, "reason": reason, "step": step}
@@ -533,7 +536,7 @@ class _Sweep:
         if self.plan.config.train.progress:
             print(f"{m.name} left at step {step}: {reason}", flush=True)
 
-    def _close(self, m: Member) -> None:
+    def _close(self, m: MemberRun) -> None:
         """Closes a member's logs, waits for its last save and gives its directory's lock back."""
         if not m.closed:
             m.closed = True
