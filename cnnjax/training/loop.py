@@ -396,7 +396,7 @@ def train_epoch(run: RunSetup, state: TrainState, loop: LoopState, callbacks: Ca
             jax.block_until_ready(state)
             loop = first_step_timed(loop, time.perf_counter() - t_step)
         loop, here = after_step(run, state, loop, callbacks, window, metrics,
-                                signal=preempt.requested())
+                                signal=preempt.agreed())
         if here:
             loop = checkpoint_here(run, state, loop, callbacks, window)
         if loop.stop_reason:
@@ -478,7 +478,7 @@ def _close(run: RunSetup) -> None:
 
 def preempted_at_epoch_end(state: TrainState, loop: LoopState) -> LoopState:
     """A signal that came during the epoch's end stops the run there (its checkpoint is saved)."""
-    signal = preempt.requested()
+    signal = preempt.agreed()
     if not signal or loop.stop_reason:
         return loop
     return loop.replace(stop_reason=f"stopped by {signal} at step {int(state.step)}",

@@ -10,7 +10,8 @@ second signal aborts at once (KeyboardInterrupt, or SystemExit(143) for SIGTERM)
 already written stay. The previous handlers come back when the context ends.
 
 A caller that runs several trainings (a search worker) may hold `handling()` around all of them:
-the flag then stays set across them, so it can stop starting new work.
+the flag then stays set across them, so it can stop starting new work. The processes of a
+multi-process run agree on the step (`agreed`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ import sys
 import threading
 from typing import Iterator
 
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _received: list[str] = []  # the signals' names since the outermost `handling()` began
 _previous: dict[int, object] = {}  # the handlers `handling()` replaced, while it is held
@@ -30,6 +35,18 @@ _depth = 0
 def requested() -> str | None:
     """The name of the first signal received ('SIGTERM', 'SIGINT'), or None."""
     return _received[0] if _received else None
+
+
+def agreed() -> str | None:
+    """`requested()` as every process of a multi-process run sees it: a signal any of them got
+    (one small all-gather per call), so that they all checkpoint at the same step; a
+    one-process run asks no one."""
+    if jax.process_count() == 1:
+        return requested()
+    codes = multihost_utils.process_allgather(
+        np.int32(signal.Signals[requested()].value if requested() else 0))
+    code = int(np.max(codes))
+    return signal.Signals(code).name if code else None
 
 
 def exit_status(name: str) -> int:
