@@ -50,7 +50,8 @@ class DamagedCheckpoint(ValueError):
 class _QuietReadOnly(logging.Filter):
     """Drops orbax's notices about read-only managers: they describe our own choice, not a fault."""
 
-    NOTICES = ("read_only=True, setting save_interval_steps=0", "Given directory is read only")
+    NOTICES = ("read_only=True, setting save_interval_steps=0", "Given directory is read only",
+               "did not provide metrics")  # most saves carry none: only improving epochs do
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not any(n in str(record.msg) for n in self.NOTICES)
@@ -140,9 +141,12 @@ class Checkpointer:
                            keep_checkpoints_without_metrics=False),
         ])
         # Saves always go through orbax's async checkpointer, whose finalization hook writes the
-        # checksums before the rename; a synchronous save waits for it at once.
+        # checksums before the rename; a synchronous save waits for it at once. `best_fn` makes
+        # orbax write each save's metrics into the step (only then does a reopened manager, a
+        # resumed run's, know which old step is the best and keep it).
         options = ocp.CheckpointManagerOptions(
-            preservation_policy=preservation, enable_async_checkpointing=True,
+            preservation_policy=preservation, best_fn=_lower_is_better, best_mode="min",
+            enable_async_checkpointing=True,
             async_options=ocp.AsyncOptions(post_finalization_callback=self._record_checksums),
             cleanup_tmp_directories=not read_only, read_only=read_only, create=not read_only)
         self.manager = ocp.CheckpointManager(
