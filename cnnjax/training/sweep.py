@@ -340,43 +340,42 @@ class _Sweep:
     def _open(self, parts: Sequence[RunParts], recorded: dict[str, dict]) -> None:
         """Opens every member not finished, all at the last step every one of them saved."""
         self.outcomes = {name: o for name, o in recorded.items() if o.get("status") != "training"}
-        step, opened = self._resume_step(recorded)
-        resuming = step > 0
+        step, at_step, to_finish = self._resume_step(recorded)
         for spec, p in zip(self.specs, parts):
             run_dir = self.out_dir / spec.name
-            if spec.name not in opened:
+            if spec.name not in at_step and spec.name not in to_finish:
                 continue
             self.outcomes.pop(spec.name, None)
-            if not resuming and run_dir.exists():  # a fresh start: even one ahead starts over
-                shutil.rmtree(run_dir)
+            if spec.name in at_step and step == 0 and run_dir.exists():
+                shutil.rmtree(run_dir)  # a fresh start: one that saved before the kill too
             run, state, member_loop = loop.open_run(
-                p, self.data[spec.seed], self.par, run_dir, self.started, step=opened[spec.name],
+                p, self.data[spec.seed], self.par, run_dir, self.started,
+                step=step if spec.name in at_step and step > 0 else None,
                 keep=max(2, p.cfg.train.keep_checkpoints), announce=False)
             hooks = CallbackList(default_callbacks(p.cfg, progress=False))
             member = MemberRun(spec, run, state, member_loop, hooks, step=int(state.step))
             self.members.append(member)
             member.loop = loop.start(run, state, member_loop, hooks)
-        if resuming:
+        if step > 0:
             print(f"resuming sweep {self.out_dir} from step {step}: {len(self.members)} members "
                   f"training, {len(self.outcomes)} left", flush=True)
         positions = {(m.loop.epoch, m.loop.batch) for m in self.members
                      if list(m.run.epochs(m.loop))}
         assert len(positions) <= 1, positions  # lockstep: every member at the same step
 
-    def _resume_step(self, recorded: dict[str, dict]) -> tuple[int, dict[str, int | None]]:
-        """(S, {member to open: the step to open it at}): S the newest step that every member
-        still training at S saved, 0 for a fresh start (opened at None: afresh). A member that
-        left (stopped early, diverged) after S is opened at S too, to leave again at the same
-        step: under 'vmap' the others' numbers depend on which members share their program. A
-        member that stopped early at or before S without its summary yet opens at its latest, to
-        finish."""
+    def _resume_step(self, recorded: dict[str, dict]) -> tuple[int, set[str], set[str]]:
+        """(S, the members to open at step S, those to open at their latest to finish): S is the
+        newest step that every member still training at S saved (0: all start afresh). A member
+        that left (stopped early, diverged) after S is opened at S too, to leave again at the
+        same step: under 'vmap' the others' numbers depend on which members share their program.
+        One that stopped early at or before S, its summary not yet written, is finished."""
         latest, left_at = {}, {}
         for spec in self.specs:
             run_dir = self.out_dir / spec.name
             if (run_dir / "summary.json").exists():
                 left_at[spec.name] = int(rundir.read_summary(run_dir)["steps"])
             outcome = recorded.get(spec.name, {})
-            if outcome.get("status") == "diverged":
+            if outcome.get("status") in ("diverged", "stopped"):
                 left_at[spec.name] = int(outcome["step"])
             steps, saved = _latest(run_dir) if rundir.has_checkpoint(run_dir) else ([], {})
             latest[spec.name] = steps[-1] if steps else 0
@@ -385,20 +384,17 @@ class _Sweep:
                 left_at[spec.name] = steps[-1]
         training = [latest[s.name] for s in self.specs if s.name not in left_at]
         step = min(training) if training else max(latest.values(), default=0)
-        while True:
-            include = {s.name for s in self.specs if left_at.get(s.name, float("inf")) > step}
-            lower = min((latest[n] for n in include), default=step)
+        while True:  # those that left after S are back in, and may have saved less far
+            at_step = {s.name for s in self.specs if left_at.get(s.name, float("inf")) > step}
+            lower = min((latest[n] for n in at_step), default=step)
             if lower >= step:
                 break
             step = lower
-        # those that left at or before S are done: finished runs, or a member that diverged
-        done = {s.name for s in self.specs if s.name not in include}
-        for name in done:
+        for name in {s.name for s in self.specs} - at_step:  # done at or before S
             if name not in self.outcomes and (self.out_dir / name / "summary.json").exists():
                 self.outcomes[name] = _finished(rundir.read_summary(self.out_dir / name))
-        at = step if step > 0 else None
-        return step, {**{n: None for n in done if n not in self.outcomes},
-                      **{n: at for n in include}}
+        to_finish = {s.name for s in self.specs if s.name not in at_step | set(self.outcomes)}
+        return step, at_step, to_finish
 
     # --- training ---------------------------------------------------------------------------
 
