@@ -1,7 +1,7 @@
-"""Aggregate training throughput of K sweep members: cnnjax sweep's lowerings against K sequential runs.
+"""Aggregate train throughput of K sweep members: cnnjax sweep's lowerings vs K sequential runs.
 
-    python benchmarks/sweep.py                                  # K = 8 learning rates x dropout 0/0.5
-    python benchmarks/sweep.py --members 32 --ways sequential,loop,vmap
+    python benchmarks/sweep.py                       # K = 8 learning rates x dropout 0/0.5
+    python benchmarks/sweep.py --members 32 --steps 2
     python benchmarks/sweep.py --values seeds --members 8 --batch-size 32 --json out.json
 
 K members of the seed CNN (default config, batch 128), one train step each, alternated in one

@@ -64,14 +64,14 @@ def _train_parser(sub) -> None:
 def _sweep_parser(sub) -> None:
     p = sub.add_parser("sweep", help="train a grid of configurations x seeds side by side in one "
                                      "process, each member a run directory",
-                       description="Trains every combination of the --grid values with each seed "
-                                   "(train.seed, train.seed+1, ...), each member exactly as its own "
-                                   "`cnnjax train` run would and into a run directory of its own "
-                                   "in --out, and prints each member's result and who left (stopped "
-                                   "early, or diverged) at which step. SIGTERM or Ctrl-C checkpoints "
-                                   "every member at the next step and exits (143, 130); started "
-                                   "again with the same command, or with --resume DIR, it continues "
-                                   "where it stopped.")
+                       description="Trains every combination of the --grid values with each "
+                                   "seed (train.seed, train.seed+1, ...), each member exactly as "
+                                   "its own `cnnjax train` run would and into a run directory of "
+                                   "its own in --out, and prints each member's result and who "
+                                   "left (stopped early, or diverged) at which step. SIGTERM or "
+                                   "Ctrl-C checkpoints every member at the next step and exits "
+                                   "(143, 130); started again with the same command, or with "
+                                   "--resume DIR, it continues where it stopped.")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=[V1,V2,...]",
                    help="one config key's values, e.g. --grid 'optim.learning_rate=[1e-3,3e-3]'; "
                         "repeat for every combination. Keys that change no shape or program: "
@@ -249,8 +249,9 @@ def _run_sweep(args) -> int:
             ("--data-dir", args.data_dir), ("--manual-dir", args.manual_dir))
             if value not in (None, [])]
         if given:
-            raise ValueError(f"--resume DIR continues the sweep with its own plan; {', '.join(given)} "
-                             f"would change it: give --resume DIR alone (or --quiet).")
+            raise ValueError(f"--resume DIR continues the sweep with its own plan; "
+                             f"{', '.join(given)} would change it: give --resume DIR alone (or "
+                             f"--quiet).")
         summary = resume_sweep(args.resume, progress=False if args.quiet else None)
     else:
         grid = parse_grid(args.grid)

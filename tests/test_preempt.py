@@ -1,5 +1,5 @@
 """Preemption: SIGTERM and Ctrl-C checkpoint at the next step and stop; the resumed run writes the
-bytes of one that never stopped. Real signals, sent to a real process. (A sweep's: test_sweep.py.)"""
+bytes of one that never stopped. Real signals, sent to a real process (a sweep's: test_sweep.py)."""
 
 import os
 import signal

@@ -122,7 +122,8 @@ def test_traced_values_are_the_numbers_the_step_uses():
     values = traced.values_of(cfg, ("model.kwargs.dropout", "optim.learning_rate"))
     assert values["optim.learning_rate"] == np.float32(0.01)
     # dropout travels as its keep probability, rounded once from the double as a constant's is
-    assert values["model.kwargs.dropout"] == np.float32(1.0 - 0.29) != np.float32(1) - np.float32(0.29)
+    keep = values["model.kwargs.dropout"]
+    assert keep == np.float32(1.0 - 0.29) != np.float32(1) - np.float32(0.29)
 
 
 def _records(path):
@@ -285,7 +286,8 @@ def test_cnnjax_sweep_command(tmp_path, capsys):
     assert "± " in printed and "seed=6" in printed
     assert main(["sweep", "--seeds", "0", "--out", str(tmp_path / "none")]) == 2
     assert "--seeds must be at least 1" in capsys.readouterr().err
-    assert main(["sweep", "--grid", "model.kwargs.features=[4,8]", "--out", str(tmp_path / "n")]) == 2
+    assert main(["sweep", "--grid", "model.kwargs.features=[4,8]", "--out",
+                 str(tmp_path / "n")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot vary within one sweep" in err
     assert main(["sweep", "--resume", str(out), "--seeds", "3"]) == 2

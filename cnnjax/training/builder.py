@@ -211,7 +211,8 @@ def traced_train_step(parts: RunParts, keys: Sequence[str]) -> Callable:
         model = build_model(at.model, spec.num_classes) if "model" in sections else parts.model
         tx = (make_optimizer(at.optim, parts.steps_per_epoch, tc.epochs) if "optim" in sections
               else parts.tx)
-        loss = make_losses(at.train, spec.num_classes)[0] if "train" in sections else parts.options.loss
+        loss = (make_losses(at.train, spec.num_classes)[0] if "train" in sections
+                else parts.options.loss)
         options = dataclasses.replace(parts.options, loss=loss, mixing=mix.from_config(at.augment))
         warps = {key.split(".")[1]: values[key] for key in keys
                  if key.startswith("augment.") and key.split(".")[1] in augment.TRACEABLE}

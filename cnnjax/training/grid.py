@@ -1,4 +1,4 @@
-"""A sweep's plan: the base config, the grid of values its members differ in, the seeds, the lowering.
+"""A sweep's plan: the base config, the grid of values its members differ in, seeds and lowering.
 
 `cnnjax sweep --grid 'optim.learning_rate=[1e-3,3e-3]' --grid 'model.kwargs.dropout=[0,0.5]'
 --seeds 2` trains every combination of the grid's values with each seed: 2 x 2 x 2 members, each a
@@ -79,7 +79,8 @@ def parse_grid(items: Sequence[str]) -> dict[str, tuple]:
             raise ValueError(f"--grid {item!r} is not of the form KEY=[v1,v2,...], e.g. "
                              f"--grid 'optim.learning_rate=[1e-3,3e-3]'.")
         try:
-            values = json.loads(raw) if raw.startswith("[") else [json.loads(v) for v in raw.split(",")]
+            values = (json.loads(raw) if raw.startswith("[")
+                      else [json.loads(v) for v in raw.split(",")])
         except json.JSONDecodeError as err:
             raise ValueError(f"--grid {item!r}: the values are not a JSON list of numbers "
                              f"({err}).") from None

@@ -52,7 +52,8 @@ from jax.sharding import Mesh
 
 from cnnjax.config import Config
 from cnnjax.data import input_pipeline
-from cnnjax.training import builder, checkpoint, grid as grids, loop, parallel, preempt, rundir, traced
+from cnnjax.training import (builder, checkpoint, grid as grids, loop, parallel, preempt, rundir,
+                             traced)
 from cnnjax.training.builder import RunParts
 from cnnjax.training.callbacks import CallbackList, default_callbacks
 from cnnjax.training.grid import Plan
@@ -379,8 +380,9 @@ class _Sweep:
                 left_at[spec.name] = int(outcome["step"])
             steps, saved = _latest(run_dir) if rundir.has_checkpoint(run_dir) else ([], {})
             latest[spec.name] = steps[-1] if steps else 0
-            if steps and spec.name not in left_at and (
-                    saved.get("stopped_early") or int(saved["epoch"]) > self.plan.config.train.epochs):
+            done_training = saved and (saved.get("stopped_early") or
+                                       int(saved["epoch"]) > self.plan.config.train.epochs)
+            if done_training and spec.name not in left_at:
                 left_at[spec.name] = steps[-1]
         training = [latest[s.name] for s in self.specs if s.name not in left_at]
         step = min(training) if training else max(latest.values(), default=0)
@@ -564,7 +566,8 @@ def _finished(summary: Mapping[str, Any]) -> dict[str, Any]:
     """A finished member's outcome, from its summary.json."""
     out = {"status": "finished", "best_epoch": summary["best_epoch"],
            "best_step": summary["best_step"], "epochs_run": summary["epochs_run"],
-           "steps": summary["steps"], "val": _short(summary["val"]), "test": _short(summary["test"])}
+           "steps": summary["steps"], "val": _short(summary["val"]),
+           "test": _short(summary["test"])}
     if summary["stopped_early"]:
         out.update(reason=f"stopped early after epoch {summary['epochs_run']} (no better "
                           f"{summary['monitor']} since epoch {summary['best_epoch']})",
