@@ -131,13 +131,16 @@ class Plan:
         return out
 
     def to_json(self) -> dict[str, Any]:
-        return {"config": self.config.to_dict(), "grid": {k: list(v) for k, v in self.grid.items()},
+        """The plan as sweep.json holds it; the grid as [key, values] pairs, whose order names and
+        orders the members."""
+        return {"config": self.config.to_dict(),
+                "grid": [[k, list(v)] for k, v in self.grid.items()],
                 "seeds": list(self.seeds), "lowering": self.lowering}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "Plan":
         return make_plan(Config.from_dict(d["config"]), d["seeds"], d["lowering"],
-                         {k: tuple(v) for k, v in d["grid"].items()})
+                         {k: tuple(v) for k, v in d["grid"]})
 
 
 def make_plan(cfg: Config, seeds: Sequence[int], lowering: str,

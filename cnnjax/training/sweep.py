@@ -252,11 +252,12 @@ class _Sweep:
         os.replace(tmp, path)
         return record
 
-    def _check_same_plan(self) -> dict[str, Any]:
-        """The outcomes recorded by an earlier start of this sweep; refuses another plan."""
+    def _check_same_plan(self) -> dict[str, Any] | None:
+        """The outcomes recorded by an earlier start of this sweep (None: there was none);
+        refuses another plan."""
         path = self.out_dir / SWEEP_FILE
         if not path.exists():
-            return {}
+            return None
         saved = read_sweep(self.out_dir)
         wanted, theirs = self.plan.to_json(), {k: saved.get(k) for k in self.plan.to_json()}
         theirs["config"] = Config.from_dict(theirs["config"]).to_dict()
@@ -338,17 +339,17 @@ class _Sweep:
                              f"program with this config: {str(err).splitlines()[0]}; use "
                              f"--lowering loop (each member its own program).") from None
 
-    def _open(self, parts: Sequence[RunParts], recorded: dict[str, dict]) -> None:
+    def _open(self, parts: Sequence[RunParts], recorded: dict[str, dict] | None) -> None:
         """Opens every member not finished, all at the last step every one of them saved."""
-        self.outcomes = {name: o for name, o in recorded.items() if o.get("status") != "training"}
-        step, at_step, to_finish = self._resume_step(recorded)
+        self.outcomes = dict(recorded or {})
+        step, at_step, to_finish = self._resume_step(recorded or {})
         for spec, p in zip(self.specs, parts):
             run_dir = self.out_dir / spec.name
             if spec.name not in at_step and spec.name not in to_finish:
                 continue
             self.outcomes.pop(spec.name, None)
-            if spec.name in at_step and step == 0 and run_dir.exists():
-                shutil.rmtree(run_dir)  # a fresh start: one that saved before the kill too
+            if spec.name in at_step and step == 0 and run_dir.exists() and recorded is not None:
+                shutil.rmtree(run_dir)  # this sweep's fresh start: one that saved starts over too
             run, state, member_loop = loop.open_run(
                 p, self.data[spec.seed], self.par, run_dir, self.started,
                 step=step if spec.name in at_step and step > 0 else None,
