@@ -501,13 +501,13 @@ class _Sweep:
                 ) -> None:
         if not self.plan.config.train.progress:
             return
-        values = [m.loop.best.value for m in members if m.loop.best.value is not None]
+        monitor = self.plan.config.train.monitor
+        values = [m.loop.best.value for m in members if m.loop.best.value is not None] or [np.nan]
+        best = min(values) if monitor == "val_loss" else max(values)
         left = [m.name for m in stepped if m.outcome is not None or m.loop.stopped_early]
-        print(f"epoch {epoch:3d}  {len(members)} members  best {self.plan.config.train.monitor} "
-              f"{min(values) if values else float('nan'):.4f} (min), "
-              f"{statistics.mean(values) if values else float('nan'):.4f} (mean)  "
-              f"{self.rates[-1]:.0f} images/s" + (f"  leaving: {', '.join(left)}" if left else ""),
-              flush=True)
+        print(f"epoch {epoch:3d}  {len(members)} members  best {monitor} {best:.4f} (the best "
+              f"member's), {statistics.mean(values):.4f} (mean)  {self.rates[-1]:.0f} images/s"
+              + (f"  leaving: {', '.join(left)}" if left else ""), flush=True)
 
     def _wait(self, members: Sequence[MemberRun]) -> None:
         for m in members:
