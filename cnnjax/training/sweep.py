@@ -505,9 +505,10 @@ class _Sweep:
         values = [m.loop.best.value for m in members if m.loop.best.value is not None] or [np.nan]
         best = min(values) if monitor == "val_loss" else max(values)
         left = [m.name for m in stepped if m.outcome is not None or m.loop.stopped_early]
-        print(f"epoch {epoch:3d}  {len(members)} members  best {monitor} {best:.4f} (the best "
-              f"member's), {statistics.mean(values):.4f} (mean)  {self.rates[-1]:.0f} images/s"
-              + (f"  leaving: {', '.join(left)}" if left else ""), flush=True)
+        print(f"epoch {epoch:3d}  {len(members)} member{'s' * (len(members) != 1)}  best "
+              f"{monitor} {best:.4f} (the best member's), {statistics.mean(values):.4f} (mean)  "
+              f"{self.rates[-1]:.0f} images/s" + (f"  leaving: {', '.join(left)}" if left else ""),
+              flush=True)
 
     def _wait(self, members: Sequence[MemberRun]) -> None:
         for m in members:
