@@ -298,7 +298,7 @@ def _print_sweep(summary: dict) -> None:
     rate = summary["aggregate_train_images_per_s"]
     print(f"sweep {summary['out_dir']}: {len(finished)} of {len(members)} members finished"
           + (f", test accuracy {summary['test_accuracy_mean']:.4f} ± "
-             f"{summary['test_accuracy_std']:.4f}" if finished and not summary["grid"] else "")
+             f"{summary['test_accuracy_std']:.4f}" if finished and not summary["keys"] else "")
           + (f", {rate:.0f} images/s in all" if rate else "")
           + f", {summary['wall_time_s']:.1f}s")
 

@@ -231,10 +231,11 @@ def test_seeds_that_stop_early_leave_the_sweep(tmp_path):
 def test_a_diverging_member_leaves_and_the_others_go_on(tmp_path, own_runs):
     """One member's learning rate makes its loss infinite: it leaves at that step with the reason,
     its last checkpoint kept and no summary; the other, in the same 'vmap' program, trains on as
-    its own run does."""
-    grid = {"optim.learning_rate": [3e-3, 1e9]}
+    its own run does. (The members given as value sets, as a search's batch of trials.)"""
+    points = [{"optim.learning_rate": 3e-3}, {"optim.learning_rate": 1e9}]
     summary = run_sweep(Config().override(TINY + ["model.kwargs.dropout=0.5"]), [0],
-                        tmp_path / "sweep", "vmap", grid)
+                        tmp_path / "sweep", "vmap", points=points)
+    assert summary["points"] == [[["optim.learning_rate", v]] for v in (3e-3, 1e9)]
     healthy, diverged = summary["members"]
     assert healthy["status"] == "finished"
     _close(_records(tmp_path / "sweep" / healthy["name"] / "metrics.jsonl"),
@@ -263,6 +264,17 @@ def test_a_key_that_changes_the_program_is_refused_before_anything_runs(tmp_path
     with pytest.raises(ValueError, match=needle.replace("[", r"\[")):
         run_sweep(Config(), [0], tmp_path / "sweep", "vmap", parse_grid([item]))
     assert not (tmp_path / "sweep").exists()
+
+
+def test_value_sets_set_the_same_keys_once_each(tmp_path):
+    with pytest.raises(ValueError, match="the same keys"):
+        run_sweep(Config(), [0], tmp_path / "s", "vmap",
+                  points=[{"optim.learning_rate": 1e-3}, {"optim.weight_decay": 0.0}])
+    with pytest.raises(ValueError, match="repeat one"):
+        run_sweep(Config(), [0], tmp_path / "s", "vmap",
+                  points=[{"optim.learning_rate": 1e-3}, {"optim.learning_rate": 1e-3}])
+    with pytest.raises(ValueError, match="cannot vary within one sweep"):
+        run_sweep(Config(), [0], tmp_path / "s", "vmap", points=[{"train.batch_size": 32}])
 
 
 def test_momentum_off_and_on_in_one_grid_is_refused(tmp_path):

@@ -102,51 +102,62 @@ class Member:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """What a sweep trains: `config` (train.seed is the first seed), `grid`, `seeds`, `lowering`.
-    Built by `make_plan`, which refuses what cannot be swept; saved in sweep.json."""
+    """What a sweep trains: `config` (train.seed is the first seed), the value sets of its members
+    (`points`: every combination of `grid`'s values, or sets given one by one, as a search's batch
+    of trials), `seeds` and `lowering`. Built by `make_plan`, which refuses what cannot be swept;
+    saved in sweep.json."""
 
     config: Config
-    grid: Mapping[str, tuple]
+    grid: Mapping[str, tuple]  # {} when the points were given one by one
+    points: tuple[Mapping[str, Any], ...]
     seeds: tuple[int, ...]
     lowering: str
 
     @property
+    def keys(self) -> tuple[str, ...]:
+        return tuple(self.points[0]) if self.points else ()
+
+    @property
     def traced(self) -> tuple[str, ...]:
-        """The grid's keys the 'vmap' program holds as arrays."""
-        return tuple(key for key in self.grid if key in traced.TRACEABLE)
+        """The keys whose values the 'vmap' program holds as arrays."""
+        return tuple(key for key in self.keys if key in traced.TRACEABLE)
 
     def members(self) -> list[Member]:
-        """Every combination of the grid's values (the first key's slowest) with each seed."""
-        keys, out = list(self.grid), []
-        short = _short_names(keys)
-        for combo in itertools.product(*(self.grid[k] for k in keys)):
+        """Each value set (a grid's: its first key's values slowest) with each seed."""
+        short, out = _short_names(self.keys), []
+        for point in self.points:
             cfg = self.config
-            for key, value in zip(keys, combo):
+            for key, value in point.items():
                 cfg = cfg.set(key, value)
             for seed in self.seeds:
-                label = ",".join([f"{short[k]}={_shown(v)}" for k, v in zip(keys, combo)]
+                label = ",".join([f"{short[k]}={_shown(v)}" for k, v in point.items()]
                                  + [f"seed={seed}"])
-                out.append(Member(re.sub(r"[^A-Za-z0-9_.,=+-]", "_", label), dict(zip(keys, combo)),
-                                  seed, cfg.set("train.seed", seed)))
+                out.append(Member(re.sub(r"[^A-Za-z0-9_.,=+-]", "_", label), dict(point), seed,
+                                  cfg.set("train.seed", seed)))
         return out
 
     def to_json(self) -> dict[str, Any]:
-        """The plan as sweep.json holds it; the grid as [key, values] pairs, whose order names and
-        orders the members."""
-        return {"config": self.config.to_dict(),
-                "grid": [[k, list(v)] for k, v in self.grid.items()],
-                "seeds": list(self.seeds), "lowering": self.lowering}
+        """The plan as sweep.json holds it: the grid as [key, values] pairs (their order names
+        and orders the members), or else the value sets."""
+        return {"config": self.config.to_dict(), "seeds": list(self.seeds),
+                "lowering": self.lowering,
+                **({"grid": [[k, list(v)] for k, v in self.grid.items()]} if self.grid
+                   else {"points": [[[k, v] for k, v in p.items()] for p in self.points]})}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "Plan":
         return make_plan(Config.from_dict(d["config"]), d["seeds"], d["lowering"],
-                         {k: tuple(v) for k, v in d["grid"]})
+                         grid={k: tuple(v) for k, v in d.get("grid", [])},
+                         points=[dict(p) for p in d.get("points", [])])
 
 
 def make_plan(cfg: Config, seeds: Sequence[int], lowering: str,
-              grid: Mapping[str, Sequence] | None = None) -> Plan:
-    """The plan, once every grid key is known to be sweepable with this config and every
-    member's config passes the config's own checks; raises ValueError naming the key and why."""
+              grid: Mapping[str, Sequence] | None = None,
+              points: Sequence[Mapping[str, Any]] | None = None) -> Plan:
+    """The plan of a sweep over every combination of `grid`'s values, or over the value sets
+    `points` (each setting the same keys), with each seed; raises ValueError naming the key and
+    why, once it is known that a key cannot vary within one sweep, and checks every member's
+    config (Config.set's checks)."""
     seeds = tuple(int(s) for s in seeds)
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"a sweep needs distinct seeds, got {list(seeds)}.")
@@ -156,18 +167,35 @@ def make_plan(cfg: Config, seeds: Sequence[int], lowering: str,
         raise ValueError("cnnjax sweep does not support transfer learning (cfg.transfer); train "
                          "each configuration with cnnjax train instead.")
     grid = {key: tuple(values) for key, values in (grid or {}).items()}
-    for key, values in grid.items():
+    points = tuple(dict(p) for p in (points or ()))
+    if grid and points:
+        raise ValueError("a sweep takes a grid or a list of value sets, not both.")
+    label = "--grid" if grid else "sweep value"
+    if points:
+        keys = list(points[0])
+        if any(list(p) != keys for p in points):
+            raise ValueError(f"every value set of a sweep sets the same keys in the same order "
+                             f"({keys}); got {[list(p) for p in points]}.")
+        if len({json.dumps(p) for p in points}) != len(points):
+            raise ValueError("a sweep's value sets repeat one.")
+        values_of = {k: tuple(p[k] for p in points) for k in keys}
+    else:
+        values_of = grid
+    for key, values in values_of.items():
         if not values:
-            raise ValueError(f"--grid {key} has no values.")
+            raise ValueError(f"{label} {key} has no values.")
         if key not in GRIDDABLE:
             cfg.set(key, values[0])  # an unknown key is named, with the closest known one
-            raise ValueError(f"--grid {key}: cannot vary within one sweep: {why_not(key)}.")
+            raise ValueError(f"{label} {key}: cannot vary within one sweep: {why_not(key)}.")
         if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values):
-            raise ValueError(f"--grid {key}={list(values)}: give numbers.")
-        if len(set(values)) != len(values):
-            raise ValueError(f"--grid {key}={list(values)} repeats a value.")
+            raise ValueError(f"{label} {key}={list(values)}: give numbers.")
+        if grid and len(set(values)) != len(values):
+            raise ValueError(f"{label} {key}={list(values)} repeats a value.")
         _check_fits(cfg, key, values)
-    plan = Plan(cfg, grid, seeds, lowering)
+    if grid:
+        keys = list(grid)
+        points = tuple(dict(zip(keys, combo)) for combo in itertools.product(*grid.values()))
+    plan = Plan(cfg, grid, points or ({},), seeds, lowering)
     plan.members()  # every member's config through Config.set's checks
     return plan
 

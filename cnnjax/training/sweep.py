@@ -1,7 +1,8 @@
 """Many runs in one process: `cnnjax sweep --grid KEY=[v1,v2,...] ... --seeds N`.
 
 `run_sweep(cfg, seeds, out_dir, lowering, grid)` trains every combination of the grid's values
-(cnnjax/training/grid.py) with each seed, side by side, as members of one sweep:
+(cnnjax/training/grid.py), or each of the value sets `points=` gives (a search's batch of trials),
+with each seed, side by side, as members of one sweep:
 
     <out_dir>/sweep.json       the plan (config, grid, seeds, lowering) and each member's outcome
     <out_dir>/<member>/        a run directory of that member's config, as `cnnjax train` writes it
@@ -176,14 +177,15 @@ class MemberRun:
 
 
 def run_sweep(cfg: Config, seeds: Sequence[int] | None, out_dir: pathlib.Path | str,
-              lowering: str | None = None, grid: Mapping[str, Sequence] | None = None
-              ) -> dict[str, Any]:
-    """Trains every combination of `grid`'s values ({key: values}, grid.py says which keys) with
-    each of `seeds` (default: `cfg.train.seed` alone) into `out_dir`, each member a run directory
-    of its own (see the module's docstring), resuming a sweep of the same plan found there.
-    Returns sweep.json's content with `out_dir`; `preempted` names the signal that stopped it."""
+              lowering: str | None = None, grid: Mapping[str, Sequence] | None = None, *,
+              points: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any]:
+    """Trains every combination of `grid`'s values ({key: values}, grid.py says which keys), or
+    each value set of `points` ([{key: value}, ...]: a search's batch of trials), with each of
+    `seeds` (default: `cfg.train.seed` alone) into `out_dir`, each member a run directory of its
+    own (see the module's docstring), resuming a sweep of the same plan found there. Returns
+    sweep.json's content with `out_dir`; `preempted` names the signal that stopped it."""
     plan = grids.make_plan(cfg, [cfg.train.seed] if seeds is None else seeds,
-                           lowering or default_lowering(), grid)
+                           lowering or default_lowering(), grid, points)
     with preempt.handling():
         return _Sweep(plan, pathlib.Path(out_dir)).run()
 
@@ -239,7 +241,7 @@ class _Sweep:
                   "monitor": self.plan.config.train.monitor, "members": members,
                   "left": [{k: m[k] for k in ("name", "status", "reason", "step")}
                            for m in members if m.get("reason")],
-                  "groups": _groups(finished, list(self.plan.grid)),
+                  "keys": list(self.plan.keys), "groups": _groups(finished, self.plan.keys),
                   "test_accuracy_mean": statistics.mean(accuracy) if accuracy else None,
                   "test_accuracy_std": statistics.stdev(accuracy) if len(accuracy) > 1 else 0.0,
                   "aggregate_train_images_per_s": (statistics.median(self.rates[1:] or self.rates)
@@ -582,7 +584,7 @@ def _short(result: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _groups(finished: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> list[dict[str, Any]]:
-    """Test accuracy over the seeds of each combination of the grid's values."""
+    """Test accuracy over the seeds of each value set."""
     if not keys:
         return []
     groups: dict[str, list[Mapping[str, Any]]] = {}
