@@ -206,15 +206,26 @@ class StopAtStep(Callback):
 
 class CheckpointEvery(Callback):
     """Checkpoints mid-epoch at the first log line at or after each multiple of `every` steps
-    (`train.checkpoint_every_steps`); every epoch end checkpoints anyway."""
+    (`train.checkpoint_every_steps`); every epoch end checkpoints anyway. The last log line's step
+    is saved with each checkpoint, so a run resumed from one taken between log lines (after a
+    signal) asks at the same lines."""
+
+    name = "checkpoint_every"
 
     def __init__(self, every: int):
         if every < 0:
             raise ValueError(f"train.checkpoint_every_steps must be >= 0, got {every}.")
-        self.every, self.last = every, 0
+        self.every, self.last, self._loaded = every, 0, False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last": self.last}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.last, self._loaded = int(state["last"]), True
 
     def on_train_start(self, event: Event) -> None:
-        self.last = event.step
+        if not self._loaded:
+            self.last = event.step
 
     def on_log(self, event: LogEvent) -> None:
         if is_due(event.step, self.every, since=self.last):
@@ -472,11 +483,13 @@ class DeadFilterCount(Callback):
                                                           event.images("val")[0], event.spec)
 
 
-def default_callbacks(cfg, stop_at_step: int | None = None) -> list[Callback]:
-    """What `cnnjax train` runs with: the logs, TensorBoard, the progress bar, mid-epoch
-    checkpoints, the augmentation grid, the dead-filter count, the HParams summary, and
-    --stop-at-step if given."""
-    callbacks = [MetricsLog(), TimingLog(), TensorBoard(), ProgressBar(),
+def default_callbacks(cfg, stop_at_step: int | None = None, progress: bool = True
+                      ) -> list[Callback]:
+    """What `cnnjax train` runs with: the logs, TensorBoard, the progress bar (unless `progress`
+    is False: a sweep's members, whose sweep prints one line per epoch), mid-epoch checkpoints,
+    the augmentation grid, the dead-filter count, the HParams summary, and --stop-at-step if
+    given."""
+    callbacks = [MetricsLog(), TimingLog(), TensorBoard(), *([ProgressBar()] if progress else []),
                  CheckpointEvery(cfg.train.checkpoint_every_steps), AugmentationGrid(),
                  DeadFilterCount(), HParams()]
     if stop_at_step is not None:
@@ -489,6 +502,11 @@ def raise_callback_error(callback, hook: str, event: Event) -> None:
     err = sys.exc_info()[1]
     raise CallbackError(f"callback {type(callback).__name__} failed in {hook} at step {event.step}: "
                         f"{imports.where(err)}{type(err).__name__}: {err}") from err
+
+
+def _implements(callback, hook: str) -> bool:
+    fn = getattr(callback, hook, None)
+    return fn is not None and getattr(fn, "__func__", None) is not getattr(Callback, hook)
 
 
 class CallbackList:
@@ -505,9 +523,13 @@ class CallbackList:
         for c in self.callbacks:
             if not any(hasattr(c, h) for h in self.HOOKS):
                 raise TypeError(f"{c!r} is not a callback: it has none of the hooks {self.HOOKS}.")
+        # per hook, the callbacks that do something there (not `Callback`'s no-op): the loop
+        # calls on_step every step, for every member of a sweep
+        self._hooked = {hook: [c for c in self.callbacks if _implements(c, hook)]
+                        for hook in self.HOOKS}
 
     def call(self, hook: str, event: Event) -> None:
-        for c in self.callbacks:
+        for c in self._hooked.get(hook, self.callbacks):
             fn = getattr(c, hook, None)
             if fn is None:
                 continue

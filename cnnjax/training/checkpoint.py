@@ -58,7 +58,8 @@ class _QuietOrbax(logging.Filter):
     logs, traceback and all, of a write the disk refused: the failure comes back to the loop at
     the next save or wait, which reports it in one line (`disk_error`)."""
 
-    NOTICES = ("read_only=True, setting save_interval_steps=0", "Given directory is read only")
+    NOTICES = ("read_only=True, setting save_interval_steps=0", "Given directory is read only",
+               "did not provide metrics")  # most saves carry none: only improving epochs do
 
     def filter(self, record: logging.LogRecord) -> bool:
         if any(n in str(record.msg) for n in self.NOTICES):
@@ -184,9 +185,12 @@ class Checkpointer:
                            keep_checkpoints_without_metrics=False),
         ])
         # Saves always go through orbax's async checkpointer, whose finalization hook writes the
-        # checksums before the rename; a synchronous save waits for it at once.
+        # checksums before the rename; a synchronous save waits for it at once. `best_fn` makes
+        # orbax write each save's metrics into the step (only then does a reopened manager, a
+        # resumed run's, know which old step is the best and keep it).
         options = ocp.CheckpointManagerOptions(
-            preservation_policy=preservation, enable_async_checkpointing=True,
+            preservation_policy=preservation, best_fn=_lower_is_better, best_mode="min",
+            enable_async_checkpointing=True,
             async_options=ocp.AsyncOptions(post_finalization_callback=self._record_checksums),
             cleanup_tmp_directories=not read_only, read_only=read_only, create=not read_only)
         self.manager = ocp.CheckpointManager(
@@ -328,6 +332,14 @@ class Checkpointer:
         notices.warn(f"checkpoint {source} is damaged ({err}) and was {note}; trying the previous "
                       f"one.")
         return note.removeprefix("moved aside to ")
+
+    def discard_after(self, step: int) -> list[int]:
+        """Deletes the checkpoints after `step`: a run resumed from an earlier one (a sweep's
+        members, all from the step every one of them saved) writes them again."""
+        later = [s for s in self.steps() if s > step]
+        for s in later:
+            self.manager.delete(s)
+        return later
 
     def verify(self, step: int) -> None:
         """Raises DamagedCheckpoint if a file of `step` differs from its checksums."""

@@ -43,12 +43,17 @@ def smoothed_cross_entropy(smoothing: float) -> LossFn:
 
 
 def make_losses(tc: TrainConfig, num_classes: int) -> tuple[LossFn, LossFn]:
-    """(training loss, evaluation loss) of the config, checked on a (2, num_classes) batch."""
+    """(training loss, evaluation loss) of the config, checked on a (2, num_classes) batch.
+
+    A `label_smoothing` held as an array (a traced config, one program for several values, each
+    checked as a number before) always smooths: 0 gives the one-hot targets."""
+    smoothing = tc.label_smoothing
+    traced = not isinstance(smoothing, (int, float))
     loss = LOSSES.lookup(tc.loss)
     if not callable(loss):
         raise ValueError(f"train.loss {tc.loss!r} is {imports.kind(loss)}, not a function "
                          f"(logits, labels) -> per-example loss.")
-    if tc.label_smoothing and loss is not cross_entropy:
+    if not traced and smoothing and loss is not cross_entropy:
         raise ValueError(f"train.label_smoothing applies to cross_entropy; {tc.loss!r} would "
                          f"ignore it: smooth inside your loss, or set train.label_smoothing=0.")
     logits = jax.ShapeDtypeStruct((2, num_classes), jnp.float32)
@@ -64,5 +69,5 @@ def make_losses(tc: TrainConfig, num_classes: int) -> tuple[LossFn, LossFn]:
     if not jnp.issubdtype(out.dtype, jnp.floating):
         raise ValueError(f"train.loss {tc.loss!r} returns {out.dtype} losses; they must be "
                          f"floats, differentiable in the logits.")
-    train = smoothed_cross_entropy(tc.label_smoothing) if tc.label_smoothing else loss
+    train = smoothed_cross_entropy(smoothing) if traced or smoothing else loss
     return train, loss
