@@ -344,14 +344,20 @@ def _run_search(args) -> int:
         return 0
     if args.space is None or args.trials is None:
         raise ValueError("cnnjax search needs --space SPACE and --trials N (or --show STUDY).")
+    from cnnjax.training import preempt
+
+    again = ("run the same command again to continue the study (the interrupted trial resumes "
+             "from its last checkpoint).")
     try:
-        run_search(config_from_args(args), args.space, args.trials, args.study,
-                   storage=args.storage, sampler=args.sampler, pruner=args.pruner,
-                   study_seed=args.study_seed, heartbeat=args.heartbeat)
-    except KeyboardInterrupt:
-        print("cnnjax search: interrupted; run the same command again to continue the study "
-              "(the interrupted trial resumes from its last checkpoint).", file=sys.stderr)
+        out = run_search(config_from_args(args), args.space, args.trials, args.study,
+                         storage=args.storage, sampler=args.sampler, pruner=args.pruner,
+                         study_seed=args.study_seed, heartbeat=args.heartbeat)
+    except KeyboardInterrupt:  # a second Ctrl-C: aborted at once
+        print(f"cnnjax search: interrupted; {again}", file=sys.stderr)
         return 130
+    if out["preempted"]:
+        print(f"cnnjax search: stopped by {out['preempted']}; {again}", file=sys.stderr)
+        return preempt.exit_status(out["preempted"])
     return 0
 
 

@@ -187,6 +187,43 @@ def test_a_killed_worker_is_continued_to_the_same_study(study, space_file, tmp_p
             (study / w["run_dir"] / "metrics.jsonl").read_bytes()
 
 
+def test_a_preempted_worker_checkpoints_its_trial_and_the_study_continues(study, space_file,
+                                                                          tmp_path):
+    """Ctrl-C once trial 0 has a checkpoint, then SIGTERM once the next trial has one: each time
+    the worker checkpoints its trial, queues it again and exits 130 or 143 with the line to
+    continue; the same command run again resumes the trial. The study and every trial's
+    metrics.jsonl are the uninterrupted study's."""
+    path = tmp_path / "tiny"
+    args = ["--space", str(space_file), "--trials", str(N), "--study", str(path),
+            "--pruner", "none"]
+    outs = []
+    for signum, status in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        seen = {p.name for p in (path / "trials").iterdir()} if path.exists() else set()
+        proc = cli(*args)
+        _wait_for(lambda: any(_has_checkpoint(p) and not (p / "summary.json").exists()
+                              for p in (path / "trials").iterdir() if p.name not in seen)
+                  if (path / "trials").is_dir() else False, proc)
+        proc.send_signal(signum)
+        out, _ = proc.communicate(timeout=240)
+        assert proc.returncode == status, out
+        assert f"stopped by {signum.name}" in out and "run the same command again" in out
+        assert "Traceback" not in out
+        outs.append(out)
+    last = cli(*args)
+    out, _ = last.communicate(timeout=300)
+    assert last.returncode == 0, out
+    out = outs[1] + out
+    assert out.count("continues trial") == 2 and "resuming" in out
+
+    record, reference = study_json(path), study_json(study)
+    got, want = proper(record), proper(reference)
+    assert [t["state"] for t in got] == ["COMPLETE"] * N
+    assert [(t["params"], t["value"]) for t in got] == [(t["params"], t["value"]) for t in want]
+    for t, w in zip(got, want):
+        assert (path / t["run_dir"] / "metrics.jsonl").read_bytes() == \
+            (study / w["run_dir"] / "metrics.jsonl").read_bytes()
+
+
 def test_a_pruned_trial_keeps_its_run_and_is_marked_at_its_epoch(tmp_path):
     """Successive halving over a grid of one good and two poor learning rates (study seed 1 orders
     the grid good first, then 1e-7, then 1e-6): the poor trials are pruned at epoch 1, their run

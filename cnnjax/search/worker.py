@@ -21,6 +21,12 @@ Reproducibility: the sampler is made anew for each trial, seeded from the study'
 trial's position among the study's trials proper (trials a dead worker left do not count), so a
 one-worker study proposes the same trials on a rerun, and one interrupted and continued proposes
 what an uninterrupted one would.
+
+Preemption: the worker holds `preempt.handling()` for its whole life. SIGTERM or Ctrl-C during a
+trial checkpoints that run at the next step and queues the trial again; between trials it stops
+the worker before the next one. `run_search` then returns with `preempted` naming the signal
+(`cnnjax search` exits 143 or 130), and the same command continues the study, the trial resuming
+from its checkpoint to the bytes of an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -48,7 +54,7 @@ from cnnjax.search import record
 from cnnjax.search.pruning import PRUNERS, ReportToTrial, make_pruner
 from cnnjax.search.space import Space, load_space, space_differences
 from cnnjax.search.storage import JOURNAL, open_storage, optuna_quiet, redacted
-from cnnjax.training import builder, rundir
+from cnnjax.training import builder, preempt, rundir
 from cnnjax.training.loop import train_and_evaluate
 from cnnjax.training.runset import NOT_SETTINGS, STUDY_FILE, flat_config
 
@@ -86,6 +92,14 @@ class TrialFailed(Exception):
 
 class SurplusTrial(Exception):
     """A proposal drawn while other workers filled the study: dropped, never trained."""
+
+
+class Preempted(Exception):
+    """SIGTERM or Ctrl-C: the running trial checkpointed and is queued again; the worker stops."""
+
+    def __init__(self, signal: str):
+        super().__init__(signal)
+        self.signal = signal
 
 
 def make_sampler(settings: SearchSettings, space: Space, position: int
@@ -255,17 +269,19 @@ class Worker:
                 self.study.optimize(lambda trial: self.objective(trial, position, target),
                                     n_trials=1, catch=(TrialFailed, SurplusTrial),
                                     gc_after_trial=False)
-            except KeyboardInterrupt:
+            except (KeyboardInterrupt, Preempted):
                 self._interrupted()
                 raise
             self.write()
+            if preempt.requested():  # a signal came between two trials, or during a last one
+                raise Preempted(preempt.requested())
             if len(self.ran) > ran:
                 trial = self.ran[-1]
                 trial["overhead_s"] = time.perf_counter() - t0 - trial["train_s"]
 
     def _interrupted(self) -> None:
-        """Ctrl-C: the trial just failed by Optuna is queued again, to resume from its last
-        checkpoint when the study is run again."""
+        """Ctrl-C or SIGTERM: the trial just failed by Optuna is queued again, to resume from its
+        last checkpoint when the study is run again."""
         mine = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
                 if t.user_attrs.get(record.WORKER) == self.id
                 and not t.user_attrs.get(record.FAILED_REASON)
@@ -312,6 +328,9 @@ class Worker:
                 trial.set_user_attr(record.FAILED_REASON, str(err).split(" Last good")[0])
                 self.say(f"trial {trial.number}: failed: {err}")
                 raise TrialFailed(str(err)) from None
+            if result.preempted and not result.finished:  # checkpointed: it resumes
+                self.say(f"trial {trial.number}: {result.stop_reason}")
+                raise Preempted(result.preempted)
             if not result.finished:
                 trial.set_user_attr(record.PRUNED_AT, reporter.pruned_at)
                 trial.set_user_attr("train_seconds", time.perf_counter() - t0)
@@ -384,7 +403,8 @@ def run_search(cfg: Config, space: str | pathlib.Path | dict | Callable, trials:
                ) -> dict[str, Any]:
     """Fills the study in `study_dir` (default checkpoints/search-<space>) with `trials` finished
     trials of `cfg` with the space's overrides, as one worker; returns study.json's content with
-    this worker's trials under `worker`."""
+    this worker's trials under `worker`, and under `preempted` the signal that stopped it before
+    the study was full (exit with `preempt.exit_status(...)`), else None."""
     settings = SearchSettings(trials=trials, sampler=sampler, pruner=pruner,
                               study_seed=study_seed, storage=storage, heartbeat=heartbeat)
     space = load_space(space, cfg)
@@ -394,19 +414,24 @@ def run_search(cfg: Config, space: str | pathlib.Path | dict | Callable, trials:
     preflight(cfg, space)
     study = open_study(cfg, space, settings, study_dir)
     worker = Worker(study, cfg, space, settings, study_dir, callbacks, quiet)
+    stopped_by = None
     try:
-        with optuna_quiet():
+        with optuna_quiet(), preempt.handling():
             done, _ = worker.open_slots()
             if done >= settings.trials:
                 worker.say(f"study {study_dir.name} already holds {done} finished trials: "
                            f"nothing to do")
-            worker.run()
+            try:
+                worker.run()
+            except Preempted as stop:
+                stopped_by = stop.signal
             worker.write()
             out = record.study_record(study, study_dir, settings.trials)
-        worker.say(record.table(out))
+        if stopped_by is None:
+            worker.say(record.table(out))
     finally:
         worker.close()
-    return {**out, "study_dir": str(study_dir), "worker": worker.ran}
+    return {**out, "study_dir": str(study_dir), "worker": worker.ran, "preempted": stopped_by}
 
 
 def show(study_dir: pathlib.Path | str, storage: str | None = None) -> str:
