@@ -122,6 +122,12 @@ def _search_parser(sub) -> None:
     p.add_argument("--heartbeat", type=int, default=60, metavar="S",
                    help="seconds between a running trial's heartbeats in a database; a trial "
                         "silent for 3x this long is taken over (default 60)")
+    p.add_argument("--batch", type=int, default=1, metavar="K",
+                   help="ask K trials at a time and train them as one sweep (one program under "
+                        "--lowering vmap); the space may hold only values a sweep can vary")
+    p.add_argument("--lowering", choices=("loop", "vmap", "unroll"),
+                   help="how a batch's trials share the step (default: loop on CPU, vmap "
+                        "elsewhere)")
     p.add_argument("--show", type=pathlib.Path, metavar="STUDY",
                    help="print the table of a study (with --storage for one in a database)")
     _config_flags(p)
@@ -351,7 +357,8 @@ def _run_search(args) -> int:
     try:
         out = run_search(config_from_args(args), args.space, args.trials, args.study,
                          storage=args.storage, sampler=args.sampler, pruner=args.pruner,
-                         study_seed=args.study_seed, heartbeat=args.heartbeat)
+                         study_seed=args.study_seed, heartbeat=args.heartbeat,
+                         batch=args.batch, lowering=args.lowering)
     except KeyboardInterrupt:  # a second Ctrl-C: aborted at once
         print(f"cnnjax search: interrupted; {again}", file=sys.stderr)
         return 130

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 
+import optuna
 import pytest
 
 from cnnjax import Config
@@ -224,6 +225,74 @@ def test_a_preempted_worker_checkpoints_its_trial_and_the_study_continues(study,
             (study / w["run_dir"] / "metrics.jsonl").read_bytes()
 
 
+BATCH_SPACE = {"optim.learning_rate": {"low": 1e-3, "high": 1e-2, "log": True},
+               "augment.rotate": {"low": 0, "high": 10}, "model.kwargs.dropout": {"low": 0.0,
+                                                                                 "high": 0.5}}
+
+
+@pytest.fixture(scope="module")
+def batch_space(tmp_path_factory):
+    path = tmp_path_factory.mktemp("space") / "batch.json"
+    path.write_text(json.dumps(BATCH_SPACE))
+    return path
+
+
+@pytest.fixture(scope="module")
+def batch_study(tmp_path_factory, batch_space):
+    """Three trials asked two at a time, each batch one 'vmap' program."""
+    path = tmp_path_factory.mktemp("study") / "batched"
+    run_search(fixed(), batch_space, N, path, pruner="none", batch=2, lowering="vmap", quiet=True)
+    return path
+
+
+def test_a_batch_of_trials_is_one_sweep_whose_members_are_the_trials_runs(batch_study,
+                                                                          batch_space, tmp_path):
+    """The batched study proposes what a one-at-a-time study proposes (each proposal seeded by its
+    position); each trial's run is its batch's member, whose config alone trained by `cnnjax
+    train` reaches the trial's value within float rounding; its epochs reach Optuna."""
+    single = tmp_path / "single"
+    run_search(fixed(), batch_space, N, single, pruner="none", quiet=True)
+    got, want = proper(study_json(batch_study)), proper(study_json(single))
+    assert [t["state"] for t in got] == ["COMPLETE"] * N
+    assert [t["params"] for t in got] == [t["params"] for t in want]
+    assert [t["value"] for t in got] == pytest.approx([t["value"] for t in want], rel=1e-5)
+    members = [f"batches/{b}/{m['name']}" for b in (0, 2) for m in
+               json.loads((batch_study / "batches" / str(b) / "sweep.json").read_text())["members"]]
+    assert [t["run_dir"] for t in got] == members
+    sweep = json.loads((batch_study / "batches/0/sweep.json").read_text())
+    assert sweep["lowering"] == "vmap" and sweep["traced"] == list(BATCH_SPACE)
+    study = optuna.load_study(study_name="batched", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(batch_study / "study.journal"))))
+    assert all(len(t.intermediate_values) == 2 for t in study.trials)
+
+
+def test_a_preempted_batch_resumes_to_the_uninterrupted_bytes(batch_study, batch_space,
+                                                             tmp_path):
+    """SIGTERM while the first batch trains: both its members checkpoint, its two trials are
+    queued again and the worker exits 143; run again, the batch takes its directory back and
+    resumes: every trial's metrics.jsonl is the uninterrupted batched study's."""
+    path = tmp_path / "batched"
+    args = ["--space", str(batch_space), "--trials", str(N), "--study", str(path),
+            "--pruner", "none", "--batch", "2", "--lowering", "vmap"]
+    proc = cli(*args)
+    _wait_for(lambda: (path / "batches" / "0").is_dir() and all(
+        _has_checkpoint(p) for p in (path / "batches" / "0").iterdir() if p.is_dir()) and len(
+        [p for p in (path / "batches" / "0").iterdir() if p.is_dir()]) == 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 143, out
+    assert "stopped by SIGTERM" in out and "Traceback" not in out
+    again = cli(*args)
+    out, _ = again.communicate(timeout=300)
+    assert again.returncode == 0, out
+    assert "continues batch 0" in out and "resuming" in out.lower()
+    got, want = proper(study_json(path)), proper(study_json(batch_study))
+    assert [(t["params"], t["value"]) for t in got] == [(t["params"], t["value"]) for t in want]
+    for t, w in zip(got, want):
+        assert (path / t["run_dir"] / "metrics.jsonl").read_bytes() == \
+            (batch_study / w["run_dir"] / "metrics.jsonl").read_bytes()
+
+
 def test_a_pruned_trial_keeps_its_run_and_is_marked_at_its_epoch(tmp_path):
     """Successive halving over a grid of one good and two poor learning rates (study seed 1 orders
     the grid good first, then 1e-7, then 1e-6): the poor trials are pruned at epoch 1, their run
@@ -307,6 +376,8 @@ def test_workers_on_many_machines_share_a_postgresql_study(space_file, tmp_path)
     ({"optim.learning_rate": {"low": 1e-4, "high": 1e-2}}, ["--trials", "0"], "--trials must"),
     ({"optim.learning_rate": {"low": 1e-4, "high": 1e-2}},
      ["--storage", "postgresql://me:secret@127.0.0.1:1/db"], "cannot open the database"),
+    (SPACE, ["--batch", "2"], "train.batch_size cannot vary within one program"),
+    ({"optim.learning_rate": {"low": 1e-4, "high": 1e-2}}, ["--batch", "0"], "--batch must"),
 ])
 def test_bad_input_is_one_line_before_any_trial(tmp_path, capsys, space, flags, message):
     path = tmp_path / "space.json"

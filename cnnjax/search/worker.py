@@ -50,11 +50,11 @@ from optuna.trial import FrozenTrial, TrialState
 from cnnjax.config import Config
 from cnnjax.data import input_pipeline
 from cnnjax.report import logs
-from cnnjax.search import record
+from cnnjax.search import batch, record
 from cnnjax.search.pruning import PRUNERS, ReportToTrial, make_pruner
 from cnnjax.search.space import Space, load_space, space_differences
 from cnnjax.search.storage import JOURNAL, open_storage, optuna_quiet, redacted
-from cnnjax.training import builder, preempt, rundir
+from cnnjax.training import builder, grid as grids, preempt, rundir
 from cnnjax.training.loop import train_and_evaluate
 from cnnjax.training.runset import NOT_SETTINGS, STUDY_FILE, flat_config
 
@@ -75,11 +75,16 @@ class SearchSettings:
     study_seed: int = 0
     storage: str | None = None
     heartbeat: int = 60  # seconds between a running trial's heartbeats on a database storage
+    batch: int = 1  # trials trained at once, as one sweep (cnnjax/search/batch.py)
+    lowering: str | None = None  # the batch sweep's lowering (None: the sweep's default)
 
     def __post_init__(self):
         if self.trials <= 0:
             raise ValueError(f"--trials must be at least 1, got {self.trials}: it is the number "
                              f"of finished trials the study should hold.")
+        if self.batch <= 0:
+            raise ValueError(f"--batch must be at least 1, got {self.batch}: the trials trained "
+                             f"at once.")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"--sampler {self.sampler!r} is not one of {', '.join(SAMPLERS)}.")
         if self.pruner not in PRUNERS:
@@ -262,6 +267,12 @@ class Worker:
             if done >= target or slots <= 0:
                 break
             position = self.position(self.study.get_trials(deepcopy=False))
+            if self.settings.batch > 1:
+                batch.run_batch(self, position, target, min(self.settings.batch, slots))
+                self.write()
+                if preempt.requested():
+                    raise Preempted(preempt.requested())
+                continue
             self.study.sampler = make_sampler(self.settings, self.space, position)
             self.study.pruner = make_pruner(self.settings.pruner, self.cfg.train.epochs)
             ran = len(self.ran)
@@ -399,15 +410,18 @@ def _try_hold(path: pathlib.Path) -> int | None:
 def run_search(cfg: Config, space: str | pathlib.Path | dict | Callable, trials: int,
                study_dir: pathlib.Path | str | None = None, *, storage: str | None = None,
                sampler: str = "tpe", pruner: str = "median", study_seed: int = 0,
-               heartbeat: int = 60, callbacks: Sequence[Any] = (), quiet: bool = False
-               ) -> dict[str, Any]:
+               heartbeat: int = 60, batch: int = 1, lowering: str | None = None,
+               callbacks: Sequence[Any] = (), quiet: bool = False) -> dict[str, Any]:
     """Fills the study in `study_dir` (default checkpoints/search-<space>) with `trials` finished
     trials of `cfg` with the space's overrides, as one worker; returns study.json's content with
     this worker's trials under `worker`, and under `preempted` the signal that stopped it before
     the study was full (exit with `preempt.exit_status(...)`), else None."""
     settings = SearchSettings(trials=trials, sampler=sampler, pruner=pruner,
-                              study_seed=study_seed, storage=storage, heartbeat=heartbeat)
+                              study_seed=study_seed, storage=storage, heartbeat=heartbeat,
+                              batch=batch, lowering=lowering)
     space = load_space(space, cfg)
+    if batch > 1:
+        _check_batch(cfg, space, batch, callbacks)
     if settings.sampler == "grid":
         space.grid()  # a space grid cannot take is refused before anything else
     study_dir = pathlib.Path(study_dir) if study_dir is not None else default_study_dir(space)
@@ -432,6 +446,15 @@ def run_search(cfg: Config, space: str | pathlib.Path | dict | Callable, trials:
     finally:
         worker.close()
     return {**out, "study_dir": str(study_dir), "worker": worker.ran, "preempted": stopped_by}
+
+
+def _check_batch(cfg: Config, space: Space, size: int, callbacks: Sequence[Any]) -> None:
+    """What a batch of trials trained as one sweep cannot take, refused before any trial."""
+    if callbacks:
+        raise ValueError(f"--batch {size}: a batch trains its trials as one sweep, which runs the "
+                         f"built-in callbacks only; search with --batch 1 to use callbacks.")
+    batch.check_keys([p.key for p in space.params], size)
+    grids.make_plan(cfg, [cfg.train.seed], "loop")  # what a sweep refuses of the fixed config
 
 
 def show(study_dir: pathlib.Path | str, storage: str | None = None) -> str:
