@@ -2,7 +2,8 @@
 mid-epoch, during an asynchronous checkpoint save, at the end while plots and summary.json are
 written), sometimes its resume killed too; each run then resumed with `cnnjax train --resume`
 must write the uninterrupted run's metrics.jsonl byte for byte and a whole summary.json
-(tests/faultkit.py). Then `cnnjax compare` and `cnnjax ensemble` meet a set holding a killed
+(tests/faultkit.py). A 'vmap' sweep and a search worker the same way, each member's and each
+trial's metrics.jsonl checked against the uninterrupted sweep's and study's. Then `cnnjax compare` and `cnnjax ensemble` meet a set holding a killed
 (unfinished) run and damaged ones: each is skipped with a line or refused in one, never a
 traceback.
 
@@ -87,6 +88,72 @@ def test_sigkill_at_random_moments_then_resume_replays_the_run(reference, tmp_pa
             f"{m} -> {d}" for m, d in zip(outcome.moments, outcome.during)))
     kills = [d for o in outcomes for d in o.during]
     assert sum(d == "saving a checkpoint" for d in kills) >= 1, kills
+
+
+GRID = ["--grid", "optim.learning_rate=[0.001,0.003]", "--lowering", "vmap"]
+MEMBERS = ("learning_rate=0.001,seed=0", "learning_rate=0.003,seed=0")
+
+
+def sweep(out):
+    return [sys.executable, "-m", "cnnjax", "sweep", "--quiet", "--out", str(out), *GRID,
+            *[arg for item in CFG for arg in ("--set", item)]]
+
+
+def test_sigkill_a_sweep_at_random_moments_then_rerun_replays_every_member(tmp_path):
+    """A two-member 'vmap' sweep (one program) SIGKILLed mid-epoch, during a save and at the
+    end, then the same command run again: every member's metrics.jsonl is the uninterrupted
+    sweep's."""
+    whole = tmp_path / "whole"
+    faultkit.run_to_end(sweep(whole))
+    lines = faultkit.count_lines(whole / MEMBERS[0] / "metrics.jsonl")
+    rng = random.Random(SEED + 1)
+    trials = [[mid_log(rng, f"{MEMBERS[1]}/metrics.jsonl", lines - 1), saving()],
+              [finishing(rng, first="*/*.png")]]
+    outcomes = kill_and_resume(sweep, sweep, trials, whole, tmp_path,
+                               compare=[f"{m}/metrics.jsonl" for m in MEMBERS],
+                               complete=["sweep.json", *[f"{m}/summary.json" for m in MEMBERS]])
+    assert all(o.landed[0] for o in outcomes), outcomes
+
+
+SPACE = {"optim.learning_rate": {"low": 1e-3, "high": 1e-2, "log": True},
+         "augment.rotate": {"low": 0, "high": 10}}
+
+
+def test_sigkill_a_search_worker_at_random_moments_then_rerun_fills_the_same_study(tmp_path):
+    """A two-trial study whose worker is SIGKILLed mid-trial, during a save and at a trial's end,
+    then the same command run again: its trials are the uninterrupted study's, and each trial's
+    run (continued in a new trial's directory) wrote the uninterrupted bytes."""
+    space = tmp_path / "space.json"
+    space.write_text(json.dumps(SPACE))
+
+    def search(out):
+        return [sys.executable, "-m", "cnnjax", "search", "--space", str(space), "--trials", "2",
+                "--study", str(out), "--pruner", "none",
+                *[arg for item in CFG for arg in ("--set", item)]]
+
+    whole = tmp_path / "whole"
+    faultkit.run_to_end(search(whole))
+    lines = faultkit.count_lines(whole / "trials" / "0" / "metrics.jsonl")
+    rng = random.Random(SEED + 2)
+    trials = [[mid_log(rng, "trials/0/metrics.jsonl", lines - 1), saving()],
+              [finishing(rng, first="trials/*/*.png")]]
+    outcomes = kill_and_resume(search, search, trials, whole, tmp_path, compare=[],
+                               complete=["study.json"])
+    assert all(o.landed[0] for o in outcomes), outcomes
+
+    def proper(path):
+        study = json.loads((path / "study.json").read_text())
+        return [t for t in study["trials"] if "continued_by" not in t]
+
+    want = proper(whole)
+    for outcome in outcomes:
+        out = tmp_path / f"trial-{outcome.trial}"
+        got = proper(out)
+        assert [(t["state"], t["params"], t["value"]) for t in got] == \
+            [(t["state"], t["params"], t["value"]) for t in want], outcome
+        for t, w in zip(got, want):
+            assert (out / t["run_dir"] / "metrics.jsonl").read_bytes() == \
+                (whole / w["run_dir"] / "metrics.jsonl").read_bytes(), outcome
 
 
 def test_sigkill_while_an_image_folder_is_prepared_then_rerun(tmp_path):
