@@ -3,7 +3,8 @@
 A study is a directory (`<study>/study.json`, `trials/<number>/` run directories, and with no
 database the Optuna journal `study.journal`): space.py reads and checks a search space,
 storage.py opens where the study lives, pruning.py reports each epoch to the trial, worker.py
-runs the trials, record.py writes study.json and the table.
+runs the trials, batch.py trains K of them as one sweep (`--batch K`), record.py writes study.json
+and the table.
 """
 
 from cnnjax.search.space import register_space
