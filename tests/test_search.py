@@ -293,6 +293,25 @@ def test_a_preempted_batch_resumes_to_the_uninterrupted_bytes(batch_study, batch
             (batch_study / w["run_dir"] / "metrics.jsonl").read_bytes()
 
 
+def test_a_diverging_trial_of_a_batch_fails_with_its_reason_and_the_others_complete(tmp_path):
+    """Four trials drawn from {3e-3, 1e9} as one batch (equal draws share one member): the 1e9
+    trials fail with the step and reason their member left at; the others complete, their runs
+    finished."""
+    space = {"optim.learning_rate": {"choices": [0.003, 1e9]}}
+    out = run_search(fixed(), space, 4, tmp_path / "s", pruner="none", batch=4, quiet=True)
+    trials = proper(out)
+    rates = [t["params"]["optim.learning_rate"] for t in trials]
+    assert set(rates) == {0.003, 1e9}, rates  # the study seed draws both
+    for t in trials:
+        if t["params"]["optim.learning_rate"] == 1e9:
+            assert t["state"] == "FAIL" and "at step" in t["failed_reason"], t
+            assert not (tmp_path / "s" / t["run_dir"] / "summary.json").exists()
+        else:
+            assert t["state"] == "COMPLETE", t
+            assert (tmp_path / "s" / t["run_dir"] / "summary.json").is_file()
+    assert out["finished_trials"] == 4
+
+
 def test_a_pruned_trial_keeps_its_run_and_is_marked_at_its_epoch(tmp_path):
     """Successive halving over a grid of one good and two poor learning rates (study seed 1 orders
     the grid good first, then 1e-7, then 1e-6): the poor trials are pruned at epoch 1, their run
