@@ -107,12 +107,12 @@ def test_sigkill_a_sweep_at_random_moments_then_rerun_replays_every_member(tmp_p
     faultkit.run_to_end(sweep(whole))
     lines = faultkit.count_lines(whole / MEMBERS[0] / "metrics.jsonl")
     rng = random.Random(SEED + 1)
-    trials = [[mid_log(rng, f"{MEMBERS[1]}/metrics.jsonl", lines - 1), saving()],
-              [finishing(rng, first="*/*.png")]]
+    trials = [[mid_log(rng, f"{MEMBERS[1]}/metrics.jsonl", lines - 1), saving(),
+               finishing(rng, first="*/*.png")]]
     outcomes = kill_and_resume(sweep, sweep, trials, whole, tmp_path,
                                compare=[f"{m}/metrics.jsonl" for m in MEMBERS],
                                complete=["sweep.json", *[f"{m}/summary.json" for m in MEMBERS]])
-    assert all(o.landed[0] for o in outcomes), outcomes
+    assert all(all(o.landed) for o in outcomes), outcomes
 
 
 SPACE = {"optim.learning_rate": {"low": 1e-3, "high": 1e-2, "log": True},
@@ -135,11 +135,11 @@ def test_sigkill_a_search_worker_at_random_moments_then_rerun_fills_the_same_stu
     faultkit.run_to_end(search(whole))
     lines = faultkit.count_lines(whole / "trials" / "0" / "metrics.jsonl")
     rng = random.Random(SEED + 2)
-    trials = [[mid_log(rng, "trials/0/metrics.jsonl", lines - 1), saving()],
-              [finishing(rng, first="trials/*/*.png")]]
+    trials = [[mid_log(rng, "trials/0/metrics.jsonl", lines - 1), saving(),
+               finishing(rng, first="trials/*/*.png")]]
     outcomes = kill_and_resume(search, search, trials, whole, tmp_path, compare=[],
                                complete=["study.json"])
-    assert all(o.landed[0] for o in outcomes), outcomes
+    assert all(all(o.landed) for o in outcomes), outcomes
 
     def proper(path):
         study = json.loads((path / "study.json").read_text())

@@ -126,6 +126,7 @@ def test_a_second_ctrl_c_aborts_at_once_and_the_last_checkpoint_stays(whole, tmp
         start = time.monotonic()
         proc.send_signal(signal.SIGINT)
         assert "SIGINT received" in proc.stderr.readline()
+        time.sleep(1)  # the handler ran: by now the main thread is back inside the long sleep
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
         seconds = time.monotonic() - start
