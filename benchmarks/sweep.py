@@ -1,20 +1,22 @@
-"""Aggregate training throughput of N seeds: cnnjax sweep's lowerings against N sequential runs.
+"""Aggregate train throughput of K sweep members: cnnjax sweep's lowerings vs K sequential runs.
 
-    python benchmarks/sweep.py                          # seeds 8, batch 128; about 1-2 min on 2 CPU cores
-    python benchmarks/sweep.py --seeds 4 --batch-size 32 --json out.json
+    python benchmarks/sweep.py                       # K = 8 learning rates x dropout 0/0.5
+    python benchmarks/sweep.py --members 32 --steps 2
+    python benchmarks/sweep.py --values seeds --members 8 --batch-size 32 --json out.json
 
-Ways to train N seed CNNs (cnnjax's train step, default optimizer) one step each, alternated
-in one process (the machine is noisy; compare medians):
-- sequential: N single-seed jitted steps, one after another (what N `cnnjax train` runs cost on
-  one machine, without their process start-up);
-- loop: `cnnjax.training.sweep.loop_step`, cnnjax sweep's default on CPU: the single-seed step for each
-  seed in turn, inside the sweep's bookkeeping (stacked batches and metrics);
-- vmap: `cnnjax.training.sweep.make_sweep_step`, i.e. jit(vmap(train_step)) over stacked states, batches and
-  keys; convolutions become grouped (batched) convolutions;
-- unroll: `make_sweep_step(..., 'unroll')`: the N steps written out in one program;
-- map: jit of `lax.map(train_step)` over the seed axis: one program, the seeds' steps run one after
-  another inside it (no grouped convolutions).
-Reported as aggregate images/s (N x batch per step) and the first call's seconds (compile).
+K members of the seed CNN (default config, batch 128), one train step each, alternated in one
+process (the machine is noisy; compare medians). `--values grid` (default): member i has learning
+rate 1e-4 * 100^(i / (K - 1)) and dropout 0 or 0.5 (every other member), so that no two share a
+config; `--values seeds`: K seeds of the default config. The ways:
+- sequential: each member's own compiled step (`cnnjax train`'s, compiled for its config), one
+  after another: what K `cnnjax train` runs cost on one machine, without their start-up;
+- loop: `make_sweep_step('loop', ...)`, cnnjax sweep's default on CPU: the same steps inside the
+  sweep's bookkeeping;
+- vmap: `make_sweep_step('vmap', ...)`: one `jit(vmap(step))` over the stacked states, the grid's
+  values (learning rate, dropout) as arrays beside them, so every member shares one program;
+- unroll: `make_sweep_step('unroll', ...)`: the K members' steps written out in one program.
+Reported as aggregate images/s (K x batch per step), its ratio to sequential, and the first
+call's seconds (compile: sequential and loop compile one program per config).
 """
 
 from __future__ import annotations
@@ -27,86 +29,84 @@ import time
 import jax
 import numpy as np
 
-from cnnjax import Config, DatasetSpec, build, seed_keys
-from cnnjax.training.steps import train_compiler_options
-from cnnjax.training.sweep import init_states, loop_step, make_sweep_step, unstack
+from cnnjax import Config, DatasetSpec
+from cnnjax.training.builder import build_members
+from cnnjax.training.sweep import make_sweep_step
 
 IMAGE_SHAPE, MEAN, STD = (28, 28, 1), 0.1307, 0.3081
 SPEC = DatasetSpec("mnist", 10, IMAGE_SHAPE, MEAN, STD, ("train", "test"), False)
+WAYS = ("sequential", "loop", "vmap", "unroll")
+
+
+def member_configs(k: int, values: str) -> tuple[list[Config], tuple[str, ...]]:
+    """The K members' configs and the grid keys they differ in."""
+    if values == "seeds":
+        return [Config().set("train.seed", i) for i in range(k)], ()
+    keys = ("optim.learning_rate", "model.kwargs.dropout")
+    return [Config().override([f"optim.learning_rate={1e-4 * 100 ** (i / max(1, k - 1)):.6g}",
+                               f"model.kwargs.dropout={0.5 * (i % 2)}"]) for i in range(k)], keys
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, default=8)
+    parser.add_argument("--members", type=int, default=8)
+    parser.add_argument("--values", choices=("grid", "seeds"), default="grid")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per measurement")
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per measurement")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--ways", default=",".join(WAYS), help=f"a subset of {','.join(WAYS)}")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
-    n, bs = args.seeds, args.batch_size
-    parts = build(Config(), SPEC, steps_per_epoch=1)
-    # the body with the passes `cnnjax sweep` would use; the single step splits batches the same way
-    body = parts.pure_train_step()  # its passes: grad_passes(bs)
-    single_step = parts.epoch_steps[0]
+    k, bs, ways = args.members, args.batch_size, args.ways.split(",")
+    cfgs, keys = member_configs(k, args.values)
+    parts = build_members([c.set("train.batch_size", bs) for c in cfgs], SPEC, steps_per_epoch=1)
     rng = np.random.default_rng(0)
     batches = [[{"image": rng.integers(0, 256, (bs, *IMAGE_SHAPE), dtype=np.uint8),
                  "label": rng.integers(0, 10, bs).astype(np.int32),
-                 "index": np.arange(bs, dtype=np.int32)} for _ in range(n)]
+                 "index": rng.permutation(60000)[:bs].astype(np.int32)} for _ in range(k)]
                for _ in range(args.steps + 1)]
-    stacked = [{k: np.stack([b[k] for b in step]) for k in step[0]} for step in batches]
-    seeds = list(range(n))
+    batches = [[jax.device_put(b) for b in step] for step in batches]  # on the device, as placed
 
-    singles = [parts.init_state(seed_keys(s)[0]) for s in seeds]
-    train_keys = [seed_keys(s)[1] for s in seeds]
-    vstate, vkeys = init_states(parts, seeds)
-    mstate, _ = init_states(parts, seeds)
-    ustate, _ = init_states(parts, seeds)
-    vstep, ustep = make_sweep_step(body, "vmap"), make_sweep_step(body, "unroll")
-    lstep = loop_step(single_step)
-    lstate, lkeys = init_states(parts, seeds)
-    lstate, lkeys = lstep.pack(unstack(lstate, n), list(lkeys))
-    mstep = jax.jit(lambda st, b, k: jax.lax.map(lambda a: body(*a), (st, b, k)), donate_argnums=0,
-                    compiler_options=train_compiler_options())
+    steps = {way: make_sweep_step(way, parts, keys) for way in ways if way != "sequential"}
+    held = {way: step.pack([p.init_state() for p in parts]) for way, step in steps.items()}
+    singles = [p.init_state() for p in parts] if "sequential" in ways else []
 
     def run_sequential(step_batches):
-        for per_seed in step_batches:
-            for i in range(n):
-                singles[i], _ = single_step(singles[i], per_seed[i], train_keys[i])
+        for per_member in step_batches:
+            for i, p in enumerate(parts):
+                singles[i], _ = p.epoch_steps[0](singles[i], per_member[i], p.train_key)
         jax.block_until_ready(singles)
 
-    state = {"loop": lstate, "vmap": vstate, "unroll": ustate, "map": mstate}
-
-    def runner(name, step, keys=vkeys):
+    def runner(way):
         def run(step_batches):
-            for b in step_batches:
-                state[name], _ = step(state[name], b, keys)
-            jax.block_until_ready(state[name])
+            for per_member in step_batches:
+                held[way], _ = steps[way](held[way], per_member)
+            jax.block_until_ready(held[way])
         return run
 
-    ways = {"sequential": (run_sequential, batches), "loop": (runner("loop", lstep, lkeys), stacked),
-            "vmap": (runner("vmap", vstep), stacked), "unroll": (runner("unroll", ustep), stacked),
-            "map": (runner("map", mstep), stacked)}
-    compile_s, rates = {}, {name: [] for name in ways}
-    for name, (run, data) in ways.items():
+    runs = {way: run_sequential if way == "sequential" else runner(way) for way in ways}
+    compile_s, rates = {}, {way: [] for way in ways}
+    for way, run in runs.items():
         start = time.perf_counter()
-        run(data[:1])
-        compile_s[name] = time.perf_counter() - start
+        run(batches[:1])
+        compile_s[way] = time.perf_counter() - start
     for repeat in range(args.repeats):
-        for name in (list(ways) if repeat % 2 == 0 else list(ways)[::-1]):
-            run, data = ways[name]
+        for way in (ways if repeat % 2 == 0 else ways[::-1]):
             start = time.perf_counter()
-            run(data[1:])
-            rates[name].append(n * bs * args.steps / (time.perf_counter() - start))
+            runs[way](batches[1:])
+            rates[way].append(k * bs * args.steps / (time.perf_counter() - start))
     report = {"args": vars(args), "device": str(jax.devices()[0]), "compile_s": compile_s,
               "images_per_s": rates}
-    print(f"{n} seeds, batch {bs} each, on {report['device']}; aggregate train images/s, "
-          f"median (min–max) of {args.repeats} alternating repeats of {args.steps} steps\n")
+    print(f"{k} members ({args.values}), batch {bs} each, on {report['device']}; aggregate train "
+          f"images/s, median (min–max) of {args.repeats} alternating repeats of {args.steps} "
+          f"steps\n")
     print("| way | images/s | vs sequential | first call (s) |\n|---|---:|---:|---:|")
-    base = statistics.median(rates["sequential"])
-    for name, values in rates.items():
+    base = statistics.median(rates["sequential"]) if "sequential" in rates else None
+    for way, values in rates.items():
         med = statistics.median(values)
-        print(f"| {name} | {med:,.0f} ({min(values):,.0f}–{max(values):,.0f}) | "
-              f"{med / base:.2f}x | {compile_s[name]:.1f} |")
+        ratio = f"{med / base:.2f}x" if base else "-"
+        print(f"| {way} | {med:,.0f} ({min(values):,.0f}–{max(values):,.0f}) | {ratio} | "
+              f"{compile_s[way]:.1f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)

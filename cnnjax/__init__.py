@@ -1,10 +1,11 @@
 """cnnjax: a JAX functional research framework for convolutional neural networks.
 
 What an experiment script needs is here: the config, the whole training job and its stages,
-callbacks, evaluating and predicting with a finished run, sweeping seeds, visualizing, and a
-plotting helper. The subpackages follow the data's path and import only down it:
-`cnnjax.data` -> `cnnjax.nn` -> `cnnjax.training` -> `cnnjax.visualize`, with `cnnjax.report`
-(logs and plots) beneath them all and `cnnjax.lab` (the teaching code) aside.
+callbacks, evaluating and predicting with a finished run, sweeping seeds and values, searching
+over configurations, visualizing, and a plotting helper. The subpackages follow the data's path and
+import only down it: `cnnjax.data` -> `cnnjax.nn` -> `cnnjax.training` -> `cnnjax.search` /
+`cnnjax.visualize`, with `cnnjax.report` (logs and plots) beneath them all and `cnnjax.lab` (the
+teaching code) aside.
 
 Names are imported lazily so that `cnnjax --help` and config handling do not pay for importing JAX.
 """
@@ -47,7 +48,8 @@ _EXPORTS = {
     **dict.fromkeys(("Run", "load_run", "load_config"), "cnnjax.training.runs"),
     "DamagedCheckpoint": "cnnjax.training.checkpoint",
     "RunDirInUse": "cnnjax.training.rundir",
-    "run_sweep": "cnnjax.training.sweep",
+    **dict.fromkeys(("run_sweep", "resume_sweep"), "cnnjax.training.sweep"),
+    **dict.fromkeys(("run_search", "register_space"), "cnnjax.search"),
     "visualize_run": "cnnjax.visualize",
     **dict.fromkeys(("new_figure", "save_figure", "plot_run"), "cnnjax.report.plots"),
     **dict.fromkeys(("read_jsonl", "write_json"), "cnnjax.report.logs"),

@@ -6,6 +6,10 @@
     cnnjax eval --run DIR [--dataset NAME] [--split test] [--step N]
     cnnjax visualize --run DIR [--images INDEX|FILE ...] [--layer NAME ...]
     cnnjax sweep --seeds N [--lowering loop|vmap|unroll] [the train flags]
+    cnnjax search --space SPACE --trials N [--study DIR] [--storage URL]
+                  [--sampler tpe|random|grid|cmaes] [--pruner median|hyperband|halving|none]
+                  [the train flags]
+    cnnjax search --show STUDY [--storage URL]
     cnnjax compare RUN... | STUDY [--out DIR]
     cnnjax ensemble --runs RUN... | --study S [--top K] [--weights uniform|val]
                     [--method average|greedy] [--logits] [--out DIR]
@@ -43,7 +47,9 @@ def _config_flags(p, seed_help: str | None = None) -> None:
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a model and write a run directory",
                        description="Train a model; the run directory gets config.json, metrics.jsonl, "
-                                   "summary.json, plots and the best parameters.")
+                                   "summary.json, plots and the best parameters. SIGTERM or Ctrl-C "
+                                   "checkpoints at the next step and exits (143, 130); --resume "
+                                   "continues it byte for byte.")
     _config_flags(p)
     p.add_argument("--run-dir", type=pathlib.Path,
                    help="where to write the run (default checkpoints/<dataset>-<model>-s<seed>-<time>); "
@@ -60,15 +66,71 @@ def _train_parser(sub) -> None:
 
 
 def _sweep_parser(sub) -> None:
-    p = sub.add_parser("sweep", help="train N seeds of one config side by side in one process",
-                       description="Trains seeds train.seed, train.seed+1, ..., each exactly as its "
-                                   "own `cnnjax train` run would, and reports mean ± std.")
-    p.add_argument("--seeds", type=int, default=8, help="how many seeds (default 8)")
+    p = sub.add_parser("sweep", help="train a grid of configurations x seeds side by side in one "
+                                     "process, each member a run directory",
+                       description="Trains every combination of the --grid values with each "
+                                   "seed (train.seed, train.seed+1, ...), each member exactly as "
+                                   "its own `cnnjax train` run would and into a run directory of "
+                                   "its own in --out, and prints each member's result and who "
+                                   "left (stopped early, or diverged) at which step. SIGTERM or "
+                                   "Ctrl-C checkpoints every member at the next step and exits "
+                                   "(143, 130); started again with the same command, or with "
+                                   "--resume DIR, it continues where it stopped.")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=[V1,V2,...]",
+                   help="one config key's values, e.g. --grid 'optim.learning_rate=[1e-3,3e-3]'; "
+                        "repeat for every combination. Keys that change no shape or program: "
+                        "optim.learning_rate, weight_decay, b1, b2, eps, momentum; "
+                        "model.kwargs.dropout, conv_dropout (seed_cnn); train.label_smoothing; "
+                        "augment.rotate, translate, scale, mixup, cutmix; optim.plateau_factor, "
+                        "plateau_patience, plateau_threshold; train.early_stopping_patience. "
+                        "Others are refused, with why")
+    p.add_argument("--seeds", type=int,
+                   help="seeds of each combination (default 8 without --grid, 1 with it)")
     p.add_argument("--lowering", choices=("loop", "vmap", "unroll"),
-                   help="how the seeds share the machine (default: the faster on this backend)")
+                   help="how the members share the machine: loop (each its own compiled step; "
+                        "the default on CPU), vmap (one program over all members; the default "
+                        "elsewhere), unroll (the members' steps written into one program)")
     _config_flags(p, seed_help="the first seed (default: train.seed)")
     p.add_argument("--out", type=pathlib.Path,
-                   help="output directory (default checkpoints/sweep-<dataset>-<model>-s<seed>xN-<time>)")
+                   help="output directory (default checkpoints/sweep-<dataset>-<model>-s<seed>xN-"
+                        "<time>); a sweep of the same plan there is resumed")
+    p.add_argument("--resume", type=pathlib.Path, metavar="DIR",
+                   help="continue the sweep in DIR with its own plan (DIR/sweep.json)")
+
+
+def _search_parser(sub) -> None:
+    p = sub.add_parser("search", help="search over configurations with Optuna; every trial a run",
+                       description="Fills a study with --trials finished trials, each a cnnjax "
+                                   "train run of the fixed config (the train flags, --set) with "
+                                   "the trial's values of the space; the objective is "
+                                   "train.monitor on validation at the best epoch. Run the same "
+                                   "command again to continue a study, on any number of machines "
+                                   "with --storage.")
+    p.add_argument("--space", metavar="SPACE",
+                   help="a TOML or JSON file mapping config keys to {low, high[, log][, step]} "
+                        "or {choices: [...]}, or a registered space or package.module:function "
+                        "(trial) -> {key: value}")
+    p.add_argument("--trials", type=int, help="the finished trials the study should hold")
+    p.add_argument("--study", type=pathlib.Path, metavar="DIR",
+                   help="the study directory (default checkpoints/search-<space>); its last "
+                        "component names the study in a database")
+    p.add_argument("--storage", metavar="URL", help="a database shared by workers on many "
+                   "machines, e.g. postgresql://user@host/db (default: a journal file in DIR)")
+    p.add_argument("--sampler", default="tpe", choices=("tpe", "random", "grid", "cmaes"))
+    p.add_argument("--pruner", default="median", choices=("median", "hyperband", "halving", "none"))
+    p.add_argument("--study-seed", type=int, default=0, help="seeds the sampler (default 0)")
+    p.add_argument("--heartbeat", type=int, default=60, metavar="S",
+                   help="seconds between a running trial's heartbeats in a database; a trial "
+                        "silent for 3x this long is taken over (default 60)")
+    p.add_argument("--batch", type=int, default=1, metavar="K",
+                   help="ask K trials at a time and train them as one sweep (one program under "
+                        "--lowering vmap); the space may hold only values a sweep can vary")
+    p.add_argument("--lowering", choices=("loop", "vmap", "unroll"),
+                   help="how a batch's trials share the step (default: loop on CPU, vmap "
+                        "elsewhere)")
+    p.add_argument("--show", type=pathlib.Path, metavar="STUDY",
+                   help="print the table of a study (with --storage for one in a database)")
+    _config_flags(p)
 
 
 def _eval_parser(sub) -> None:
@@ -187,6 +249,12 @@ def _run_train(args) -> int:
         return 0
     base = load_config(args.resume) if args.resume else None
     result = train_and_evaluate(config_from_args(args, base), run_dir, stop_at_step=args.stop_at_step)
+    if result.preempted and not result.finished:
+        from cnnjax.training import preempt
+
+        print(f"run {result.run_dir}: {result.stop_reason}; continue with: cnnjax train --resume "
+              f"{result.run_dir}")
+        return preempt.exit_status(result.preempted)
     if not result.finished:
         print(f"run {result.run_dir}: {result.stop_reason}; "
               f"continue with: cnnjax train --resume {result.run_dir}")
@@ -198,30 +266,105 @@ def _run_train(args) -> int:
           f"val accuracy {summary['val']['accuracy']:.4f}, test accuracy "
           f"{summary['test']['accuracy']:.4f}, {summary['train_images_per_s']:.0f} images/s, "
           f"{summary['wall_time_s']:.1f}s")
+    if result.preempted:  # it came during the run's last evaluation: the run is complete
+        from cnnjax.training import preempt
+
+        return preempt.exit_status(result.preempted)
     return 0
 
 
 def _run_sweep(args) -> int:
-    from cnnjax.training.sweep import run_sweep
+    from cnnjax.training import preempt
+    from cnnjax.training.grid import parse_grid
+    from cnnjax.training.sweep import resume_sweep, run_sweep
     from cnnjax.training.rundir import default_run_dir
 
-    if args.seeds < 1:
-        raise ValueError(f"--seeds must be at least 1, got {args.seeds}.")
-    cfg = config_from_args(args)
-    first = cfg.train.seed
-    out = args.out
-    if out is None:
-        run_dir = default_run_dir(cfg)
-        out = run_dir.with_name("sweep-" + run_dir.name.replace(f"-s{first}-",
-                                                                f"-s{first}x{args.seeds}-"))
-    summary = run_sweep(cfg, range(first, first + args.seeds), out, args.lowering)
-    for seed in summary["per_seed"]:
-        print(f"seed {seed['seed']}: best epoch {seed['best_epoch']}, val accuracy "
-              f"{seed['val']['accuracy']:.4f}, test accuracy {seed['test']['accuracy']:.4f}")
-    print(f"sweep {summary['out_dir']}: test accuracy {summary['test_accuracy_mean']:.4f} ± "
-          f"{summary['test_accuracy_std']:.4f} over {args.seeds} seeds, "
-          f"{summary['aggregate_train_images_per_s']:.0f} images/s in all, "
-          f"{summary['wall_time_s']:.1f}s")
+    if args.resume:
+        given = [flag for flag, value in (
+            ("--grid", args.grid), ("--seeds", args.seeds), ("--lowering", args.lowering),
+            ("--set", args.overrides), ("--config", args.config), ("--out", args.out),
+            ("--dataset", args.dataset), ("--epochs", args.epochs),
+            ("--batch-size", args.batch_size), ("--seed", args.seed),
+            ("--data-dir", args.data_dir), ("--manual-dir", args.manual_dir))
+            if value not in (None, [])]
+        if given:
+            raise ValueError(f"--resume DIR continues the sweep with its own plan; "
+                             f"{', '.join(given)} would change it: give --resume DIR alone (or "
+                             f"--quiet).")
+        summary = resume_sweep(args.resume, progress=False if args.quiet else None)
+    else:
+        grid = parse_grid(args.grid)
+        seeds = args.seeds if args.seeds is not None else (1 if grid else 8)
+        if seeds < 1:
+            raise ValueError(f"--seeds must be at least 1, got {seeds}.")
+        cfg = config_from_args(args)
+        first, out = cfg.train.seed, args.out
+        if out is None:
+            run_dir = default_run_dir(cfg)
+            out = run_dir.with_name("sweep-" + run_dir.name.replace(f"-s{first}-",
+                                                                    f"-s{first}x{seeds}-"))
+        summary = run_sweep(cfg, range(first, first + seeds), out, args.lowering, grid)
+    _print_sweep(summary)
+    if summary["preempted"] and summary["status"] != "finished":
+        print(f"sweep {summary['out_dir']}: stopped by {summary['preempted']}; continue with: "
+              f"cnnjax sweep --resume {summary['out_dir']}")
+    return preempt.exit_status(summary["preempted"]) if summary["preempted"] else 0
+
+
+def _print_sweep(summary: dict) -> None:
+    """One line per member (its result, or why and where it left), then mean ± std."""
+    members = summary["members"]
+    width = max(len("member"), *(len(m["name"]) for m in members))
+    print(f"{'member':<{width}}  {'status':<13} {'step':>6} {'best epoch':>10} {'val acc':>8} "
+          f"{'test acc':>8}")
+    for m in members:
+        status = "stopped early" if m.get("reason") and "test" in m else m["status"]
+        step = m.get("step", m.get("steps", ""))
+        if "test" in m:
+            figures = (f"{m['best_epoch']:>10} {m['val']['accuracy']:>8.4f} "
+                       f"{m['test']['accuracy']:>8.4f}")
+        else:
+            figures = f"{'-':>10} {'-':>8} {'-':>8}"
+        print(f"{m['name']:<{width}}  {status:<13} {step!s:>6} {figures}")
+    for m in summary["left"]:
+        print(f"  {m['name']} left at step {m['step']}: {m['reason']}")
+    for group in summary["groups"]:
+        if len(group["seeds"]) > 1:
+            values = ", ".join(f"{k}={v}" for k, v in group["values"].items())
+            print(f"{values}: test accuracy {group['test_accuracy_mean']:.4f} ± "
+                  f"{group['test_accuracy_std']:.4f} over {len(group['seeds'])} seeds")
+    finished = [m for m in members if "test" in m]
+    rate = summary["aggregate_train_images_per_s"]
+    print(f"sweep {summary['out_dir']}: {len(finished)} of {len(members)} members finished"
+          + (f", test accuracy {summary['test_accuracy_mean']:.4f} ± "
+             f"{summary['test_accuracy_std']:.4f}" if finished and not summary["keys"] else "")
+          + (f", {rate:.0f} images/s in all" if rate else "")
+          + f", {summary['wall_time_s']:.1f}s")
+
+
+def _run_search(args) -> int:
+    from cnnjax.search import run_search, show
+
+    if args.show is not None:
+        print(show(args.show, args.storage))
+        return 0
+    if args.space is None or args.trials is None:
+        raise ValueError("cnnjax search needs --space SPACE and --trials N (or --show STUDY).")
+    from cnnjax.training import preempt
+
+    again = ("run the same command again to continue the study (the interrupted trial resumes "
+             "from its last checkpoint).")
+    try:
+        out = run_search(config_from_args(args), args.space, args.trials, args.study,
+                         storage=args.storage, sampler=args.sampler, pruner=args.pruner,
+                         study_seed=args.study_seed, heartbeat=args.heartbeat,
+                         batch=args.batch, lowering=args.lowering)
+    except KeyboardInterrupt:  # a second Ctrl-C: aborted at once
+        print(f"cnnjax search: interrupted; {again}", file=sys.stderr)
+        return 130
+    if out["preempted"]:
+        print(f"cnnjax search: stopped by {out['preempted']}; {again}", file=sys.stderr)
+        return preempt.exit_status(out["preempted"])
     return 0
 
 
@@ -273,12 +416,13 @@ def main(argv: list[str] | None = None) -> int:
     _eval_parser(sub)
     _visualize_parser(sub)
     _sweep_parser(sub)
+    _search_parser(sub)
     _compare_parser(sub)
     _ensemble_parser(sub)
     args = parser.parse_args(argv)
     try:
         return {"train": _run_train, "eval": _run_eval, "visualize": _run_visualize,
-                "sweep": _run_sweep, "compare": _run_compare,
+                "sweep": _run_sweep, "search": _run_search, "compare": _run_compare,
                 "ensemble": _run_ensemble}[args.command](args)
     # The user's errors: bad input (ValueError), paths and files (OSError), a missing optional
     # package (ImportError), a diverging run (FloatingPointError), their own code failing
@@ -286,3 +430,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, ImportError, FloatingPointError, UserCodeError) as err:
         print(f"cnnjax {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C during training, or one outside it
+        print(f"cnnjax {args.command}: aborted.", file=sys.stderr)
+        return 130

@@ -9,6 +9,7 @@ for, so a run's config.json, which records the path, reloads wherever the module
 from __future__ import annotations
 
 import importlib
+import pathlib
 from typing import Any, Callable
 
 
@@ -87,10 +88,13 @@ class Registry:
         return self._objects[name]
 
 
-def call(fn: Callable, what: str, *args, **kwargs) -> Any:
+def call(fn: Callable, what: str, *args, expected: str = "a function", **kwargs) -> Any:
     """`fn(*args, **kwargs)` where `fn` is a user's (or a built-in's) factory: a ValueError it
     raises passes as it is (it names the setting); any other error becomes one ValueError naming
-    `what`, the error and the line of the factory's own code that raised it."""
+    `what`, the error and the line of the factory's own code that raised it. An `fn` that is not
+    callable (a number, a string at the import path) is named as such, with what was `expected`."""
+    if not callable(fn):
+        raise ValueError(f"{what} names {kind(fn)}, not {expected}.")
     try:
         return fn(*args, **kwargs)
     except ValueError:
@@ -99,11 +103,27 @@ def call(fn: Callable, what: str, *args, **kwargs) -> Any:
         raise ValueError(f"{what}: {where(err)}{type(err).__name__}: {err}") from None
 
 
+def kind(obj: Any) -> str:
+    """'an int (42)', 'a module': what a user put where cnnjax wanted something else."""
+    name, shown = type(obj).__name__, repr(obj)
+    if hasattr(obj, "__qualname__"):  # a function or class: its name, not its address
+        shown = f"{getattr(obj, '__module__', None) or '?'}.{obj.__qualname__}"
+    article = "an" if name[0].lower() in "aeiou" else "a"
+    return f"{article} {name}" + (f" ({shown})" if len(shown) <= 40 else "")
+
+
+def first_line(err: BaseException) -> str:
+    """'TypeError: the first line of its message' (JAX's errors run to a page)."""
+    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+
+
 def where(err: BaseException) -> str:
-    """'file.py:12: ' of the innermost frame outside cnnjax and the libraries, or ''."""
+    """'file.py:12: ' of the innermost frame outside cnnjax, the libraries and Python's own
+    modules, or ''."""
+    import sysconfig
     import traceback
 
+    ours = (str(pathlib.Path(__file__).parent) + "/", sysconfig.get_paths()["stdlib"], "<")
     frames = [f for f in traceback.extract_tb(err.__traceback__)
-              if "site-packages" not in f.filename and "/cnnjax/" not in f.filename
-              and not f.filename.startswith("<")]
+              if "site-packages" not in f.filename and not f.filename.startswith(ours)]
     return f"{frames[-1].filename}:{frames[-1].lineno}: " if frames else ""

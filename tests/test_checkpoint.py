@@ -143,3 +143,18 @@ def test_sigkill_while_saving_loses_nothing(uninterrupted, tmp_path):
     summary = train_and_evaluate(config("train.checkpoint_every_steps=10"), run).summary
     assert summary["resumed"]
     assert (run / "metrics.jsonl").read_bytes() == (uninterrupted / "metrics.jsonl").read_bytes()
+
+
+def test_a_reopened_checkpointer_still_keeps_the_best_step(tmp_path):
+    """Each save's metrics are written into its step, so the checkpointer of a resumed run knows
+    the best one among the steps it finds and keeps it while newer saves push the others out."""
+    state = {"w": np.zeros(3, np.float32)}
+    ckpt = Checkpointer(tmp_path, keep=2, async_save=False)
+    for step, best in ((1, {"val_loss": 2.0}), (2, {"val_loss": 1.0}), (3, None), (4, None)):
+        ckpt.save(step, state, {"step": step}, best)
+    ckpt.close()
+    ckpt = Checkpointer(tmp_path, keep=2, async_save=False)  # the resumed run's
+    for step in (5, 6, 7):
+        ckpt.save(step, state, {"step": step})
+    assert ckpt.steps() == [2, 6, 7]
+    ckpt.close()

@@ -8,7 +8,6 @@ byte for byte.
 
 import gzip
 import json
-import os
 import re
 import shutil
 import signal
@@ -29,6 +28,7 @@ from cnnjax.data import datasets
 from cnnjax.nn.models import build_model, check_geometry
 from cnnjax.training import rundir
 from cnnjax.training.checkpoint import CHECKSUMS, Checkpointer, DamagedCheckpoint
+from faultkit import cli_many
 from fixtures import write_cifar_archive
 
 # 5 of the 10 classes keep it small, and let `cnnjax eval --run` be tried on a class subset.
@@ -215,46 +215,6 @@ def test_resume_after_damage_completes_and_a_second_writer_is_refused(stopped, r
 
 
 # ----------------------------------------------------- the CLI: one line, no traceback, exit 2
-
-
-class CliResult:
-    def __init__(self, rc: int, out: str):
-        self.rc, self.out = rc, out
-
-
-_DRIVER = """
-import json, sys, traceback
-from cnnjax.cli import main
-for argv in json.loads(sys.argv[1]):
-    print("@@case", flush=True); print("@@case", file=sys.stderr, flush=True)
-    try:
-        rc = main(argv)
-    except BaseException:
-        traceback.print_exc()
-        rc = 99
-    sys.stderr.flush()
-    print(f"@@rc {rc}", flush=True)
-"""
-
-
-def cli_many(cases: list[list[str]], cwd=None) -> list[CliResult]:
-    """Runs `cnnjax.cli.main` on each argv in one fresh interpreter (as the `cnnjax` command), in
-    `cwd` (where a run without --run-dir goes: checkpoints/...)."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore::DeprecationWarning"}
-    proc = subprocess.run([sys.executable, "-c", _DRIVER, json.dumps(cases)], capture_output=True,
-                          text=True, timeout=600, env=env, cwd=cwd)
-    outs = proc.stdout.split("@@case\n")[1:]
-    errs = proc.stderr.split("@@case\n")[1:]
-    assert len(outs) == len(cases), proc.stdout[-2000:] + proc.stderr[-2000:]
-    results = []
-    for out, err in zip(outs, errs):
-        body, _, rc = out.rpartition("@@rc ")
-        results.append(CliResult(int(rc), body + err))
-    return results
-
-
-def cli(argv: list[str]) -> CliResult:
-    return cli_many([argv])[0]
 
 
 def write_gz(path, array, magic):

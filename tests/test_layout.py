@@ -17,6 +17,7 @@ ALLOWED = {
     "data": set(),
     "nn": {"data"},
     "training": {"data", "nn", "report"},
+    "search": {"data", "nn", "report", "training"},
     "visualize": {"data", "nn", "report", "training"},
     "lab": {"data", "nn", "report"},
     "compare": {"report", "training", "visualize"},

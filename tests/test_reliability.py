@@ -13,6 +13,7 @@ import pytest
 import cnnjax
 from cnnjax import Callback, Config, train_and_evaluate
 from cnnjax.cli import main
+from faultkit import cli_many, one_error_line
 
 DATA = pathlib.Path(__file__).parent / "data"
 TINY = ["model.kwargs.features=4,8", "model.kwargs.dense=16", "train.epochs=2",
@@ -78,7 +79,7 @@ BROKEN = {
                "usermods_raises.py:2: RuntimeError: no GPU found"),
     "dependency": ("import not_a_real_package_xyz\n",
                    "imports 'not_a_real_package_xyz', which is not installed"),
-    "wrong kind": ("WideNet = 42\n", "names a int, not a flax.linen Module class"),
+    "wrong kind": ("WideNet = 42\n", "names an int (42), not a flax.linen Module class"),
 }
 
 
@@ -116,3 +117,151 @@ def test_a_failing_callback_is_named_and_the_run_resumes_exactly(tmp_path, unint
     assert "Last good checkpoint: step 10" in message and f"--resume {run}" in message
     assert train_and_evaluate(tiny(), run).summary["resumed"]
     assert (run / "metrics.jsonl").read_bytes() == (uninterrupted / "metrics.jsonl").read_bytes()
+
+
+
+KINDS = textwrap.dedent("""\
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    NUMBER = 42
+
+
+    def not_a_model(num_classes):
+        return 42
+
+
+    def factory_raises(num_classes):
+        raise RuntimeError("weights file missing")
+
+
+    def loss_per_batch(logits, labels):
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+    def loss_int(logits, labels):
+        return labels
+
+
+    def opt_dict(cfg, learning_rate):
+        return {"lr": learning_rate}
+
+
+    def schedule_vector(cfg, total_steps):
+        return lambda step: jnp.ones(3) * cfg.learning_rate
+
+
+    def schedule_str(cfg, total_steps):
+        return "fast"
+
+
+    def data_list():
+        return [np.zeros((4, 8, 8), np.uint8)]
+
+
+    def data_raises():
+        raise RuntimeError("disk not mounted")
+
+
+    def aug_2x2(cfg):
+        return lambda key: jnp.eye(2)
+
+
+    def aug_raises(cfg):
+        def transform(key):
+            raise IndexError("matrix")
+        return transform
+""")
+
+
+def _line(source: str, text: str) -> int:
+    return next(i for i, line in enumerate(source.splitlines(), 1) if text in line)
+
+
+def test_user_objects_of_the_wrong_kind_are_named_before_anything_compiles(tmp_path):
+    """Each import path names something of the wrong kind, or code that fails: one line naming
+    the setting, what it found and what was expected (with the user's file and line where their
+    code raised), exit 2, no traceback, and no run directory: nothing was compiled."""
+    (tmp_path / "usermods_kinds.py").write_text(KINDS)
+    at = lambda text: f"usermods_kinds.py:{_line(KINDS, text)}: "
+    cases = {  # --set KEY=usermods_kinds:NAME -> what the one line says
+        ("model.name", "NUMBER"): "names an int (42), not a flax.linen Module class",
+        ("model.name", "not_a_model"): "built an int (42), not a flax.linen Module",
+        ("model.name", "factory_raises"): at("weights file") + "RuntimeError: weights file missing",
+        ("train.loss", "NUMBER"): "is an int (42), not a function (logits, labels) -> per-example",
+        ("train.loss", "loss_per_batch"): "returns () for 2 examples; it must return one loss per",
+        ("train.loss", "loss_int"): "returns int32 losses; they must be floats",
+        ("optim.name", "NUMBER"): "names an int (42), not a factory(cfg, learning_rate) returning "
+                                  "an optax.GradientTransformation",
+        ("optim.name", "opt_dict"): "returned a dict ({'lr': 0.001}); an optimizer factory",
+        ("optim.schedule", "schedule_vector"): "returned a schedule that gives float32[3] for a "
+                                               "step count",
+        ("optim.schedule", "schedule_str"): "returned a str ('fast'); a schedule returns",
+        ("data.dataset", "data_list"): "must be (or return) a dict {'train': (images, labels)",
+        ("data.dataset", "data_raises"): at("disk not") + "RuntimeError: disk not mounted",
+        ("augment.order", "NUMBER"): "names an int (42), not a factory(cfg) returning a Transform",
+        ("augment.order", "aug_2x2"): "its Transform returns float32[2, 2] for a key; it must "
+                                      "return the 3x3 affine matrix",
+        ("augment.order", "aug_raises"): at("matrix") + "IndexError: matrix",
+    }
+    argv = [["train", "--quiet", "--epochs", "1", "--set", f"{key}=usermods_kinds:{name}"]
+            for key, name in cases]
+    for (key, name), expected, result in zip(cases, cases.values(), cli_many(argv, tmp_path)):
+        line = one_error_line(result)
+        assert f"usermods_kinds:{name}" in line and expected in line, (key, name, line)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def nan_when_learned(logits, labels):
+    """Cross-entropy that turns NaN once the batch's mean falls below 2.27 (some steps in)."""
+    import jax.numpy as jnp
+    import optax
+
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return jnp.where(loss.mean() < 2.27, jnp.nan, loss)
+
+
+def test_a_loss_that_turns_nan_stops_the_run_naming_it(tmp_path):
+    cnnjax.register_loss("nan_when_learned", nan_when_learned)
+    with pytest.raises(FloatingPointError) as err:
+        train_and_evaluate(tiny("train.loss=nan_when_learned"), tmp_path / "run")
+    message = str(err.value)
+    assert message.startswith("train.loss 'nan_when_learned': the loss is nan at step "), message
+    step = int(message.split("at step ")[1].split()[0])
+    last = int(message.split("Last good checkpoint: step ")[1].split()[0])
+    assert 10 <= last < step and f"--resume {tmp_path / 'run'}" in message, message
+
+
+class Keeps(Callback):
+    """A callback keeping state across a resume: `value` into the checkpoint, back through
+    `load`."""
+
+    name = "keeps"
+
+    def __init__(self, value, load=lambda state: None):
+        self.value, self.load = value, load
+
+    def state_dict(self):
+        return {"value": self.value}
+
+    def load_state_dict(self, state):
+        self.load(state)
+
+
+def test_a_callback_state_that_cannot_be_saved_or_loaded_is_named(tmp_path):
+    """A state orbax could not write (a set) is refused before the save, naming the callback; a
+    load_state_dict that raises on resume is named with its line, the run resumable."""
+    with pytest.raises(cnnjax.CallbackError, match=r"^callback Keeps: its state_dict\(\) is not "
+                       r"JSON.*TypeError: Object of type set is not JSON serializable"):
+        train_and_evaluate(tiny(), tmp_path / "set", callbacks=[Keeps({1, 2})])
+    run = tmp_path / "load"
+    train_and_evaluate(tiny(), run, callbacks=[Keeps(1)], stop_at_step=10)
+
+    def load(state):
+        raise KeyError("threshold")
+
+    with pytest.raises(cnnjax.CallbackError) as err:
+        train_and_evaluate(tiny(), run, callbacks=[Keeps(1, load)])
+    assert str(err.value).startswith("callback Keeps failed in load_state_dict"), err.value
+    assert "test_reliability.py:" in str(err.value) and f"--resume {run}" in str(err.value)

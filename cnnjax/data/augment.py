@@ -92,14 +92,25 @@ def warp(image: jax.Array, forward: jax.Array) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class Compose:
-    """Transforms applied in order (first listed acts first), drawn per example, one resample."""
+    """Transforms applied in order (first listed acts first), drawn per example, one resample.
+
+    `on` (one entry per transform; empty: all on) holds, for a transform whose magnitude is traced
+    (`from_config(..., traced=...)`), whether it is on: an array, for a program shared by configs
+    that turn it on and off. A transform that is off leaves the matrix as it is and takes no key
+    index, so each transform draws from the key a config's own pipeline would give it."""
 
     transforms: Sequence[Transform]
+    on: Sequence[jax.Array | None] = ()
 
     def matrix(self, key: jax.Array) -> jax.Array:
         m = jnp.eye(3, dtype=jnp.float32)
-        for i, draw in enumerate(self.transforms):
-            m = draw(jax.random.fold_in(key, i)) @ m
+        index = 0  # a Python int unless a transform's `on` is traced
+        for draw, on in zip(self.transforms, self.on or [None] * len(self.transforms)):
+            drawn = draw(jax.random.fold_in(key, index)) @ m
+            if on is None:
+                m, index = drawn, index + 1
+            else:  # an identity step is exact: the off transform changes no pixel
+                m, index = jnp.where(on, drawn, m), index + on.astype(jnp.int32)
         return m
 
     def __call__(self, images: jax.Array, key: jax.Array, example_ids: jax.Array) -> jax.Array:
@@ -124,8 +135,27 @@ register_augmentation("flip", lambda cfg: random_flip(0.5) if cfg.flip else None
 BUILT_IN = ("scale", "rotate", "translate", "crop", "flip")
 
 
-def from_config(cfg: AugmentConfig) -> Compose:
-    """The pipeline a config asks for, in `cfg.order`; transforms left at zero/off are skipped."""
+# The built-in transforms whose magnitude may be an array (`from_config(..., traced=...)`).
+TRACEABLE = {"rotate": random_rotation, "translate": random_translation, "scale": random_scale}
+
+
+def from_config(cfg: AugmentConfig, traced: dict[str, jax.Array] | None = None) -> Compose:
+    """The pipeline a config asks for, in `cfg.order`; transforms left at zero/off are skipped.
+
+    `traced` maps names of TRACEABLE to magnitudes held as arrays (inside a compiled program
+    shared by several configs, each checked here beforehand): such a transform is in the
+    pipeline, on where its magnitude is above 0."""
+    if traced:
+        transforms, on = [], []
+        for name in cfg.order:
+            if name in traced:
+                transforms.append(TRACEABLE[name](traced[name]))
+                on.append(traced[name] > 0)
+            elif (transform := imports.call(AUGMENTATIONS.lookup(name), f"augmentation {name!r}",
+                                            cfg)) is not None:
+                transforms.append(transform)
+                on.append(None)
+        return Compose(tuple(transforms), tuple(on))
     left_out = [name for name in BUILT_IN if name not in cfg.order and AUGMENTATIONS.lookup(name)(cfg)]
     if left_out:
         raise ValueError(f"augment.order {list(cfg.order)} leaves out {left_out}, which the config "
@@ -141,9 +171,27 @@ def from_config(cfg: AugmentConfig) -> Compose:
                          f"name; add them to augment.order or remove their arguments.")
     transforms = []
     for name in cfg.order:
-        transform = imports.call(AUGMENTATIONS.lookup(name), f"augmentation {name!r}", cfg)
+        what = f"augmentation {name!r}"
+        transform = imports.call(AUGMENTATIONS.lookup(name), what, cfg,
+                                 expected="a factory(cfg) returning a Transform or None")
         if transform is not None and not callable(transform):
-            raise ValueError(f"augmentation {name!r} gave a {type(transform).__name__}; a factory "
-                             f"returns a Transform, key -> 3x3 affine matrix, or None for off.")
+            raise ValueError(f"{what} gave {imports.kind(transform)}; a factory returns a "
+                             f"Transform, key -> 3x3 affine matrix, or None for off.")
+        if transform is not None:
+            _check_transform(what, transform)
         transforms.append(transform)
     return Compose(tuple(t for t in transforms if t is not None))
+
+
+def _check_transform(what: str, transform: Transform) -> None:
+    """Draws the transform abstractly on a key (`jax.eval_shape`: nothing runs or compiles) and
+    checks it gives a 3x3 matrix of floats."""
+    try:
+        out = jax.eval_shape(transform, jax.random.key(0))
+    except Exception as err:  # the user's function: any failure is a misfit, reported as one
+        raise ValueError(f"{what}: its Transform fails on a PRNG key: {imports.where(err)}"
+                         f"{imports.first_line(err)}") from None
+    if getattr(out, "shape", None) != (3, 3) or not jnp.issubdtype(out.dtype, jnp.floating):
+        shown = f"{out.dtype}{list(out.shape)}" if hasattr(out, "dtype") else imports.kind(out)
+        raise ValueError(f"{what}: its Transform returns {shown} for a key; it must return the "
+                         f"3x3 affine matrix (float) of one example's warp.")

@@ -20,12 +20,18 @@ from cnnjax.config import AugmentConfig
 
 @dataclasses.dataclass(frozen=True)
 class Mixing:
-    mixup: float = 0.0  # Beta alpha; 0: off
-    cutmix: float = 0.0
+    """Mixup and CutMix by their Beta alphas (0: off). An alpha may be an array inside a compiled
+    program shared by several configs (a `cnnjax sweep` grid): the program then holds that
+    mixing, and each config takes what its own `Mixing` of numbers would, the others' choices
+    masked out exactly."""
+
+    mixup: float | jax.Array = 0.0  # Beta alpha; 0: off
+    cutmix: float | jax.Array = 0.0
 
     @property
     def on(self) -> bool:
-        return self.mixup > 0 or self.cutmix > 0
+        """Whether the program mixes at all (statically: a traced alpha counts as on)."""
+        return _present(self.mixup) or _present(self.cutmix)
 
     def __call__(self, images: jax.Array, partners: jax.Array, example_ids: jax.Array,
                  key: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -36,20 +42,57 @@ class Mixing:
     def _one(self, x: jax.Array, partner: jax.Array, key: jax.Array):
         k_choice, k_mixup, k_cutmix, k_box = jax.random.split(key, 4)
         mixed, lam = x, jnp.float32(1.0)
-        if self.mixup > 0:
-            lam_m = jax.random.beta(k_mixup, self.mixup, self.mixup)
+        with_mixup, with_cutmix = _present(self.mixup), _present(self.cutmix)
+        if with_mixup:
+            alpha = _drawable(self.mixup)
+            lam_m = jax.random.beta(k_mixup, alpha, alpha)
             mixed_m = lam_m * x + (1.0 - lam_m) * partner
-        if self.cutmix > 0:
-            mixed_c, lam_c = cutmix_one(x, partner, jax.random.beta(k_cutmix, self.cutmix, self.cutmix),
-                                        k_box)
-        if self.mixup > 0 and self.cutmix > 0:
+        if with_cutmix:
+            alpha = _drawable(self.cutmix)
+            mixed_c, lam_c = cutmix_one(x, partner, jax.random.beta(k_cutmix, alpha, alpha), k_box)
+        if _traced(self.mixup) or _traced(self.cutmix):
+            return self._select(x, k_choice, mixed_m if with_mixup else None,
+                                lam_m if with_mixup else None, mixed_c if with_cutmix else None,
+                                lam_c if with_cutmix else None)
+        if with_mixup and with_cutmix:
             use_mixup = jax.random.bernoulli(k_choice)
             return (jnp.where(use_mixup, mixed_m, mixed_c), jnp.where(use_mixup, lam_m, lam_c))
-        if self.mixup > 0:
+        if with_mixup:
             return mixed_m, lam_m
-        if self.cutmix > 0:
+        if with_cutmix:
             return mixed_c, lam_c
         return mixed, lam
+
+    def _select(self, x, k_choice, mixed_m, lam_m, mixed_c, lam_c):
+        """With a traced alpha: what this config's own mixing would give, by masks (mixup, or
+        CutMix, each when on; with both on, the keyed choice)."""
+        mixup_on = self.mixup > 0 if mixed_m is not None else False
+        cutmix_on = self.cutmix > 0 if mixed_c is not None else False
+        use_mixup = mixup_on
+        if mixed_m is not None and mixed_c is not None:
+            use_mixup = mixup_on & (~jnp.asarray(cutmix_on) | jax.random.bernoulli(k_choice))
+        mixed, lam = x, jnp.float32(1.0)
+        if mixed_c is not None:
+            use_cutmix = cutmix_on & ~jnp.asarray(use_mixup)
+            mixed, lam = jnp.where(use_cutmix, mixed_c, mixed), jnp.where(use_cutmix, lam_c, lam)
+        if mixed_m is not None:
+            mixed, lam = jnp.where(use_mixup, mixed_m, mixed), jnp.where(use_mixup, lam_m, lam)
+        return mixed, lam
+
+
+def _traced(alpha) -> bool:
+    return not isinstance(alpha, (int, float))
+
+
+def _present(alpha) -> bool:
+    """Whether a program holds this mixing: a traced alpha, or a number above 0."""
+    return _traced(alpha) or alpha > 0
+
+
+def _drawable(alpha):
+    """A Beta parameter to draw with: a traced alpha of 0 (off for that config, its draw
+    discarded) draws with 1 instead."""
+    return jnp.where(alpha > 0, alpha, 1.0) if _traced(alpha) else alpha
 
 
 def cutmix_one(x: jax.Array, partner: jax.Array, lam: jax.Array, key: jax.Array):
@@ -69,4 +112,5 @@ def cutmix_one(x: jax.Array, partner: jax.Array, lam: jax.Array, key: jax.Array)
 
 
 def from_config(cfg: AugmentConfig) -> Mixing:
-    return Mixing(float(cfg.mixup), float(cfg.cutmix))
+    """The config's mixing; an alpha that is an array (a traced config) stays one."""
+    return Mixing(*(a if _traced(a) else float(a) for a in (cfg.mixup, cfg.cutmix)))

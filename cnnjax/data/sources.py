@@ -102,7 +102,11 @@ def _call(name: str, fn: Callable) -> Any:
                          f"defaults or wrap it (functools.partial).") from None
     except ValueError:  # a builtin without a signature: let the call say
         pass
-    return fn()
+    try:
+        return fn()
+    except Exception as err:  # the user's function: named with its own line
+        raise ValueError(f"dataset {name!r} raised {imports.where(err)}"
+                         f"{imports.first_line(err)}") from None
 
 
 def host_pixels(images: np.ndarray, where: str) -> np.ndarray:

@@ -10,6 +10,7 @@ array, which XLA:CPU runs faster than autodiff's 6-D form). Overlapping windows 
 
 from __future__ import annotations
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
@@ -115,27 +116,41 @@ def flatten(x: jax.Array) -> jax.Array:
 
 
 
+@flax.struct.dataclass
+class TracedRate:
+    """A dropout rate held as an array, so one compiled program serves several rates (the members
+    of a `cnnjax sweep` grid). It carries the keep probability 1 - rate, computed in Python's
+    double and rounded once to float32, as a constant rate's is: a traced rate draws exactly the
+    masks and scales exactly as its constant would. A rate of 0 keeps every unit (the uniform
+    draw is below 1)."""
+
+    keep: jax.Array
+
+
 class ExampleDropout(nn.Module):
     """Dropout whose mask for example i is drawn from fold_in(dropout_key, example_ids[i]).
 
     Flax's nn.Dropout draws one mask for the whole batch, so an example's mask would change with the
     batch it sits in and the device it lands on; keying each example by its id makes the mask a
     function of (run key, step, example) alone. In training mode a missing 'dropout' key raises
-    (flax's InvalidRngError) rather than silently skipping.
+    (flax's InvalidRngError) rather than silently skipping. `rate` is a number or a `TracedRate`.
     """
 
-    rate: float
+    rate: float | TracedRate
 
     @nn.compact
     def __call__(self, x: jax.Array, example_ids: jax.Array | None, deterministic: bool) -> jax.Array:
-        if not 0.0 <= self.rate < 1.0:
+        traced = isinstance(self.rate, TracedRate)
+        if not traced and not 0.0 <= self.rate < 1.0:
             raise ValueError(f"{self.name}: dropout rate must be in [0, 1), got {self.rate}.")
-        if deterministic or self.rate == 0.0:
+        if deterministic or (not traced and self.rate == 0.0):
             return x
         if example_ids is None:
             raise ValueError(f"{self.name}: training-mode dropout needs example_ids (one int per "
                              f"example) so each example's mask has its own key.")
+        keep_probability = self.rate.keep if traced else 1.0 - self.rate
         key = self.make_rng("dropout")
         keys = jax.vmap(jax.random.fold_in, (None, 0))(key, example_ids)
-        keep = jax.vmap(lambda k: jax.random.bernoulli(k, 1.0 - self.rate, x.shape[1:]))(keys)
-        return jnp.where(keep, x / (1.0 - self.rate), 0.0)
+        keep = jax.vmap(lambda k: jax.random.bernoulli(k, keep_probability, x.shape[1:]))(keys)
+        scale = keep_probability.astype(x.dtype) if traced else keep_probability
+        return jnp.where(keep, x / scale, 0.0)

@@ -134,7 +134,7 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     """The model a config names, its own checks passed (geometry comes with `check_model`)."""
     factory = MODELS.lookup(cfg.name)
     if not callable(factory):
-        raise ValueError(f"model {cfg.name!r} names a {type(factory).__name__}, not a flax.linen "
+        raise ValueError(f"model {cfg.name!r} names {imports.kind(factory)}, not a flax.linen "
                          f"Module class or a function building one.")
     kwargs = _typed_kwargs(factory, cfg.kwargs)
     try:
@@ -143,8 +143,13 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
         raise ValueError(f"model {cfg.name!r} cannot be built as {_name(factory)}(num_classes="
                          f"{num_classes}, **{cfg.kwargs}): {err}. Its settings go in model.kwargs "
                          f"(--set model.kwargs.NAME=VALUE); {_fields(factory)}") from None
+    except ValueError:  # a model's own check of its settings, naming them
+        raise
+    except Exception as err:  # the user's factory failed: named with its own line
+        raise ValueError(f"model {cfg.name!r}: building it raised {imports.where(err)}"
+                         f"{imports.first_line(err)}") from None
     if not isinstance(model, nn.Module):
-        raise ValueError(f"model {cfg.name!r} built a {type(model).__name__}, not a flax.linen "
+        raise ValueError(f"model {cfg.name!r} built {imports.kind(model)}, not a flax.linen "
                          f"Module.")
     _check_call_signature(model, cfg.name)
     if hasattr(model, "check"):  # a model's own argument checks, before anything is traced
@@ -231,7 +236,7 @@ def check_model(model: nn.Module, image_shape: Sequence[int], num_classes: int, 
         except Exception as err:  # the user's module: any error is a misfit, reported as one
             raise ValueError(f"model {name!r} ({type(model).__name__}) fails on a batch of "
                              f"(1, {', '.join(map(str, image_shape))}) images with train={train}: "
-                             f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+                             f"{imports.where(err)}{imports.first_line(err)}") from None
         if not hasattr(logits, "shape") or tuple(logits.shape) != (1, num_classes):
             raise ValueError(f"model {name!r} ({type(model).__name__}) returns "
                              f"{getattr(logits, 'shape', type(logits).__name__)} for one image; "

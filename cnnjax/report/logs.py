@@ -6,12 +6,15 @@ wall-clock figures go to `timing.jsonl` beside it.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import pathlib
 from typing import Any
 
 import numpy as np
+
+from cnnjax.report import disk
 
 
 def _clean(value: Any) -> Any:
@@ -31,20 +34,25 @@ class JsonlWriter:
 
     def __init__(self, path: pathlib.Path, keep_lines: int = 0, enabled: bool = True):
         """Opens `path` keeping its first `keep_lines` lines: a resumed run drops whatever was
-        logged after the checkpoint it resumes from, so the log replays exactly. A disabled writer
+        logged after the checkpoint it resumes from, so the log replays exactly. The file is cut
+        in place, never rewritten, so a full disk cannot lose the lines kept. A disabled writer
         (processes other than the first) only counts lines."""
         self.path, self.lines, self._file = path, keep_lines, None
         if not enabled:
             return
-        kept = path.read_text(encoding="utf-8", errors="replace").splitlines(True)[:keep_lines] if path.exists() else []
+        kept = io.BytesIO(path.read_bytes()).readlines()[:keep_lines] if path.exists() else []
         if len(kept) < keep_lines:
             raise ValueError(f"{path} has {len(kept)} lines, the checkpoint expects {keep_lines}; "
                              f"the log was altered after the checkpoint was written.")
         for number, line in enumerate(kept, start=1):
-            _parse_line(path, number, line)
-        self._file = open(path, "w", encoding="utf-8")
-        self._file.writelines(kept)
-        self._file.flush()
+            _parse_line(path, number, line.decode("utf-8", errors="replace"))
+        if path.exists():
+            with open(path, "r+b") as f:
+                f.truncate(sum(map(len, kept)))
+        self._file = open(path, "a", encoding="utf-8")
+        if kept and not kept[-1].endswith(b"\n"):  # the last kept line lost only its end
+            self._file.write("\n")
+            self._file.flush()
 
     def write(self, record: dict[str, Any]) -> None:
         if self._file is not None:
@@ -76,4 +84,6 @@ def read_jsonl(path: pathlib.Path) -> list[dict[str, Any]]:
 
 
 def write_json(path: pathlib.Path, obj: Any) -> None:
-    path.write_text(json.dumps(_clean(obj), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    """Writes `obj` as JSON, whole or not at all (`disk.write_atomic`): a summary.json is
+    complete wherever it exists."""
+    disk.write_atomic(path, json.dumps(_clean(obj), indent=2, sort_keys=True) + "\n")

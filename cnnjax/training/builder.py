@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import optax
@@ -28,7 +28,7 @@ from cnnjax.data.datasets import DatasetSpec
 from cnnjax.data import mix
 from cnnjax.nn.models import accepts_example_ids, build_model, check_model, has_batch_stats
 from cnnjax.training.losses import make_losses
-from cnnjax.training import transfer
+from cnnjax.training import traced, transfer
 from cnnjax.nn.conv import conv_lowerings
 from cnnjax.training.optim import (ema_params, make_optimizer, make_plateau, plateau_step,
                                    rate_function)
@@ -169,3 +169,56 @@ def build(cfg: Config, spec: DatasetSpec, steps_per_epoch: int, devices: int = 1
         evaluated=evaluated_state,
         num_params=sum(math.prod(a.shape) for a in jax.tree.leaves(abstract.params)),
         lowerings=lowerings, init_key=init_key, train_key=train_key, sharding=sharding, _pure=pure)
+
+
+def build_members(cfgs: Sequence[Config], spec: DatasetSpec, steps_per_epoch: int, *,
+                  sharding: Any = None, eval_rows: int | None = None) -> list[RunParts]:
+    """The parts of several runs trained side by side (a sweep's members), each as `build` makes
+    it for its config. The configs may differ only in their seed and in values no evaluation
+    reads (`traced.TRACEABLE`, and the plateau and early-stopping settings): configs equal but for
+    the seed share one build, their compiled steps included, and all share one evaluation step."""
+    builds: dict[str, RunParts] = {}
+    out = []
+    for cfg in cfgs:
+        key = cfg.set("train.seed", 0).to_json()
+        if key not in builds:
+            builds[key] = build(cfg, spec, steps_per_epoch, sharding=sharding, eval_rows=eval_rows)
+        init_key, train_key = seed_keys(cfg.train.seed)
+        out.append(dataclasses.replace(builds[key], cfg=cfg, init_key=init_key,
+                                       train_key=train_key, eval_step=out[0].eval_step if out
+                                       else builds[key].eval_step))
+    return out
+
+
+def traced_train_step(parts: RunParts, keys: Sequence[str]) -> Callable:
+    """`step(state, values, batch, rng) -> (state, metrics)`, pure and un-jitted: `parts`'s train
+    step with the config values at `keys` (of `traced.TRACEABLE`) read from `values`, the arrays
+    `traced.values_of` gives, so that one program (a sweep's `vmap`) trains configs that differ
+    in them. Its model, optimizer, augmentation and loss come from the same factories as `build`'s,
+    given the config with the arrays in place (`traced.with_values`)."""
+    cfg, spec, tc = parts.cfg, parts.spec, parts.cfg.train
+    unknown = sorted(set(keys) - set(traced.TRACEABLE))
+    if unknown:
+        raise ValueError(f"{unknown} cannot be held as arrays in one program; those that can: "
+                         f"{sorted(traced.TRACEABLE)}.")
+    if cfg.transfer.active:
+        raise ValueError("a traced train step does not take transfer learning (cfg.transfer).")
+    sections = {key.split(".")[0] for key in keys}
+
+    def step(state: TrainState, values: dict[str, jax.Array], batch: dict[str, jax.Array],
+             rng: jax.Array):
+        at = traced.with_values(cfg, {key: values[key] for key in keys})
+        model = build_model(at.model, spec.num_classes) if "model" in sections else parts.model
+        tx = (make_optimizer(at.optim, parts.steps_per_epoch, tc.epochs) if "optim" in sections
+              else parts.tx)
+        loss = (make_losses(at.train, spec.num_classes)[0] if "train" in sections
+                else parts.options.loss)
+        options = dataclasses.replace(parts.options, loss=loss, mixing=mix.from_config(at.augment))
+        warps = {key.split(".")[1]: values[key] for key in keys
+                 if key.startswith("augment.") and key.split(".")[1] in augment.TRACEABLE}
+        augmenter = augment.from_config(at.augment, traced=warps) if warps else parts.augmenter
+        pure = make_train_step(model, tx, spec.mean, spec.std, augmenter, tc.microbatch,
+                               options=options, compiled=False)
+        return pure(state, batch, rng)
+
+    return step

@@ -15,8 +15,10 @@ every checkpoint under the callback's `name`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 import sys
+import threading
 import time
 import zlib
 from typing import Any, Callable, Iterable, Sequence
@@ -204,15 +206,26 @@ class StopAtStep(Callback):
 
 class CheckpointEvery(Callback):
     """Checkpoints mid-epoch at the first log line at or after each multiple of `every` steps
-    (`train.checkpoint_every_steps`); every epoch end checkpoints anyway."""
+    (`train.checkpoint_every_steps`); every epoch end checkpoints anyway. The last log line's step
+    is saved with each checkpoint, so a run resumed from one taken between log lines (after a
+    signal) asks at the same lines."""
+
+    name = "checkpoint_every"
 
     def __init__(self, every: int):
         if every < 0:
             raise ValueError(f"train.checkpoint_every_steps must be >= 0, got {every}.")
-        self.every, self.last = every, 0
+        self.every, self.last, self._loaded = every, 0, False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last": self.last}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.last, self._loaded = int(state["last"]), True
 
     def on_train_start(self, event: Event) -> None:
-        self.last = event.step
+        if not self._loaded:
+            self.last = event.step
 
     def on_log(self, event: LogEvent) -> None:
         if is_due(event.step, self.every, since=self.last):
@@ -265,6 +278,23 @@ class TimingLog(JsonlLog):
         self.writer.write(event.timing)
 
 
+def _quiet_writer_thread() -> None:
+    """TensorBoard's writer thread re-raises a write the disk refused, which Python prints as a
+    traceback; the writer hands the same error to the loop at its next event or flush, which
+    reports it in one line. Installed once, around whatever hook was there."""
+    previous = threading.excepthook
+    if getattr(previous, "cnnjax_quiet", False):
+        return
+
+    def hook(args):
+        if not (type(args.thread).__name__ == "_AsyncWriterThread"
+                and isinstance(args.exc_value, OSError)):
+            previous(args)
+
+    hook.cnnjax_quiet = True
+    threading.excepthook = hook
+
+
 class TensorBoard(Callback):
     """TensorBoard event files in <run>/tensorboard (TensorBoard's own event writer; no
     TensorFlow): every number of metrics.jsonl as a scalar at its step, tagged `train/<name>` for
@@ -291,6 +321,7 @@ class TensorBoard(Callback):
             from tensorboard.compat.proto.event_pb2 import Event as TbEvent, SessionLog
             from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
+            _quiet_writer_thread()
             self.writer = EventFileWriter(str(event.run_dir / self.subdir), flush_secs=30)
             if self._purge:
                 now = time.time()
@@ -346,8 +377,6 @@ class HParams(Callback):
     @staticmethod
     def values(config) -> dict[str, Any]:
         """The hyperparameters as TensorBoard takes them: bool, number or string."""
-        import json
-
         from cnnjax.training.runset import flat_config
 
         return {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v)
@@ -381,6 +410,7 @@ class HParams(Callback):
             for part in path:
                 value = value[part]
             figures.append(Summary.Value(tag=f"hparams/{name}", simple_value=float(value)))
+        _quiet_writer_thread()
         writer = EventFileWriter(str(event.run_dir / self.subdir), filename_suffix=".hparams")
         step, now = int(s["steps"]), time.time()
         writer.add_event(TbEvent(step=step, wall_time=now, summary=Summary(value=[
@@ -388,6 +418,7 @@ class HParams(Callback):
         writer.add_event(TbEvent(step=step, wall_time=now, summary=Summary(value=figures)))
         writer.add_event(TbEvent(step=step, wall_time=now, summary=Summary(value=[
             plugin(metadata.SESSION_END_INFO_TAG, session_end_info=end)])))
+        writer.flush()  # a write its thread could not make is raised here; close() would drop it
         writer.close()
 
 
@@ -452,11 +483,13 @@ class DeadFilterCount(Callback):
                                                           event.images("val")[0], event.spec)
 
 
-def default_callbacks(cfg, stop_at_step: int | None = None) -> list[Callback]:
-    """What `cnnjax train` runs with: the logs, TensorBoard, the progress bar, mid-epoch
-    checkpoints, the augmentation grid, the dead-filter count, the HParams summary, and
-    --stop-at-step if given."""
-    callbacks = [MetricsLog(), TimingLog(), TensorBoard(), ProgressBar(),
+def default_callbacks(cfg, stop_at_step: int | None = None, progress: bool = True
+                      ) -> list[Callback]:
+    """What `cnnjax train` runs with: the logs, TensorBoard, the progress bar (unless `progress`
+    is False: a sweep's members, whose sweep prints one line per epoch), mid-epoch checkpoints,
+    the augmentation grid, the dead-filter count, the HParams summary, and --stop-at-step if
+    given."""
+    callbacks = [MetricsLog(), TimingLog(), TensorBoard(), *([ProgressBar()] if progress else []),
                  CheckpointEvery(cfg.train.checkpoint_every_steps), AugmentationGrid(),
                  DeadFilterCount(), HParams()]
     if stop_at_step is not None:
@@ -469,6 +502,11 @@ def raise_callback_error(callback, hook: str, event: Event) -> None:
     err = sys.exc_info()[1]
     raise CallbackError(f"callback {type(callback).__name__} failed in {hook} at step {event.step}: "
                         f"{imports.where(err)}{type(err).__name__}: {err}") from err
+
+
+def _implements(callback, hook: str) -> bool:
+    fn = getattr(callback, hook, None)
+    return fn is not None and getattr(fn, "__func__", None) is not getattr(Callback, hook)
 
 
 class CallbackList:
@@ -485,9 +523,13 @@ class CallbackList:
         for c in self.callbacks:
             if not any(hasattr(c, h) for h in self.HOOKS):
                 raise TypeError(f"{c!r} is not a callback: it has none of the hooks {self.HOOKS}.")
+        # per hook, the callbacks that do something there (not `Callback`'s no-op): the loop
+        # calls on_step every step, for every member of a sweep
+        self._hooked = {hook: [c for c in self.callbacks if _implements(c, hook)]
+                        for hook in self.HOOKS}
 
     def call(self, hook: str, event: Event) -> None:
-        for c in self.callbacks:
+        for c in self._hooked.get(hook, self.callbacks):
             fn = getattr(c, hook, None)
             if fn is None:
                 continue
@@ -502,10 +544,21 @@ class CallbackList:
                 raise_callback_error(c, hook, event)
 
     def state_dict(self) -> dict[str, Any]:
+        """Each named callback's state, checked to be JSON before it goes into a checkpoint (a
+        set or a numpy number would fail the save on orbax's thread, far from its callback)."""
         out = {}
         for c in self.callbacks:
             name = getattr(c, "name", None)
-            state = c.state_dict() if name and hasattr(c, "state_dict") else None
+            if not (name and hasattr(c, "state_dict")):
+                continue
+            try:
+                state = c.state_dict()
+                json.dumps(state)
+            except Exception as err:
+                raise CallbackError(f"callback {type(c).__name__}: its state_dict() is not JSON, "
+                                    f"so it cannot go into a checkpoint: {imports.where(err)}"
+                                    f"{imports.first_line(err)}; return numbers, strings, lists "
+                                    f"and dicts (float(x) for a numpy number).") from None
             if state is not None:
                 out[name] = state
         return out
@@ -514,7 +567,12 @@ class CallbackList:
         for c in self.callbacks:
             name = getattr(c, "name", None)
             if name in states and hasattr(c, "load_state_dict"):
-                c.load_state_dict(states[name])
+                try:
+                    c.load_state_dict(states[name])
+                except Exception as err:
+                    raise CallbackError(f"callback {type(c).__name__} failed in load_state_dict "
+                                        f"(the state its checkpoint saved): {imports.where(err)}"
+                                        f"{imports.first_line(err)}") from err
 
     def close(self) -> None:
         for c in self.callbacks:

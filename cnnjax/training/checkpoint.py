@@ -13,6 +13,10 @@ a truncated, garbled, bit-flipped or missing file makes the step damaged before 
 Resuming skips a damaged step to the next older one and moves it aside as `damaged-<step>` (kept
 for inspection, never taken again, and out of the way of the step's re-save).
 
+A save the disk refuses (full, read-only) reaches the caller as one line naming the run directory
+and the steps already committed, which it leaves as they were (`disk_error`); what orbax and
+tensorstore would print of it on their own threads is held back.
+
 Restores go into an abstract state from `jax.eval_shape`, after comparing every array's shape with
 the checkpoint's metadata, so a checkpoint of another architecture is refused with each mismatched
 path named before any data is read.
@@ -25,6 +29,7 @@ import json
 import logging
 import os
 import pathlib
+import sys
 import time
 from typing import Any
 
@@ -34,6 +39,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from cnnjax import notices
+from cnnjax.report import disk
 
 CKPT_DIR = "ckpt"
 CHECKSUMS = "checksums.json"
@@ -47,16 +53,53 @@ class DamagedCheckpoint(ValueError):
     """A step whose files do not match their checksums, or that orbax cannot read."""
 
 
-class _QuietReadOnly(logging.Filter):
-    """Drops orbax's notices about read-only managers: they describe our own choice, not a fault."""
+class _QuietOrbax(logging.Filter):
+    """Drops orbax's notices about read-only managers (our own choice, not a fault) and what it
+    logs, traceback and all, of a write the disk refused: the failure comes back to the loop at
+    the next save or wait, which reports it in one line (`disk_error`)."""
 
-    NOTICES = ("read_only=True, setting save_interval_steps=0", "Given directory is read only")
+    NOTICES = ("read_only=True, setting save_interval_steps=0", "Given directory is read only",
+               "did not provide metrics")  # most saves carry none: only improving epochs do
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not any(n in str(record.msg) for n in self.NOTICES)
+        if any(n in str(record.msg) for n in self.NOTICES):
+            return False
+        refused = record.exc_info and record.exc_info[1] is not None and disk.disk_error(
+            record.exc_info[1], "", "") is not None
+        return not refused
 
 
-logging.getLogger("absl").addFilter(_QuietReadOnly())
+for _name in ("absl", "asyncio"):  # asyncio: the tasks of a failed save that nobody awaited
+    logging.getLogger(_name).addFilter(_QuietOrbax())
+
+
+def _quiet_closed_loop() -> None:
+    """When a save fails, the writes orbax still had in flight end in the event loop it has just
+    closed, and tensorstore reports each callback's 'Event loop is closed' as an unraisable
+    exception, a traceback apiece: noise about a failure the loop reports in one line (at the
+    next save or wait, so the hook must be in place before). Installed around whatever hook was
+    there."""
+    previous = sys.unraisablehook
+    if getattr(previous, "cnnjax_quiet", False):
+        return
+
+    def hook(unraisable):
+        value = unraisable.exc_value
+        if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.cnnjax_quiet = True
+    sys.unraisablehook = hook
+
+
+def disk_error(err: BaseException, run_dir: pathlib.Path, written: list[int]
+               ) -> disk.DiskError | None:
+    """One line saying why the run directory cannot be written, that the checkpoints `written`
+    before are intact and how to go on; None when `err` is not about the disk."""
+    kept = (f"the checkpoints written before (steps {written[0]}..{written[-1]}) are intact"
+            if written else "no checkpoint was written yet")
+    return disk.disk_error(err, run_dir, f"Free space (or make it writable) and resume: cnnjax "
+                                         f"train --resume {run_dir}", kept)
 
 
 def _path_name(path) -> str:
@@ -127,6 +170,8 @@ class Checkpointer:
 
     def __init__(self, run_dir: pathlib.Path, keep: int = 3, async_save: bool = True,
                  read_only: bool = False):
+        if not read_only:
+            _quiet_closed_loop()
         if keep < 1:
             raise ValueError(f"train.keep_checkpoints must be at least 1, got {keep}.")
         self.directory = (pathlib.Path(run_dir) / CKPT_DIR).absolute()
@@ -140,9 +185,12 @@ class Checkpointer:
                            keep_checkpoints_without_metrics=False),
         ])
         # Saves always go through orbax's async checkpointer, whose finalization hook writes the
-        # checksums before the rename; a synchronous save waits for it at once.
+        # checksums before the rename; a synchronous save waits for it at once. `best_fn` makes
+        # orbax write each save's metrics into the step (only then does a reopened manager, a
+        # resumed run's, know which old step is the best and keep it).
         options = ocp.CheckpointManagerOptions(
-            preservation_policy=preservation, enable_async_checkpointing=True,
+            preservation_policy=preservation, best_fn=_lower_is_better, best_mode="min",
+            enable_async_checkpointing=True,
             async_options=ocp.AsyncOptions(post_finalization_callback=self._record_checksums),
             cleanup_tmp_directories=not read_only, read_only=read_only, create=not read_only)
         self.manager = ocp.CheckpointManager(
@@ -153,20 +201,30 @@ class Checkpointer:
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
+    def committed(self) -> list[int]:
+        """The steps on disk under their final names, whatever the manager holds in flight: what a
+        failed save leaves intact."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
+
     def save(self, step: int, state, loop: dict[str, Any], best: dict[str, float] | None = None
              ) -> float:
         """Starts saving (asynchronously where enabled); `best` ({'val_loss': 0.07} or
         {'val_accuracy': 0.98}, the monitored figure) marks a best-so-far candidate. Returns the
         seconds the caller was blocked (waiting for the previous save, writing a synchronous one)."""
         t0 = time.perf_counter()
-        self.manager.wait_until_finished()  # one save in flight, so `_saving` names it
-        self._saving = step
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        loop=ocp.args.JsonSave(loop)),
-                          metrics=None if best is None else {k: float(v) for k, v in best.items()},
-                          force=True)
-        if not self.async_save:
-            self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()  # one save in flight, so `_saving` names it
+            self._saving = step
+            self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), loop=ocp.args.JsonSave(loop)),
+                metrics=None if best is None else {k: float(v) for k, v in best.items()},
+                force=True)
+            if not self.async_save:
+                self.manager.wait_until_finished()
+        except Exception as err:
+            raise disk_error(err, self.directory.parent, self.committed()) or err
         return time.perf_counter() - t0
 
     def _record_checksums(self) -> None:
@@ -180,7 +238,10 @@ class Checkpointer:
     def wait(self) -> float:
         """Waits for a save in flight; returns the seconds waited."""
         t0 = time.perf_counter()
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as err:
+            raise disk_error(err, self.directory.parent, self.committed()) or err
         return time.perf_counter() - t0
 
     def last_good_step(self) -> int | None:
@@ -244,8 +305,9 @@ class Checkpointer:
             try:
                 return self._restore(abstract_state, step) + (step,)
             except DamagedCheckpoint as err:
-                raise DamagedCheckpoint(f"checkpoint {self.directory / str(step)} is damaged: {err}; "
-                                        f"choose another step of {steps}.") from None
+                others = [s for s in steps if s != step]
+                raise DamagedCheckpoint(f"checkpoint {self.directory / str(step)} is damaged: {err} "
+                                        f"(the run's other steps: {others}).") from None
         moved = []
         for candidate in reversed(steps):
             try:
@@ -270,6 +332,14 @@ class Checkpointer:
         notices.warn(f"checkpoint {source} is damaged ({err}) and was {note}; trying the previous "
                       f"one.")
         return note.removeprefix("moved aside to ")
+
+    def discard_after(self, step: int) -> list[int]:
+        """Deletes the checkpoints after `step`: a run resumed from an earlier one (a sweep's
+        members, all from the step every one of them saved) writes them again."""
+        later = [s for s in self.steps() if s > step]
+        for s in later:
+            self.manager.delete(s)
+        return later
 
     def verify(self, step: int) -> None:
         """Raises DamagedCheckpoint if a file of `step` differs from its checksums."""

@@ -260,6 +260,15 @@ def _records(source) -> runset.RunSet:
     return runset.collect([s.run_dir if isinstance(s, Run) else s for s in source])
 
 
+def _load_member(run_dir: pathlib.Path) -> Run:
+    """A member's best parameters; a run that cannot give them is named with the way out."""
+    try:
+        return load_run(run_dir)
+    except (OSError, ValueError) as err:
+        raise type(err)(f"ensemble member {run_dir} cannot be loaded: {err} Leave it out of the "
+                        f"ensemble, or train it again.") from None
+
+
 def load_ensemble(source, top_k: int | None = None, weights: str = "uniform",
                   method: str = "average", logits: bool = False,
                   rounds: int = GREEDY_ROUNDS) -> Ensemble:
@@ -282,7 +291,7 @@ def load_ensemble(source, top_k: int | None = None, weights: str = "uniform",
     pool = runs.records[:top_k]
     given = {} if isinstance(source, (str, pathlib.Path)) else {
         s.run_dir.resolve(): s for s in source if isinstance(s, Run)}
-    members = tuple(given.get(r.run_dir.resolve()) or load_run(r.run_dir) for r in pool)
+    members = tuple(given.get(r.run_dir.resolve()) or _load_member(r.run_dir) for r in pool)
     selection = {"method": method, "weights": weights, "top_k": top_k, "monitor": runs.monitor,
                  "ranked": [{"run_dir": str(r.run_dir), "name": r.name,
                              "val_loss": r.summary["val"]["loss"],

@@ -15,14 +15,21 @@ run and never changes; `LoopState` (cnnjax/training/loop_state.py) is what chang
 stage to stage. Every check that can fail on the user's input runs in `setup`, before anything is
 compiled (`builder.build`).
 
+`train_epoch` is made of pieces that `cnnjax sweep` runs for each of its members around a step
+shared by all of them: `open_epoch`, `after_step` (hooks, the log line, whether to checkpoint),
+`checkpoint_here` and `end_train`; `setup` is `open_run` after loading the data and building.
+
 Resume is exact: a checkpoint holds the train state and the loop state; batch order is a
 function of (seed, epoch) and every random draw of (key, step, example), so a resumed run writes
-the same metrics.jsonl, byte for byte, as one that never stopped.
+the same metrics.jsonl, byte for byte, as one that never stopped. SIGTERM and Ctrl-C
+(cnnjax/training/preempt.py) checkpoint at the next step boundary, with the log window not yet
+written, and stop.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import pathlib
 import statistics
 import time
@@ -34,8 +41,9 @@ import numpy as np
 from cnnjax.config import Config
 from cnnjax.data import input_pipeline
 from cnnjax.report import logs, plots
-from cnnjax.training import builder, checkpoint, parallel, rundir
+from cnnjax.training import builder, checkpoint, parallel, preempt, rundir
 from cnnjax.training.builder import RunParts
+from cnnjax.training.losses import NonFiniteLoss
 from cnnjax.training.callbacks import (Callback, CallbackError, CallbackList, Control, EndEvent,
                                        EpochEvent, Event, LogEvent, StepEvent, default_callbacks)
 from cnnjax.training.periodic import is_due
@@ -47,9 +55,9 @@ class StepLog:
     """Per-step metrics kept on device and pulled to the host once per log line: every
     `train.log_every` steps (`is_due`) and at an epoch's last step."""
 
-    def __init__(self, every: int, first_step: int):
+    def __init__(self, every: int, first_step: int, pending: Sequence[dict] = ()):
         self.every, self.first_step = every, first_step  # first_step: of the first pending metrics
-        self.pending: list[dict] = []
+        self.pending: list[dict] = list(pending)
 
     def add(self, metrics: dict) -> bool:
         """Keeps a step's metrics; True when a log line is due after it."""
@@ -65,16 +73,38 @@ class StepLog:
         self.pending = []
         for i, m in enumerate(window):
             if not m["finite"]:
-                raise FloatingPointError(
-                    f"non-finite loss ({float(m['loss'])}) or gradient norm ({float(m['grad_norm'])}) "
-                    f"at step {self.first_step + i} (epoch {epoch}); the update was not applied. "
-                    f"Lower optim.learning_rate or check the data.")
+                loss, norm = float(m["loss"]), float(m["grad_norm"])
+                at = f"at step {self.first_step + i} (epoch {epoch}); the update was not applied."
+                if not math.isfinite(loss):
+                    raise NonFiniteLoss(f"the loss is {loss} {at} Check the loss and the data (a "
+                                        f"log of 0, a division by 0), or lower "
+                                        f"optim.learning_rate.")
+                raise FloatingPointError(f"non-finite gradient norm ({norm}) {at} Lower "
+                                         f"optim.learning_rate or check the data.")
         keys = [k for k in window[0] if k != "finite"]
         record = {k: float(np.mean([m[k] for m in window])) for k in keys}
         last = self.first_step + len(window) - 1
         self.first_step = last + 1
         return ({"kind": "step", "epoch": epoch, "step": last, **record},
                 [(float(m["loss"]), float(m["accuracy"])) for m in window])
+
+    def to_json(self) -> dict[str, Any]:
+        """The steps not yet logged, as numbers of their own dtypes (one host sync), for a
+        checkpoint between two log lines; {} when there are none."""
+        if not self.pending:
+            return {}
+        window = jax.device_get(self.pending)
+        return {"first_step": self.first_step,
+                "dtypes": {k: np.asarray(v).dtype.name for k, v in window[0].items()},
+                "steps": [{k: np.asarray(v).item() for k, v in m.items()} for m in window]}
+
+    @classmethod
+    def from_json(cls, every: int, saved: dict[str, Any]) -> "StepLog":
+        """The log with the saved steps pending again, each metric in its own dtype, so their
+        line averages the very numbers the uninterrupted run's did."""
+        dtypes = saved["dtypes"]
+        return cls(every, int(saved["first_step"]),
+                   [{k: np.asarray(v, dtypes[k]) for k, v in m.items()} for m in saved["steps"]])
 
 
 def patience(cfg: Config) -> int:
@@ -157,9 +187,13 @@ class RunSetup:
         if not loop.stopped_early:
             yield from range(loop.epoch, self.cfg.train.epochs + 1)
 
-    def event(self, kind: type[Event], state: TrainState, loop: LoopState, control: Control,
-              epoch: int | None = None, **fields) -> Event:
-        return kind(step=int(state.step), epoch=loop.epoch if epoch is None else epoch,
+    def event(self, kind: type[Event], state: TrainState | None, loop: LoopState,
+              control: Control, epoch: int | None = None, step: int | None = None,
+              **fields) -> Event:
+        """`step` defaults to the state's (a host sync); a sweep's stacked members pass theirs,
+        with no state of their own between epochs (`state` None)."""
+        return kind(step=int(state.step) if step is None else step,
+                    epoch=loop.epoch if epoch is None else epoch,
                     state=state, control=control, best=loop.best, config=self.cfg,
                     run_dir=self.run_dir, is_primary=self.par.is_primary,
                     steps_per_epoch=self.steps_per_epoch, _run=self, **fields)
@@ -188,14 +222,17 @@ def _restore(ckpt: checkpoint.Checkpointer, abstract: TrainState, step: int | No
 
 @dataclasses.dataclass(frozen=True)
 class RunResult:
-    """What a run ended with. `stopped_at_step` is set when a callback (or --stop-at-step)
-    stopped it: a later `train_and_evaluate` of the same directory continues. `summary` is
-    summary.json's content on the process that writes the run directory, else None."""
+    """What a run ended with. `stopped_at_step` is set when a callback (or --stop-at-step, or a
+    signal) stopped it: a later `train_and_evaluate` of the same directory continues. `summary` is
+    summary.json's content on the process that writes the run directory, else None. `preempted`
+    names the signal (SIGTERM, SIGINT) that arrived during the run, if one did: a caller that
+    runs more work should stop and exit with `preempt.exit_status(preempted)`."""
 
     run_dir: pathlib.Path
     stopped_at_step: int | None = None
     stop_reason: str | None = None
     summary: dict[str, Any] | None = None
+    preempted: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -206,37 +243,56 @@ def setup(cfg: Config, run_dir: pathlib.Path | str | None = None
           ) -> tuple[RunSetup, TrainState, LoopState]:
     """Loads the data, builds the run's parts (`builder.build`: every user input is checked
     there), then creates the run directory (or opens it to resume) and the initial (or restored)
-    train and loop states."""
+    train and loop states (`open_run`)."""
     started = time.perf_counter()
     tc = cfg.train
     data = input_pipeline.open_data(cfg.data, tc.seed)
     par = parallel.DataParallel.create()
     par.check_batch_size(tc.batch_size)
-    eval_sizes = {split: par.eval_batch_size(tc.eval_batch_size, data.size(split))
-                  for split in ("val", "test")}
     if run_dir is None and jax.process_count() > 1:
         raise ValueError("a multi-process run needs an explicit --run-dir shared by every process.")
     parts = builder.build(cfg, data.spec,
                           input_pipeline.steps_per_epoch(data.size("train"), tc.batch_size),
                           devices=par.num_devices, sharding=par.replicated,
-                          eval_rows=eval_sizes["val"])
-    run_dir = pathlib.Path(run_dir if run_dir is not None else rundir.default_run_dir(cfg))
+                          eval_rows=eval_sizes(par, data, tc.eval_batch_size)["val"])
+    return open_run(parts, data, par, run_dir if run_dir is not None
+                    else rundir.default_run_dir(cfg), started)
+
+
+def eval_sizes(par: parallel.DataParallel, data: input_pipeline.Data | input_pipeline.Streamed,
+               requested: int) -> dict[str, int]:
+    """Each evaluation split's batch rows on these devices."""
+    return {split: par.eval_batch_size(requested, data.size(split)) for split in ("val", "test")}
+
+
+def open_run(parts: RunParts, data: input_pipeline.Data | input_pipeline.Streamed,
+             par: parallel.DataParallel,
+             run_dir: pathlib.Path | str, started: float | None = None, *, step: int | None = None,
+             keep: int | None = None, announce: bool = True
+             ) -> tuple[RunSetup, TrainState, LoopState]:
+    """Creates the run directory of `parts.cfg` (or opens it to resume from its latest checkpoint,
+    or from `step`, dropping the checkpoints after it) and makes the initial (or restored) train
+    and loop states. `keep` overrides train.keep_checkpoints; `announce` prints the resume line."""
+    started = time.perf_counter() if started is None else started
+    cfg, tc, run_dir = parts.cfg, parts.cfg.train, pathlib.Path(run_dir)
     # a new run's state is made (and transfer.backbone read, or refused) before its directory
     state = None if rundir.has_checkpoint(run_dir) else parts.init_state()
     resuming = rundir.open_run_dir(run_dir, cfg, par.is_primary)
     if par.is_primary and not resuming:
         rundir.write_data_spec(run_dir, data.spec, parts.steps_per_epoch)
-    ckpt = checkpoint.Checkpointer(run_dir, tc.keep_checkpoints, tc.async_checkpointing)
+    ckpt = checkpoint.Checkpointer(run_dir, keep or tc.keep_checkpoints, tc.async_checkpointing)
     loop = LoopState(best=dataclasses.replace(LoopState().best, monitor=tc.monitor))
     if resuming:
-        state, saved, step, _ = _restore(ckpt, parts.abstract)
+        state, saved, step, _ = _restore(ckpt, parts.abstract, step)
+        ckpt.discard_after(step)
         loop = LoopState.from_json(saved, tc.monitor)
         data.restore(saved.get(_DATA_POSITION))  # the streamed reader's place, where saved
-        if par.is_primary:
+        if par.is_primary and announce:
             print(f"resuming {run_dir} from step {step} (epoch {loop.epoch}, batch {loop.batch})")
     loop = loop.replace(last_checkpoint_step=int(state.step))
     run = RunSetup(cfg=cfg, run_dir=run_dir, data=data, parts=parts, par=par, resuming=resuming,
-                   eval_sizes=eval_sizes, ckpt=ckpt, started=started)
+                   eval_sizes=eval_sizes(par, data, tc.eval_batch_size), ckpt=ckpt,
+                   started=started)
     return run, state, loop
 
 
@@ -260,51 +316,111 @@ def save(run: RunSetup, state: TrainState, loop: LoopState, callbacks: CallbackL
         loop.timing, unlogged_checkpoint_seconds=loop.timing.unlogged_checkpoint_seconds + blocked))
 
 
+@dataclasses.dataclass
+class EpochWindow:
+    """An epoch in progress: its log window (`StepLog`) and where its timing began."""
+
+    log: StepLog
+    started: float  # time.perf_counter() when this process began the epoch's steps
+    first_batch: int  # the batch it began at (a resumed run: not 0)
+
+
+def open_epoch(run: RunSetup, loop: LoopState, step: int) -> tuple[EpochWindow, LoopState]:
+    """The epoch's window from `loop.batch` on, `step` updates into the run, with the steps a
+    checkpoint saved before their log line pending again."""
+    every = run.cfg.train.log_every
+    log = StepLog.from_json(every, loop.pending) if loop.pending else StepLog(every, step + 1)
+    return EpochWindow(log, time.perf_counter(), loop.batch), loop.replace(pending={})
+
+
+def epoch_batches(run: RunSetup, loop: LoopState) -> Iterator[dict[str, jax.Array]]:
+    """The epoch's train batches from `loop.batch` on, placed on the run's devices."""
+    tc = run.cfg.train
+    return _on_devices(run, run.data.train_batches(tc.batch_size, tc.seed, loop.epoch, loop.batch,
+                                                   run.par.part))
+
+
+def first_step_timed(loop: LoopState, seconds: float) -> LoopState:
+    """Records the run's first step's wall time (compile, mostly), once."""
+    if loop.timing.first_step_s is not None:
+        return loop
+    return loop.replace(timing=dataclasses.replace(loop.timing, first_step_s=seconds))
+
+
+def after_step(run: RunSetup, state: TrainState | None, loop: LoopState, callbacks: CallbackList,
+               window: EpochWindow, metrics: dict[str, Any], *, step: int | None = None,
+               signal: str | None = None) -> tuple[LoopState, bool]:
+    """After a train step: the step hook, the log line when it is due (and the log hook), then
+    whether to checkpoint here: at a log line before the epoch's end (whose checkpoint comes
+    anyway) when a callback asked or stops the run, and at any step when `signal`
+    (`preempt.requested()`) names one. Returns (loop, checkpoint here); `loop.stop_reason` set
+    ends the epoch. Raises FloatingPointError at the log line of a non-finite step.
+
+    `step` (the updates so far) defaults to the state's; `state` is None for a member of a
+    stacked sweep (its hooks see none between epochs)."""
+    control = callbacks.control
+    loop = loop.replace(batch=loop.batch + 1)
+    _hook(callbacks, "on_step", run, StepEvent, state, loop, step=step, metrics=metrics)
+    logged = window.log.add(metrics) or loop.batch == run.steps_per_epoch
+    if logged:
+        record, steps = window.log.pull(loop.epoch)
+        loop = loop.replace(epoch_steps=loop.epoch_steps + tuple(steps))
+        _hook(callbacks, "on_log", run, LogEvent, state, loop, step=step, record=record)
+    if signal:
+        at = int(state.step) if step is None else step
+        return loop.replace(stop_reason=f"stopped by {signal} at step {at}", preempted=signal), True
+    if not logged or loop.batch == run.steps_per_epoch:
+        return loop, False
+    return (loop.replace(stop_reason=control.stop_reason),
+            bool(control.checkpoint_requested or control.stop_reason))
+
+
+def checkpoint_here(run: RunSetup, state: TrainState, loop: LoopState, callbacks: CallbackList,
+                    window: EpochWindow) -> LoopState:
+    """A checkpoint within the epoch, the steps not yet logged saved with it."""
+    loop = save(run, state, loop.replace(pending=window.log.to_json()), callbacks)
+    callbacks.control.checkpoint_requested = False
+    return loop.replace(pending={})
+
+
+def end_train(run: RunSetup, loop: LoopState, window: EpochWindow) -> LoopState:
+    """The epoch's training time and images/s (end_epoch adds the evaluation's time)."""
+    seconds = time.perf_counter() - window.started
+    images = (run.steps_per_epoch - window.first_batch) * run.cfg.train.batch_size
+    return loop.replace(timing=dataclasses.replace(
+        loop.timing, epoch_rates=loop.timing.epoch_rates + (images / seconds,),
+        epoch_seconds=loop.timing.epoch_seconds + (seconds,)))
+
+
 def train_epoch(run: RunSetup, state: TrainState, loop: LoopState, callbacks: CallbackList
                 ) -> tuple[TrainState, LoopState]:
     """The epoch's train steps (from where a resumed run left off), with the step and log hooks.
 
-    A callback's stop ends it at the next log line, after a checkpoint (`loop.stop_reason`).
-    The state passed in is the caller's no more (the step donates it)."""
-    control, tc, epoch = callbacks.control, run.cfg.train, loop.epoch
-    train_step = run.parts.epoch_steps[epoch - 1]
-    t_epoch, first_batch = time.perf_counter(), loop.batch
-    step_log = StepLog(tc.log_every, int(state.step) + 1)
-    timing = loop.timing
-    batches = run.data.train_batches(tc.batch_size, tc.seed, epoch, first_batch, run.par.part)
-    for batch in _on_devices(run, batches):
+    A callback's stop ends it at the next log line, a signal (SIGTERM, Ctrl-C) at the next step,
+    each after a checkpoint (`loop.stop_reason`). The state passed in is the caller's no more
+    (the step donates it)."""
+    train_step = run.parts.epoch_steps[loop.epoch - 1]
+    window, loop = open_epoch(run, loop, int(state.step))
+    for batch in epoch_batches(run, loop):
         t_step = time.perf_counter()
         state, metrics = train_step(state, batch, run.train_key)
-        if timing.first_step_s is None:
+        if loop.timing.first_step_s is None:
             jax.block_until_ready(state)
-            timing = dataclasses.replace(timing, first_step_s=time.perf_counter() - t_step)
-        loop = loop.replace(batch=loop.batch + 1, timing=timing)
-        _hook(callbacks, "on_step", run, StepEvent, state, loop, metrics=metrics)
-        if not step_log.add(metrics) and loop.batch < run.steps_per_epoch:
-            continue
-        record, steps = step_log.pull(epoch)
-        loop = loop.replace(epoch_steps=loop.epoch_steps + tuple(steps))
-        _hook(callbacks, "on_log", run, LogEvent, state, loop, record=record)
-        if loop.batch < run.steps_per_epoch:  # the epoch's end checkpoints anyway
-            if control.checkpoint_requested or control.stop_reason:
-                loop = save(run, state, loop, callbacks)
-                timing = loop.timing
-                control.checkpoint_requested = False
-            if control.stop_reason:
-                return state, loop.replace(stop_reason=control.stop_reason)
-    seconds = time.perf_counter() - t_epoch
-    timing = dataclasses.replace(
-        loop.timing, epoch_rates=loop.timing.epoch_rates + (
-            (run.steps_per_epoch - first_batch) * tc.batch_size / seconds,),
-        epoch_seconds=loop.timing.epoch_seconds + (seconds,))  # end_epoch adds the evaluation's
-    return state, loop.replace(timing=timing)
+            loop = first_step_timed(loop, time.perf_counter() - t_step)
+        loop, here = after_step(run, state, loop, callbacks, window, metrics,
+                                signal=preempt.agreed())
+        if here:
+            loop = checkpoint_here(run, state, loop, callbacks, window)
+        if loop.stop_reason:
+            return state, loop
+    return state, end_train(run, loop, window)
 
 
 def end_epoch(run: RunSetup, state: TrainState, loop: LoopState, callbacks: CallbackList
               ) -> tuple[TrainState, LoopState]:
     """Validation, early stopping, the plateau rule, the epoch hooks and a checkpoint; nothing
-    when the epoch was stopped before its end (`loop.stop_reason`)."""
-    if loop.stop_reason and loop.batch < run.steps_per_epoch:
+    when the epoch was stopped before its end (`loop.stop_reason`) or by a signal."""
+    if loop.preempted or (loop.stop_reason and loop.batch < run.steps_per_epoch):
         return state, loop
     control, epoch = callbacks.control, loop.epoch
     t_eval = time.perf_counter()
@@ -329,11 +445,12 @@ def end_epoch(run: RunSetup, state: TrainState, loop: LoopState, callbacks: Call
 
 
 def finish(run: RunSetup, state: TrainState, loop: LoopState, callbacks: CallbackList) -> RunResult:
-    """Ends the run. Stopped by a callback: a resumable result. Otherwise restores the best
-    parameters, evaluates them on validation and test, lets the callbacks add to the summary,
+    """Ends the run. Stopped by a callback or a signal: a resumable result. Otherwise restores the
+    best parameters, evaluates them on validation and test, lets the callbacks add to the summary,
     then writes the plots and, last, summary.json: a run directory with summary.json is complete."""
-    if loop.stop_reason and not loop.stopped_early and loop.epoch <= run.cfg.train.epochs:
-        return RunResult(run.run_dir, int(state.step), loop.stop_reason)
+    if loop.preempted or (loop.stop_reason and not loop.stopped_early
+                          and loop.epoch <= run.cfg.train.epochs):
+        return RunResult(run.run_dir, int(state.step), loop.stop_reason, preempted=loop.preempted)
     tc = run.cfg.train
     best_state, _, _, waited = _restore(run.ckpt, run.parts.abstract, loop.best.step)
     val, test = run.evaluate(best_state, "val"), run.evaluate(best_state, "test")
@@ -366,11 +483,29 @@ def finish(run: RunSetup, state: TrainState, loop: LoopState, callbacks: Callbac
     return RunResult(run.run_dir, summary=summary)
 
 
-def _close(run: RunSetup) -> None:
-    """Stops the data's readers, waits for the last save and gives the run directory's lock back."""
-    run.data.close()
-    run.ckpt.close()
-    rundir.close_run_dir(run.run_dir)
+def _close(run: RunSetup, failed: bool = False) -> None:
+    """Stops the data's readers, waits for the last save and gives the run directory's lock back;
+    after a failure already on its way to the caller, a failing last save is that failure again,
+    not news."""
+    try:
+        try:
+            run.data.close()
+        finally:
+            run.ckpt.close()
+    except (OSError, ValueError):
+        if not failed:
+            raise
+    finally:
+        rundir.close_run_dir(run.run_dir)
+
+
+def preempted_at_epoch_end(state: TrainState, loop: LoopState) -> LoopState:
+    """A signal that came during the epoch's end stops the run there (its checkpoint is saved)."""
+    signal = preempt.agreed()
+    if not signal or loop.stop_reason:
+        return loop
+    return loop.replace(stop_reason=f"stopped by {signal} at step {int(state.step)}",
+                        preempted=signal)
 
 
 def train_and_evaluate(cfg: Config, run_dir: pathlib.Path | str | None = None, *,
@@ -381,22 +516,42 @@ def train_and_evaluate(cfg: Config, run_dir: pathlib.Path | str | None = None, *
     Ends with the best-validation parameters evaluated on validation and test (summary.json).
     `callbacks` run after `default_callbacks(cfg, stop_at_step)`; with `stop_at_step`, or when a
     callback stops the run, it checkpoints and returns a stopped result: a later call continues.
+    SIGTERM and Ctrl-C do the same at the next step (`RunResult.preempted` names the signal).
     """
+    with preempt.handling():
+        result = _train_and_evaluate(cfg, run_dir, callbacks, stop_at_step)
+    return dataclasses.replace(result, preempted=result.preempted or preempt.requested())
+
+
+def _train_and_evaluate(cfg: Config, run_dir: pathlib.Path | str | None,
+                        callbacks: Sequence[Callback], stop_at_step: int | None) -> RunResult:
     hooks = CallbackList(default_callbacks(cfg, stop_at_step) + list(callbacks))
     run, state, loop = setup(cfg, run_dir)
+    failed = True
     try:
         loop = start(run, state, loop, hooks)
         for _ in run.epochs(loop):
             state, loop = train_epoch(run, state, loop, hooks)
             state, loop = end_epoch(run, state, loop, hooks)
+            loop = preempted_at_epoch_end(state, loop)
             if loop.stop_reason or loop.stopped_early:
                 break
-        return finish(run, state, loop, hooks)
+        result = finish(run, state, loop, hooks)
+        failed = False
+        return result
     except (FloatingPointError, CallbackError, input_pipeline.ReadError) as err:
         last = run.ckpt.last_good_step()
         where = (f"step {last} in {run.ckpt.directory}; resume with cnnjax train --resume "
                  f"{run.run_dir}" if last else "none yet")
-        raise type(err)(f"{err} Last good checkpoint: {where}.") from err
+        loss = f"train.loss {cfg.train.loss!r}: " if isinstance(err, NonFiniteLoss) else ""
+        raise type(err)(f"{loss}{err} Last good checkpoint: {where}.") from err
+    except OSError as err:  # a full or read-only disk: one line, and what is safe
+        raise checkpoint.disk_error(err, run.run_dir, run.ckpt.committed()) or err
     finally:
-        hooks.close()
-        _close(run)
+        try:
+            hooks.close()  # a log's last flush may fail as the disk did: that failure again
+        except OSError:
+            if not failed:
+                raise
+        finally:
+            _close(run, failed)

@@ -51,7 +51,10 @@ class Timing:
 
 @dataclasses.dataclass(frozen=True)
 class LoopState:
-    """Where the loop stands; `stop_reason` (a callback's stop) is not saved: a resumed run goes on."""
+    """Where the loop stands; `stop_reason` (a callback's stop or a signal's) and `preempted` (the
+    signal's name) are not saved: a resumed run goes on. `pending` holds the steps of the log
+    window not yet written (a checkpoint between two log lines: a preempted run), so the resumed
+    run writes the same line."""
 
     epoch: int = 1  # the epoch in progress
     batch: int = 0  # batches of that epoch already trained
@@ -62,7 +65,9 @@ class LoopState:
     last_checkpoint_step: int = 0
     timing: Timing = Timing()
     callbacks: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # each one's state_dict
+    pending: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # StepLog.to_json
     stop_reason: str | None = None
+    preempted: str | None = None  # SIGTERM or SIGINT: stopped by that signal
 
     def replace(self, **changes) -> "LoopState":
         return dataclasses.replace(self, **changes)
@@ -72,7 +77,8 @@ class LoopState:
                 "bad_epochs": self.bad_epochs, "stopped_early": self.stopped_early,
                 "epoch_steps": [list(s) for s in self.epoch_steps],
                 "last_checkpoint_step": self.last_checkpoint_step,
-                "timing": dataclasses.asdict(self.timing), "callbacks": dict(self.callbacks)}
+                "timing": dataclasses.asdict(self.timing), "callbacks": dict(self.callbacks),
+                **({"pending": dict(self.pending)} if self.pending else {})}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any], monitor: str) -> "LoopState":
@@ -85,7 +91,8 @@ class LoopState:
                    bad_epochs=int(d["bad_epochs"]), stopped_early=bool(d["stopped_early"]),
                    epoch_steps=tuple(tuple(s) for s in d["epoch_steps"]),
                    last_checkpoint_step=int(d["last_checkpoint_step"]),
-                   timing=_timing(d["timing"]), callbacks=dict(d["callbacks"]))
+                   timing=_timing(d["timing"]), callbacks=dict(d["callbacks"]),
+                   pending=dict(d.get("pending") or {}))
 
 
 def best_step_of(d: Mapping[str, Any]) -> int:

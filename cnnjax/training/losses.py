@@ -24,6 +24,11 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
+class NonFiniteLoss(FloatingPointError):
+    """The loss itself was NaN or infinite at a step (not only its gradient): the run stops there,
+    naming `train.loss`."""
+
+
 LOSSES = imports.Registry("loss", "train.loss")
 register_loss = LOSSES.register
 register_loss("cross_entropy", cross_entropy)
@@ -38,12 +43,17 @@ def smoothed_cross_entropy(smoothing: float) -> LossFn:
 
 
 def make_losses(tc: TrainConfig, num_classes: int) -> tuple[LossFn, LossFn]:
-    """(training loss, evaluation loss) of the config, checked on a (2, num_classes) batch."""
+    """(training loss, evaluation loss) of the config, checked on a (2, num_classes) batch.
+
+    A `label_smoothing` held as an array (a traced config, one program for several values, each
+    checked as a number before) always smooths: 0 gives the one-hot targets."""
+    smoothing = tc.label_smoothing
+    traced = not isinstance(smoothing, (int, float))
     loss = LOSSES.lookup(tc.loss)
     if not callable(loss):
-        raise ValueError(f"train.loss {tc.loss!r} is a {type(loss).__name__}, not a function "
+        raise ValueError(f"train.loss {tc.loss!r} is {imports.kind(loss)}, not a function "
                          f"(logits, labels) -> per-example loss.")
-    if tc.label_smoothing and loss is not cross_entropy:
+    if not traced and smoothing and loss is not cross_entropy:
         raise ValueError(f"train.label_smoothing applies to cross_entropy; {tc.loss!r} would "
                          f"ignore it: smooth inside your loss, or set train.label_smoothing=0.")
     logits = jax.ShapeDtypeStruct((2, num_classes), jnp.float32)
@@ -52,9 +62,12 @@ def make_losses(tc: TrainConfig, num_classes: int) -> tuple[LossFn, LossFn]:
         out = jax.eval_shape(loss, logits, labels)
     except Exception as err:  # the user's function: any failure is a misfit, reported as one
         raise ValueError(f"train.loss {tc.loss!r} fails on logits (2, {num_classes}) and int "
-                         f"labels (2,): {type(err).__name__}: {err}") from None
+                         f"labels (2,): {imports.where(err)}{imports.first_line(err)}") from None
     if getattr(out, "shape", None) != (2,):
         raise ValueError(f"train.loss {tc.loss!r} returns {getattr(out, 'shape', out)} for 2 "
                          f"examples; it must return one loss per example, shape (2,).")
-    train = smoothed_cross_entropy(tc.label_smoothing) if tc.label_smoothing else loss
+    if not jnp.issubdtype(out.dtype, jnp.floating):
+        raise ValueError(f"train.loss {tc.loss!r} returns {out.dtype} losses; they must be "
+                         f"floats, differentiable in the logits.")
+    train = smoothed_cross_entropy(smoothing) if traced or smoothing else loss
     return train, loss

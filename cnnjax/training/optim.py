@@ -48,6 +48,13 @@ from cnnjax.config import OptimConfig
 ONECYCLE_PCT_START, ONECYCLE_DIV_FACTOR, ONECYCLE_FINAL_DIV_FACTOR = 0.3, 25.0, 1e4
 
 
+def concrete(value) -> bool:
+    """Whether a hyperparameter is a number. In a program shared by several configs (a
+    `cnnjax sweep` grid) it is an array instead, checked as a number per config beforehand:
+    the eager checks below look at numbers only."""
+    return isinstance(value, (int, float))
+
+
 class ScaleByTorchAdamState(NamedTuple):
     count: jax.Array
     mu: optax.Updates
@@ -59,9 +66,9 @@ def scale_by_torch_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
                         amsgrad: bool = False) -> optax.GradientTransformation:
     """Adam's direction exactly as torch computes it: m_hat / (sqrt(max(v)) / sqrt(1 - b2^t) + eps)."""
     for name, beta in (("b1", b1), ("b2", b2)):
-        if not 0.0 <= beta < 1.0:
+        if concrete(beta) and not 0.0 <= beta < 1.0:
             raise ValueError(f"scale_by_torch_adam: {name} must be in [0, 1), got {beta}.")
-    if eps < 0:
+    if concrete(eps) and eps < 0:
         raise ValueError(f"scale_by_torch_adam: eps must be non-negative, got {eps}.")
 
     def init_fn(params):
@@ -105,7 +112,7 @@ def _run_steps(cfg: OptimConfig, total_steps: int | None) -> int:
     if (total_steps or 0) <= 0:
         raise ValueError(f"optim.schedule={cfg.schedule} spans the run: make_optimizer needs its "
                          f"steps_per_epoch and epochs (positive), got {total_steps} steps in all.")
-    if cfg.min_lr < 0 or cfg.min_lr > cfg.learning_rate:
+    if cfg.min_lr < 0 or (concrete(cfg.learning_rate) and cfg.min_lr > cfg.learning_rate):
         raise ValueError(f"optim.min_lr={cfg.min_lr} is where optim.schedule={cfg.schedule} ends: "
                          f"use a value in [0, optim.learning_rate={cfg.learning_rate}].")
     return total_steps
@@ -164,15 +171,33 @@ def make_schedule(cfg: OptimConfig, steps_per_epoch: int | None = None,
                   epochs: int | None = None) -> float | optax.Schedule:
     """The learning rate by step count, from the schedule `optim.schedule` names: a float for
     `plateau` and `constant`, else an optax schedule over the run's epochs x steps_per_epoch."""
-    if cfg.learning_rate <= 0:
+    if concrete(cfg.learning_rate) and cfg.learning_rate <= 0:
         raise ValueError(f"optim.learning_rate must be positive, got {cfg.learning_rate}.")
     factory = SCHEDULES.lookup(cfg.schedule)
     total = steps_per_epoch * epochs if steps_per_epoch and epochs else None
-    lr = imports.call(factory, f"optim.schedule {cfg.schedule!r}", cfg, total)
-    if not (callable(lr) or isinstance(lr, (int, float))):
-        raise ValueError(f"optim.schedule {cfg.schedule!r} returned a {type(lr).__name__}; a "
-                         f"schedule returns a learning rate or a function of the step count.")
+    what = f"optim.schedule {cfg.schedule!r}"
+    lr = imports.call(factory, what, cfg, total, expected="a factory(cfg, total_steps) returning "
+                      "a learning rate or a function of the step count")
+    if not (callable(lr) or isinstance(lr, (int, float, jax.Array))) or isinstance(lr, bool):
+        raise ValueError(f"{what} returned {imports.kind(lr)}; a schedule returns a learning "
+                         f"rate or a function of the step count.")
+    if callable(lr):  # checked abstractly on a step count: nothing is computed
+        try:
+            out = jax.eval_shape(lr, jax.ShapeDtypeStruct((), jnp.int32))
+        except Exception as err:  # the user's function: any failure is a misfit, reported as one
+            raise ValueError(f"{what} returned a schedule that fails on a step count (an int32 "
+                             f"scalar): {imports.where(err)}{imports.first_line(err)}") from None
+        if getattr(out, "shape", None) != () or not jnp.issubdtype(out.dtype, jnp.number):
+            raise ValueError(f"{what} returned a schedule that gives {_described(out)} for a step "
+                             f"count; it must give the learning rate, one number (a scalar).")
     return lr
+
+
+def _described(out) -> str:
+    """'float32[3]' for an abstract array, else what it is."""
+    if hasattr(out, "shape") and hasattr(out, "dtype"):
+        return f"{out.dtype}{list(out.shape)}"
+    return imports.kind(out)
 
 
 # Name -> factory(cfg: OptimConfig, learning_rate) -> optax.GradientTransformation: the update
@@ -216,19 +241,23 @@ def adamw(cfg: OptimConfig, learning_rate) -> optax.GradientTransformation:
 def sgd(cfg: OptimConfig, learning_rate) -> optax.GradientTransformation:
     """torch.optim.SGD (dampening 0): coupled decay, then optax.sgd(momentum, nesterov)."""
     return optax.chain(optax.add_decayed_weights(cfg.weight_decay),
-                       optax.sgd(learning_rate, cfg.momentum or None, cfg.nesterov))
+                       optax.sgd(learning_rate, None if concrete(cfg.momentum) and cfg.momentum == 0
+                                 else cfg.momentum, cfg.nesterov))
 
 
 def make_base_optimizer(cfg: OptimConfig, steps_per_epoch: int | None = None,
                         epochs: int | None = None) -> optax.GradientTransformation:
     """Weight decay, the update rule and the learning rate, by `optim.name` and `optim.schedule`."""
-    if cfg.weight_decay < 0:
+    if concrete(cfg.weight_decay) and cfg.weight_decay < 0:
         raise ValueError(f"optim.weight_decay must be non-negative, got {cfg.weight_decay}.")
     lr = make_schedule(cfg, steps_per_epoch, epochs)
-    tx = imports.call(OPTIMIZERS.lookup(cfg.name), f"optim.name {cfg.name!r}", cfg, lr)
+    tx = imports.call(OPTIMIZERS.lookup(cfg.name), f"optim.name {cfg.name!r}", cfg, lr,
+                      expected="a factory(cfg, learning_rate) returning an "
+                               "optax.GradientTransformation")
     if not isinstance(tx, optax.GradientTransformation):
-        raise ValueError(f"optim.name {cfg.name!r} returned a {type(tx).__name__}; an optimizer "
-                         f"factory(cfg, learning_rate) returns an optax.GradientTransformation.")
+        raise ValueError(f"optim.name {cfg.name!r} returned {imports.kind(tx)}; an optimizer "
+                         f"factory(cfg, learning_rate) returns an optax.GradientTransformation "
+                         f"(optax.adam(learning_rate), optax.chain(...)).")
     return tx
 
 

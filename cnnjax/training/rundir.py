@@ -8,6 +8,7 @@ the kernel drops it when its holder dies, and a killed run never blocks its own 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import re
 import fcntl
@@ -15,9 +16,11 @@ import json
 import os
 import pathlib
 import shutil
+from typing import Iterator
 
 from cnnjax.config import Config
 from cnnjax.data import datasets, input_pipeline, sources
+from cnnjax.report import disk
 from cnnjax.training import checkpoint, loop_state
 
 DEFAULT_ROOT = pathlib.Path("checkpoints")
@@ -143,15 +146,29 @@ def open_run_dir(run_dir: pathlib.Path, cfg: Config, primary: bool = True) -> bo
                               f"--run-dir or delete it.")
     if not primary:
         return _check_run_dir(run_dir, cfg, primary)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fresh = run_dir.resolve() not in _held
-    lock_run_dir(run_dir)
+    with _writing(run_dir):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fresh = run_dir.resolve() not in _held
+        lock_run_dir(run_dir)
     try:
-        return _check_run_dir(run_dir, cfg, primary)
+        with _writing(run_dir):
+            return _check_run_dir(run_dir, cfg, primary)
     except BaseException:
         if fresh:  # a refused run leaves no lock behind
             close_run_dir(run_dir)
         raise
+
+
+@contextlib.contextmanager
+def _writing(run_dir: pathlib.Path) -> Iterator[None]:
+    """A write refused while a run directory is opened, as one line: a run to resume keeps its
+    checkpoints; a new one needs a writable place."""
+    steps = checkpoint_steps(run_dir)
+    try:
+        yield
+    except OSError as err:
+        raise (checkpoint.disk_error(err, run_dir, steps) if steps else disk.disk_error(
+            err, run_dir, "Choose a --run-dir on a writable disk with free space.")) or err
 
 
 # What a run writes besides its checkpoints: cleared when a run that never checkpointed starts again.
@@ -169,10 +186,15 @@ def _clear_run_files(run_dir: pathlib.Path) -> None:
         png.unlink()
 
 
+def checkpoint_steps(run_dir: pathlib.Path) -> list[int]:
+    """The committed checkpoint steps in the directory, read from its listing."""
+    ckpt = pathlib.Path(run_dir) / checkpoint.CKPT_DIR
+    return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) if ckpt.is_dir() else []
+
+
 def has_checkpoint(run_dir: pathlib.Path) -> bool:
     """Whether the directory holds a checkpoint step, i.e. a run to resume."""
-    ckpt = run_dir / checkpoint.CKPT_DIR
-    return ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir())
+    return bool(checkpoint_steps(run_dir))
 
 
 def _check_run_dir(run_dir: pathlib.Path, cfg: Config, primary: bool) -> bool:
@@ -183,7 +205,7 @@ def _check_run_dir(run_dir: pathlib.Path, cfg: Config, primary: bool) -> bool:
         if any((run_dir / name).exists() for name in RUN_FILES):
             print(f"{run_dir} holds a run stopped before its first checkpoint: starting it afresh.")
             _clear_run_files(run_dir)
-        saved_path.write_text(cfg.to_json() + "\n", encoding="utf-8")
+        disk.write_atomic(saved_path, cfg.to_json() + "\n")
         return False
     diffs = config_differences(read_config(run_dir), cfg)
     if diffs:
@@ -200,8 +222,8 @@ def write_data_spec(run_dir: pathlib.Path, spec: datasets.DatasetSpec, steps_per
     """What the run was trained on (image shape, classes, normalization) and its steps per epoch,
     so that `load_run` rebuilds the model without the data (which may be a user's arrays)."""
     record = {"spec": sources.spec_to_dict(spec), "steps_per_epoch": steps_per_epoch}
-    (run_dir / DATA_SPEC).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n",
-                                     encoding="utf-8")
+    with _writing(run_dir):
+        disk.write_atomic(run_dir / DATA_SPEC, json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
 def read_data_spec(run_dir: pathlib.Path) -> tuple[datasets.DatasetSpec, int] | None:

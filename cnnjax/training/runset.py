@@ -13,6 +13,7 @@ import json
 import pathlib
 from typing import Any, Iterable, Sequence
 
+from cnnjax import notices
 from cnnjax.config import Config
 from cnnjax.report.logs import read_jsonl
 from cnnjax.training import rundir
@@ -135,15 +136,31 @@ def read_study(path: pathlib.Path | str) -> Study:
 def read_run(run_dir: pathlib.Path, name: str | None = None) -> RunRecord:
     run_dir = pathlib.Path(run_dir)
     if not is_run(run_dir):
+        if looks_like_run(run_dir):
+            raise FileNotFoundError(unfinished(run_dir))
         raise FileNotFoundError(f"{run_dir} is not a finished cnnjax run (it needs config.json "
                                 f"and summary.json; an unfinished run has no summary.json yet).")
     return RunRecord(run_dir=run_dir, config=rundir.read_config(run_dir),
                      summary=rundir.read_summary(run_dir), name=name or run_dir.name)
 
 
-def expand(paths: Iterable[pathlib.Path | str]) -> list[pathlib.Path]:
+def looks_like_run(path: pathlib.Path) -> bool:
+    """A run directory, finished or not: what `cnnjax train` writes first."""
+    return (path / "config.json").is_file() or (path / "ckpt").is_dir()
+
+
+def unfinished(run_dir: pathlib.Path) -> str:
+    return (f"{run_dir} is an unfinished run (no summary.json yet: stopped or killed before its "
+            f"end); finish it with cnnjax train --resume {run_dir}, or leave it out.")
+
+
+def expand(paths: Iterable[pathlib.Path | str], skipped: list[str] | None = None
+           ) -> list[pathlib.Path]:
     """Run directories from `paths`: each a run directory, or a directory whose subdirectories
-    (one or two levels down, in sorted order) hold finished runs. Duplicates are dropped."""
+    (one or two levels down, in sorted order) hold finished runs. Duplicates are dropped. A run
+    found below a directory that is unfinished, or whose config.json or summary.json cannot be
+    read, is left out with its reason appended to `skipped`; a run named itself is refused."""
+    skipped = [] if skipped is None else skipped
     found: list[pathlib.Path] = []
     for path in map(pathlib.Path, paths):
         if is_run(path):
@@ -151,13 +168,21 @@ def expand(paths: Iterable[pathlib.Path | str]) -> list[pathlib.Path]:
             continue
         if not path.is_dir():
             raise FileNotFoundError(f"{path}: no such run directory.")
+        if looks_like_run(path):
+            raise FileNotFoundError(unfinished(path))
         inner = sorted(p for p in path.iterdir() if p.is_dir())
-        runs = [p for p in inner if is_run(p)]
-        runs += [q for p in inner if not is_run(p) for q in sorted(p.iterdir())
-                 if q.is_dir() and is_run(q)]
+        candidates = [*inner, *(q for p in inner if not is_run(p)
+                                for q in sorted(p.iterdir()) if q.is_dir())]
+        runs = []
+        for p in candidates:
+            if is_run(p):
+                runs.append(p)
+            elif looks_like_run(p):
+                skipped.append(unfinished(p))
         if not runs:
             raise FileNotFoundError(f"{path} holds no finished run (a directory with config.json "
-                                    f"and summary.json), neither itself nor below it.")
+                                    f"and summary.json), neither itself nor below it"
+                                    + (f"; {'; '.join(skipped)}" if skipped else "."))
         found += sorted(runs)
     return list(dict.fromkeys(p.resolve() for p in found))
 
@@ -221,10 +246,23 @@ def collect(sources: Sequence[pathlib.Path | str] | pathlib.Path | str) -> RunSe
             raise ValueError(f"study {study.path} has no complete trial with a finished run "
                              f"directory yet.")
         return RunSet(tuple(records), study.monitor, study, tuple(skipped))
-    run_dirs = expand(sources)
-    records = [read_run(p, n) for p, n in zip(run_dirs, _names(run_dirs))]
+    skipped: list[str] = []
+    run_dirs = expand(sources, skipped)
+    named = {s.resolve() for s in sources}
+    records = []
+    for p, n in zip(run_dirs, _names(run_dirs)):
+        try:
+            records.append(read_run(p, n))
+        except ValueError as err:  # a damaged config.json or summary.json
+            if p in named:
+                raise
+            skipped.append(str(err))
+    if not records:
+        raise ValueError("no run could be read: " + "; ".join(skipped))
+    for reason in skipped:
+        notices.warn(f"skipped: {reason}")
     monitor = monitor_of(records)
-    return RunSet(tuple(rank(records, monitor)), monitor)
+    return RunSet(tuple(rank(records, monitor)), monitor, skipped=tuple(skipped))
 
 
 # Keys that say how a run was displayed or where its files were, not what it computed.

@@ -24,6 +24,7 @@ figcaption { font-size: 0.85em; color: #555; max-width: 560px; }
 table { border-collapse: collapse; margin: 0.5em 0; font-size: 0.9em; }
 td, th { border: 1px solid #ddd; padding: 2px 8px; text-align: right; }
 th { background: #f5f5f5; } td:first-child, th:first-child { text-align: left; }
+td { white-space: nowrap; }
 p.note { color: #555; max-width: 900px; }
 details { margin: 0.5em 0; } summary { cursor: pointer; font-weight: 600; }
 """
