@@ -41,7 +41,7 @@ _EXPORTS = {
     **dict.fromkeys(("register_loss", "cross_entropy"), "cnnjax.training.losses"),
     "register_dataset": "cnnjax.data.sources",
     "DatasetSpec": "cnnjax.data.datasets",
-    **dict.fromkeys(("load_data", "dataset_spec", "load_split", "steps_per_epoch",
+    **dict.fromkeys(("load_data", "open_data", "dataset_spec", "load_split", "steps_per_epoch",
                      "train_batches", "eval_batches"), "cnnjax.data.input_pipeline"),
     "normalize": "cnnjax.data.pixels",
     # finished runs, seeds, pictures

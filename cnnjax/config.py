@@ -15,6 +15,10 @@ import typing
 from typing import Any, Union
 
 
+STREAM_MODES = ("auto", "on", "off")
+BAD_IMAGE_RULES = ("error", "skip")
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     # a built-in (mnist5k, mnist, fashion_mnist, cifar10, cifar100), imagefolder:PATH,
@@ -27,6 +31,14 @@ class DataConfig:
     label: str = ""  # which label: cifar100 'fine' or 'coarse', a tfds: dataset's feature; '': default
     image_size: tuple[int, ...] = ()  # (H, W) or (S,): resize image-folder/tfds images; (): as stored
     test_fraction: float = 0.2  # seeded, stratified test split of a dataset that has no 'test' split
+    # Streaming (cnnjax/data/stream.py): 'auto' reads a dataset through grain, batch by batch, when
+    # its splits' decoded pixels exceed max_memory_gb, else holds it in memory; 'on' always streams
+    # a prepared dataset, image folder or tfds: dataset; 'off' never does. Same batches either way.
+    stream: str = "auto"
+    max_memory_gb: float = 4.0  # an in-memory run peaks near twice its data (split read, copy)
+    workers: int = 0  # grain worker processes that read, decode and resize; 0: the main process
+    read_timeout_s: float = 300.0  # a batch awaited longer (+2 min as workers start): a hang
+    on_bad_image: str = "error"  # an unreadable image file: 'error' names it, 'skip' drops it
 
     def __post_init__(self):
         if len(self.image_size) not in (0, 1, 2) or not all(s > 0 for s in self.image_size):
@@ -36,6 +48,18 @@ class DataConfig:
             if not 0.0 < getattr(self, field) < 1.0:
                 raise ValueError(f"data.{field}={getattr(self, field)} is not valid: use a "
                                  f"fraction in (0, 1).")
+        checks = [
+            ("stream", self.stream in STREAM_MODES, f"choose one of {', '.join(STREAM_MODES)}"),
+            ("max_memory_gb", self.max_memory_gb > 0, "give a positive number of gigabytes"),
+            ("workers", self.workers >= 0, "give 0 (read in the main process) or a number of "
+                                           "worker processes"),
+            ("read_timeout_s", self.read_timeout_s > 0, "give a positive number of seconds"),
+            ("on_bad_image", self.on_bad_image in BAD_IMAGE_RULES,
+             f"choose one of {', '.join(BAD_IMAGE_RULES)}"),
+        ]
+        for field, ok, fix in checks:
+            if not ok:
+                raise ValueError(f"data.{field}={getattr(self, field)!r} is not valid: {fix}.")
 
 
 @dataclasses.dataclass(frozen=True)

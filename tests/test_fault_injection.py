@@ -2,10 +2,11 @@
 mid-epoch, during an asynchronous checkpoint save, at the end while plots and summary.json are
 written), sometimes its resume killed too; each run then resumed with `cnnjax train --resume`
 must write the uninterrupted run's metrics.jsonl byte for byte and a whole summary.json
-(tests/faultkit.py). A 'vmap' sweep and a search worker the same way, each member's and each
-trial's metrics.jsonl checked against the uninterrupted sweep's and study's. Then `cnnjax compare` and `cnnjax ensemble` meet a set holding a killed
-(unfinished) run and damaged ones: each is skipped with a line or refused in one, never a
-traceback.
+(tests/faultkit.py); the same run streamed through grain, killed mid-epoch, resumes to the same
+bytes. A 'vmap' sweep and a search worker the same way, each member's and each trial's
+metrics.jsonl checked against the uninterrupted sweep's and study's. Then `cnnjax compare` and
+`cnnjax ensemble` meet a set holding a killed (unfinished) run and damaged ones: each is skipped
+with a line or refused in one, never a traceback.
 
     python -m pytest -q -n 0 -m faults -s tests/test_fault_injection.py   # prints what each kill hit
     CNNJAX_FAULT_ROUNDS=4 python -m pytest ...                              # 4 times the kills
@@ -88,6 +89,27 @@ def test_sigkill_at_random_moments_then_resume_replays_the_run(reference, tmp_pa
             f"{m} -> {d}" for m, d in zip(outcome.moments, outcome.during)))
     kills = [d for o in outcomes for d in o.during]
     assert sum(d == "saving a checkpoint" for d in kills) >= 1, kills
+
+
+def test_sigkill_a_streamed_run_mid_epoch_then_resume_replays_it(reference, tmp_path):
+    """The same run streamed through grain (`data.stream=on`, read in the main process) SIGKILLed
+    mid-epoch after a checkpoint, then resumed from the grain iterator state that checkpoint
+    holds: metrics.jsonl is the uninterrupted in-memory run's, byte for byte."""
+    streamed = ["--set", "data.stream=on", "--set", "data.workers=0"]
+    lines = faultkit.count_lines(reference / "metrics.jsonl")
+    draws = random.Random(SEED + 3)
+    after = draws.randint(3, lines - 1)  # step 15 or later: the step-10 checkpoint is there
+    delay = draws.uniform(0.0, 0.05)
+    moment = faultkit.Moment(f"after line {after} of metrics.jsonl (+{delay * 1000:.0f}ms)",
+                             lambda out: faultkit.count_lines(out / "metrics.jsonl") >= after,
+                             delay)
+    outcome, = kill_and_resume(lambda out: train(out) + streamed, resume, [[moment]], reference,
+                               tmp_path, compare=["metrics.jsonl"], complete=["summary.json"],
+                               probe=probe)
+    assert outcome.landed == [True], outcome
+    summary = json.loads((tmp_path / "trial-0" / "summary.json").read_text())
+    assert summary["data"] == {"streamed": True, "workers": 0}
+    print(f"streamed: {outcome.moments[0]} -> {outcome.during[0]}")
 
 
 GRID = ["--grid", "optim.learning_rate=[0.001,0.003]", "--lowering", "vmap"]

@@ -1,4 +1,5 @@
-"""Data parallelism: the same run on 1, 2 or 8 devices, or on two processes, reaches the same place."""
+"""Data parallelism: the same run on 1, 2 or 8 devices, or on two processes (its data in memory or
+streamed), reaches the same place."""
 
 import json
 import os
@@ -79,18 +80,23 @@ def test_same_parameters_on_more_devices(reference, tmp_path, devices):
     assert_same_run(tmp_path / "run", reference)
 
 
-def test_two_processes_train_together(reference, tmp_path):
+# In memory, and streamed through grain with a worker process in each JAX process: each reads
+# only its rows of every global batch.
+@pytest.mark.parametrize("data", [[], ["--set", "data.stream=on", "--set", "data.workers=1"]],
+                         ids=["in_memory", "streamed"])
+def test_two_processes_train_together(reference, tmp_path, data):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     run = tmp_path / "two"
     procs = [cli(run, 2, "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2",
-                 "--process-id", str(i), wait=False) for i in range(2)]
+                 "--process-id", str(i), *data, wait=False) for i in range(2)]
     results = [p.communicate(timeout=300) for p in procs]
     for p, (out, err) in zip(procs, results):
         assert p.returncode == 0, err
     summary = json.loads((run / "summary.json").read_text())
     assert (summary["devices"], summary["processes"]) == (4, 2)
+    assert summary["data"]["streamed"] == bool(data)
     assert "best epoch" in results[0][0] and "best epoch" not in results[1][0]  # only process 0 reports
     assert_same_run(run, reference)  # also: no line of metrics.jsonl was written twice
 

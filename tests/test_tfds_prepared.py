@@ -195,3 +195,32 @@ def test_no_test_split_is_a_stratified_holdout_of_resized_train(data_dir, image_
 def test_errors_name_the_problem_and_the_fix(data_dir, dataset, kwargs, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         load(data_dir, dataset, "train", **kwargs)
+
+
+@pytest.mark.parametrize("dataset, kwargs", [
+    ("tfds:tiny:1.0.0", {"classes": (2, 0)}),
+    ("tfds:sizes", {"image_size": (4, 4), "label": "label"}),  # no test split: the hold-out
+])
+def test_a_streamed_dataset_is_the_in_memory_one(data_dir, dataset, kwargs):
+    """Read by index from the stored records: the same spec, splits and batches, labels read
+    without decoding the images, statistics from one pass (cached in the data dir)."""
+    cfg = DataConfig(dataset=dataset, data_dir=str(data_dir), val_fraction=0.25, **kwargs)
+    memory = input_pipeline.open_data(cfg, seed=1)
+    streamed = input_pipeline.open_data(DataConfig(**{**cfg.__dict__, "stream": "on"}), seed=1)
+    try:
+        assert isinstance(streamed, input_pipeline.Streamed) and streamed.spec == memory.spec
+        for split in ("train", "val", "test"):
+            images, labels = streamed.images(split)
+            np.testing.assert_array_equal(np.asarray(images), memory.images(split)[0])
+            np.testing.assert_array_equal(labels, memory.images(split)[1])
+            batches = (streamed.eval_batches(split, 2), memory.eval_batches(split, 2))
+            for ours, theirs in zip(*batches, strict=True):
+                for key in theirs:
+                    np.testing.assert_array_equal(ours[key], theirs[key])
+        for ours, theirs in zip(streamed.train_batches(2, 1, 3), memory.train_batches(2, 1, 3),
+                                strict=True):
+            for key in theirs:
+                np.testing.assert_array_equal(ours[key], theirs[key])
+    finally:
+        streamed.close()
+    assert list((data_dir / "cnnjax_stream").glob("*/index.json"))

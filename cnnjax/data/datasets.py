@@ -15,11 +15,12 @@ manual dir instead (`--manual-dir`, or `<data_dir>/downloads/manual`): see each 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
 import numpy as np
 
-from cnnjax.data import cifar, mnist, store
+from cnnjax.data import cifar, mnist, store, stream
 
 default_data_dir = store.default_data_dir
 
@@ -75,6 +76,17 @@ def get_spec(name: str, label: str = "") -> DatasetSpec:
     return DATASETS[name] if feature == "label" else _spec(name, _BUILDERS[name], feature)
 
 
+def _builder(name: str, data_dir) -> store.ArrayRecordBuilder:
+    with store.quiet():
+        return _BUILDERS[name](data_dir=os.fspath(store.data_root(data_dir)))
+
+
+def _check_split(name: str, split: str, spec: DatasetSpec) -> None:
+    if split not in spec.splits:
+        raise ValueError(f"Dataset {name!r} has no split {split!r}; choose one of "
+                         f"{', '.join(map(repr, spec.splits))}.")
+
+
 def load(name: str, split: str, *, data_dir: str | os.PathLike | None = None,
          manual_dir: str | os.PathLike | None = None, label: str = ""
          ) -> tuple[np.ndarray, np.ndarray]:
@@ -85,12 +97,38 @@ def load(name: str, split: str, *, data_dir: str | os.PathLike | None = None,
     `manual_dir` is only read when the dataset still has to be prepared.
     """
     spec = get_spec(name, label)
-    if split not in spec.splits:
-        raise ValueError(f"Dataset {name!r} has no split {split!r}; choose one of "
-                         f"{', '.join(map(repr, spec.splits))}.")
-    with store.quiet():
-        builder = _BUILDERS[name](data_dir=os.fspath(store.data_root(data_dir)))
+    _check_split(name, split, spec)
+    builder = _builder(name, data_dir)
     return store.load(builder, split, label_key=label_feature(name, label),
                       prepare=lambda: builder.prepare(manual_dir),
                       image_shape=spec.image_shape,
                       fix=f"; delete {builder.data_path} to prepare it again")
+
+
+def _prepared(name: str, data_dir, manual_dir) -> store.ArrayRecordBuilder:
+    builder = _builder(name, data_dir)
+    store.ensure_prepared(builder, lambda: builder.prepare(manual_dir))
+    return builder
+
+
+def decoded_bytes(name: str, *, data_dir=None, manual_dir=None, label: str = "") -> int:
+    """Bytes of the dataset's decoded images, every split (prepared first if it is not yet)."""
+    spec = get_spec(name, label)
+    info = _prepared(name, data_dir, manual_dir).info
+    return sum(info.splits[s].num_examples for s in spec.splits) * math.prod(spec.image_shape)
+
+
+def streamed(name: str, *, data_dir=None, manual_dir=None, label: str = "") -> stream.Stored:
+    """The prepared dataset for streaming: each split's records read by index, its labels read
+    once (without the images) and kept in this process."""
+    spec = get_spec(name, label)
+    builder = _prepared(name, data_dir, manual_dir)
+    feature = label_feature(name, label)
+    stamp = os.stat(builder.data_path / "dataset_info.json").st_mtime_ns
+    splits = {}
+    for split in spec.splits:
+        labels = store.cached((os.fspath(builder.data_path), split, feature, stamp, "labels"),
+                              lambda: store.read_labels(builder.data_path, split, feature))
+        reader = store.RecordReader(builder.data_path, split, len(labels))
+        splits[split] = stream.whole(reader, labels)
+    return stream.Stored(spec, splits)

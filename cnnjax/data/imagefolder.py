@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import pathlib
 import re
@@ -35,7 +36,8 @@ from absl import logging as absl_logging
 from PIL import Image
 
 from cnnjax.config import DataConfig
-from cnnjax.data import datasets, store
+from cnnjax import notices
+from cnnjax.data import datasets, store, stream
 
 PREFIX = "imagefolder:"
 _EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -171,13 +173,16 @@ def _scan(cfg: DataConfig) -> _Folder:
 
 # ----------------------------------------------------------------------------- pixels
 
+_SKIP_HINT = "replace or remove it, or --set data.on_bad_image=skip to leave such files out"
+
+
 def _header(path: pathlib.Path) -> tuple[str, tuple[int, int]]:
     """(Pillow mode, (height, width)) from the file's header, without decoding its pixels."""
     try:
         with Image.open(path) as im:
             mode, (width, height) = im.mode, im.size
     except (OSError, SyntaxError, ValueError) as e:  # UnidentifiedImageError is an OSError
-        raise ValueError(f"{path} cannot be read as an image ({e}); replace or remove it.") from e
+        raise ValueError(f"{path} cannot be read as an image ({e}); {_SKIP_HINT}.") from e
     if mode not in _GRAY_MODES | _COLOUR_MODES:
         raise ValueError(f"{path} is a mode-{mode} image (16-bit or float); imagefolder reads "
                          f"8-bit grayscale, RGB(A) and palette images: save it as an 8-bit PNG "
@@ -185,13 +190,28 @@ def _header(path: pathlib.Path) -> tuple[str, tuple[int, int]]:
     return mode, (height, width)
 
 
-def _prepared_shape(folder: _Folder, size: tuple[int, int] | None) -> tuple[int, int, int]:
-    """(H, W, C) of the prepared images: C = 3 if any image is colour, else 1; (H, W) = `size`,
-    or the images' one size (the error names the first file of another size)."""
-    first = None
-    colour = False
+def _readable_header(path: pathlib.Path, skip_bad: bool) -> tuple[str, tuple[int, int]] | None:
+    """`_header`, or None for a file that is no image at all when such files are skipped."""
+    try:
+        return _header(path)
+    except ValueError as err:
+        if skip_bad and isinstance(err.__cause__, (OSError, SyntaxError, ValueError)):
+            return None
+        raise
+
+
+def _prepared_shape(folder: _Folder, size: tuple[int, int] | None, skip_bad: bool = False
+                    ) -> tuple[tuple[int, int, int], tuple[pathlib.Path, ...]]:
+    """((H, W, C) of the prepared images, the files that are no image), from the files' headers:
+    C = 3 if any image is colour, else 1; (H, W) = `size`, or the images' one size (the error
+    names the first file of another size). Unreadable files raise unless `skip_bad`."""
+    first, colour, bad = None, False, []
     for path in sorted(f for files in folder.files.values() for f in files):
-        mode, hw = _header(path)
+        header = _readable_header(path, skip_bad)
+        if header is None:
+            bad.append(path)
+            continue
+        mode, hw = header
         colour = colour or mode in _COLOUR_MODES
         if first is None:
             first = (path, hw)
@@ -199,7 +219,9 @@ def _prepared_shape(folder: _Folder, size: tuple[int, int] | None) -> tuple[int,
             raise ValueError(f"{path} is {hw[0]}x{hw[1]} (height x width) but {first[0]} is "
                              f"{first[1][0]}x{first[1][1]}; to resize every image to one size, "
                              f"--set data.image_size=H,W (or S for S x S).")
-    return (*(size or first[1]), 3 if colour else 1)
+    if first is None:
+        raise ValueError(f"{folder.root} holds no readable image; replace its files.")
+    return (*(size or first[1]), 3 if colour else 1), tuple(bad)
 
 
 def _decode(path: pathlib.Path, channels: int, size: tuple[int, int]) -> np.ndarray:
@@ -209,25 +231,69 @@ def _decode(path: pathlib.Path, channels: int, size: tuple[int, int]) -> np.ndar
         with Image.open(path) as im:
             image = np.asarray(im.convert("RGB" if channels == 3 else "L"))
     except (OSError, SyntaxError, ValueError) as e:  # a truncated or damaged file
-        raise ValueError(f"{path} cannot be decoded as an image ({e}); replace or remove it.") from e
+        raise ValueError(f"{path} cannot be decoded as an image ({e}); {_SKIP_HINT}.") from e
     return store.resize(image if image.ndim == 3 else image[..., None], size)
+
+
+class FolderReader:
+    """Random access to a split's files for streaming: `reader[i]` is file i decoded and resized
+    (`_decode`) where it is read, in a grain worker or the main process."""
+
+    def __init__(self, files: Sequence[pathlib.Path], channels: int, size: tuple[int, int]):
+        self.files = tuple(os.fspath(f) for f in files)
+        self.channels, self.size = channels, tuple(size)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return _decode(pathlib.Path(self.files[i]), self.channels, self.size)
+
+    def _getitems(self, rows: Sequence[int]) -> list[np.ndarray]:
+        return [self[i] for i in rows]
+
+
+def _relative(folder: _Folder, paths) -> list[str]:
+    return [os.fspath(pathlib.Path(p).relative_to(folder.root)) for p in paths]
+
+
+def _check_skipped(cfg: DataConfig, folder: _Folder, skipped: Sequence[str]) -> None:
+    """A copy made with `data.on_bad_image=skip` left files out: an 'error' run names them."""
+    if skipped and cfg.on_bad_image == "error":
+        names = ", ".join(os.fspath(folder.root / f) for f in skipped[:3])
+        more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+        raise ValueError(f"{names}{more} cannot be decoded as images; {_SKIP_HINT}.")
+
+
+def report_skipped(cfg: DataConfig, skipped: Sequence[str]) -> None:
+    """The one line that says which files a run leaves out (`data.on_bad_image=skip`)."""
+    if skipped:
+        shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5
+                                         else "")
+        notices.warn(f"{cfg.dataset}: skipped {len(skipped)} unreadable image"
+                     f"{'s' if len(skipped) > 1 else ''} (data.on_bad_image=skip): {shown}.")
 
 
 # ----------------------------------------------------------------------------- preparing
 
 class CnnjaxImageFolder(store.ArrayRecordBuilder, skip_registration=True):
-    """One scanned folder at one size and split rule, written as a TFDS config of its own."""
+    """One scanned folder at one size and split rule, written as a TFDS config of its own.
+    Files that are no image (`not_images`) and, with `skip_bad`, files that fail to decode are
+    left out; metadata.json lists them (`skipped`, relative to the folder)."""
 
     name = "cnnjax_imagefolder"
     DESCRIPTION = "A folder of PNG/JPEG images, one subfolder per class, stored as uint8 tensors."
     NEEDS_DOWNLOAD = False
 
     def __init__(self, *, folder: _Folder, image_shape: tuple[int, int, int],
-                 config: tfds.core.BuilderConfig, **kwargs):
+                 config: tfds.core.BuilderConfig, skip_bad: bool = False,
+                 not_images: Sequence[pathlib.Path] = (), **kwargs):
         # Per instance, not per class: a folder's shape and classes are known only from its scan.
         self.folder = folder
         self.IMAGE_SHAPE = image_shape
         self.LABELS = {"label": folder.classes}
+        self.skip_bad, self.not_images = skip_bad, frozenset(not_images)
+        self.skipped = list(not_images)
         super().__init__(config=config, **kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -236,7 +302,7 @@ class CnnjaxImageFolder(store.ArrayRecordBuilder, skip_registration=True):
             builder=self, description=self.DESCRIPTION, features=self._features(),
             supervised_keys=("image", "label"), homepage=self.folder.root.as_uri(),
             disable_shuffling=True,
-            metadata=tfds.core.MetadataDict(fingerprint=self.folder.fingerprint))
+            metadata=tfds.core.MetadataDict(fingerprint=self.folder.fingerprint, skipped=[]))
 
     def _split_generators(self, dl_manager):
         return {s: self._generate_examples(self.folder.files[s], self.folder.labels[s])
@@ -245,8 +311,18 @@ class CnnjaxImageFolder(store.ArrayRecordBuilder, skip_registration=True):
     def _generate_examples(self, files: Sequence[pathlib.Path], labels: np.ndarray
                            ) -> Iterator[tuple[int, dict]]:
         for key, (path, label) in enumerate(zip(files, labels)):
-            image = _decode(path, self.IMAGE_SHAPE[-1], self.IMAGE_SHAPE[:2])
+            if path in self.not_images:
+                continue
+            try:
+                image = _decode(path, self.IMAGE_SHAPE[-1], self.IMAGE_SHAPE[:2])
+            except ValueError:
+                if not self.skip_bad:
+                    raise
+                self.skipped.append(path)
+                continue
             yield key, {"image": image, "label": int(label)}
+        # written with the info once every split is generated
+        self.info.metadata["skipped"] = sorted(_relative(self.folder, self.skipped))
 
 
 def _builder_config(folder: _Folder, size: tuple[int, int] | None, test_fraction: float
@@ -260,11 +336,22 @@ def _builder_config(folder: _Folder, size: tuple[int, int] | None, test_fraction
     return tfds.core.BuilderConfig(name=f"{slug}_{digest}", description=json.dumps(settings))
 
 
-def _stored_fingerprint(path: pathlib.Path) -> str | None:
+def _stored_metadata(path: pathlib.Path) -> dict:
     try:
-        return json.loads((path / "metadata.json").read_text())["fingerprint"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+        metadata = json.loads((path / "metadata.json").read_text())
+        return metadata if isinstance(metadata, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _config_dir(cfg: DataConfig, folder: _Folder) -> pathlib.Path:
+    """Where the folder's prepared copy (`<version>/`) and its streaming index live."""
+    config = _builder_config(folder, store.target_size(cfg.image_size), cfg.test_fraction)
+    return store.data_root(cfg.data_dir) / CnnjaxImageFolder.name / config.name
+
+
+def _prepared_path(cfg: DataConfig, folder: _Folder) -> pathlib.Path:
+    return _config_dir(cfg, folder) / str(CnnjaxImageFolder.VERSION)
 
 
 def _builder(cfg: DataConfig, folder: _Folder) -> tfds.core.DatasetBuilder:
@@ -273,14 +360,19 @@ def _builder(cfg: DataConfig, folder: _Folder) -> tfds.core.DatasetBuilder:
     size = store.target_size(cfg.image_size)
     config = _builder_config(folder, size, cfg.test_fraction)
     data_dir = store.data_root(cfg.data_dir)
-    path = data_dir / CnnjaxImageFolder.name / config.name / str(CnnjaxImageFolder.VERSION)
+    path = _prepared_path(cfg, folder)
     with store.quiet(absl_logging.ERROR):  # TFDS warns about every config not in the class
         if (path / "dataset_info.json").exists():
-            if _stored_fingerprint(path) == folder.fingerprint:
+            metadata = _stored_metadata(path)
+            if metadata.get("fingerprint") == folder.fingerprint:
+                _check_skipped(cfg, folder, metadata.get("skipped") or [])
                 return tfds.builder_from_directory(path)
             shutil.rmtree(path)
-        return CnnjaxImageFolder(folder=folder, image_shape=_prepared_shape(folder, size),
-                                 config=config, data_dir=os.fspath(data_dir))
+        headers = _headers(cfg, folder)
+        return CnnjaxImageFolder(folder=folder, image_shape=tuple(headers["shape"]),
+                                 config=config, skip_bad=cfg.on_bad_image == "skip",
+                                 not_images=[folder.root / f for f in headers["not_images"]],
+                                 data_dir=os.fspath(data_dir))
 
 
 def _load(cfg: DataConfig, folder: _Folder, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -299,6 +391,13 @@ def load(cfg: DataConfig, split: str) -> tuple[np.ndarray, np.ndarray]:
     return _load(cfg, _scan(cfg), split)
 
 
+def skipped(cfg: DataConfig) -> tuple[str, ...]:
+    """The files the prepared copy left out (relative to the folder; `data.on_bad_image=skip`)."""
+    folder = _scan(cfg)
+    _load(cfg, folder, "test")  # prepared, if it was not
+    return tuple(_stored_metadata(_prepared_path(cfg, folder)).get("skipped") or ())
+
+
 def spec(cfg: DataConfig) -> datasets.DatasetSpec:
     """The dataset's spec, with per-channel mean and std of the train split (before the
     validation set is carved out of it, so they do not depend on the seed); cached per process."""
@@ -308,8 +407,93 @@ def spec(cfg: DataConfig) -> datasets.DatasetSpec:
     if key not in _specs:
         images, _ = _load(cfg, folder, "train")
         mean, std = store.channel_stats(images)
-        _specs[key] = datasets.DatasetSpec(
-            name=cfg.dataset, num_classes=len(folder.classes),
-            image_shape=tuple(images.shape[1:]), mean=mean, std=std, splits=_SPLITS,
-            needs_download=False, class_names=folder.classes)
+        _specs[key] = _spec(cfg, folder, tuple(images.shape[1:]), mean, std)
     return _specs[key]
+
+
+def _spec(cfg: DataConfig, folder: _Folder, shape, mean, std) -> datasets.DatasetSpec:
+    return datasets.DatasetSpec(name=cfg.dataset, num_classes=len(folder.classes),
+                                image_shape=tuple(shape), mean=tuple(mean), std=tuple(std),
+                                splits=_SPLITS, needs_download=False, class_names=folder.classes)
+
+
+# ----------------------------------------------------------------------------- streaming
+
+_INDEX = "stream.json"
+
+
+def _read_index(path: pathlib.Path, folder: _Folder) -> dict:
+    """The streaming index of `folder` at `path`, if it was written for the folder as it is."""
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return index if isinstance(index, dict) and index.get("fingerprint") == folder.fingerprint \
+        else {}
+
+
+def _headers(cfg: DataConfig, folder: _Folder) -> dict:
+    """The image shape and the files that are no image, from the headers (`_prepared_shape`),
+    cached in the folder's index: one header pass serves `auto`'s size, preparing and streaming."""
+    path = _config_dir(cfg, folder) / _INDEX
+    index = _read_index(path, folder)
+    if "shape" not in index:
+        shape, not_images = _prepared_shape(folder, store.target_size(cfg.image_size),
+                                            cfg.on_bad_image == "skip")
+        index = {"fingerprint": folder.fingerprint, "shape": list(shape),
+                 "not_images": _relative(folder, not_images)}
+        store.write_small(path, lambda tmp: tmp.write_text(json.dumps(index)))
+    _check_skipped(cfg, folder, index["not_images"])
+    return index
+
+
+def decoded_bytes(cfg: DataConfig) -> int:
+    """Bytes of the folder's pixels decoded at the prepared size, every split (without decoding:
+    the prepared copy's shape, else the files' headers)."""
+    folder = _scan(cfg)
+    prepared = _prepared_path(cfg, folder)
+    if _stored_metadata(prepared).get("fingerprint") == folder.fingerprint:
+        with store.quiet(absl_logging.ERROR):
+            info = tfds.builder_from_directory(prepared).info
+        n = sum(info.splits[s].num_examples for s in _SPLITS)
+        return n * math.prod(info.features["image"].shape)
+    index = _headers(cfg, folder)
+    n = sum(len(f) for f in folder.files.values()) - len(index["not_images"])
+    return n * math.prod(index["shape"])
+
+
+def streamed(cfg: DataConfig) -> stream.Stored:
+    """The folder for streaming: each split's files read by index (decoded and resized where they
+    are read, nothing prepared). Its spec's statistics, and with `data.on_bad_image=skip` the files
+    that fail to decode, come from one pass over every file through grain at first use (cached in
+    the data dir's index beside where a prepared copy would go): the spec an in-memory run gets."""
+    folder = _scan(cfg)
+    index = _headers(cfg, folder)
+    path = _config_dir(cfg, folder) / _INDEX
+    shape = tuple(index["shape"])
+    skip_bad = cfg.on_bad_image == "skip"
+    not_images = {folder.root / f for f in index["not_images"]}
+    files = {s: [(f, int(y)) for f, y in zip(folder.files[s], folder.labels[s])
+                 if f not in not_images] for s in _SPLITS}
+    if "mean" not in index:
+        every = [f for s in _SPLITS for f, _ in files[s]]
+        counted = np.array([s == "train" for s in _SPLITS for _ in files[s]])
+        stream.notice(f"{cfg.dataset}: reading its {len(every)} images once for their statistics "
+                      f"(cached in {path})")
+        hist, bad = stream.scan(FolderReader(every, shape[-1], shape[:2]),
+                                np.arange(len(every)), counted, shape[-1], workers=cfg.workers,
+                                timeout_s=cfg.read_timeout_s, skip_bad=skip_bad,
+                                what=f"the images of {folder.root}")
+        mean, std = store.stats_from_histogram(hist)
+        index = {**index, "mean": mean, "std": std,
+                 "undecodable": _relative(folder, [every[i] for i in bad])}
+        store.write_small(path, lambda tmp: tmp.write_text(json.dumps(index)))
+    _check_skipped(cfg, folder, index["undecodable"])
+    bad = {folder.root / f for f in index["undecodable"]}
+    splits = {}
+    for s in _SPLITS:
+        kept = [(f, y) for f, y in files[s] if f not in bad]
+        reader = FolderReader([f for f, _ in kept], shape[-1], shape[:2])
+        splits[s] = stream.whole(reader, np.array([y for _, y in kept], np.int32))
+    skipped = tuple(sorted(index["not_images"] + index["undecodable"]))
+    return stream.Stored(_spec(cfg, folder, shape, index["mean"], index["std"]), splits, skipped)

@@ -6,6 +6,11 @@ float32 in the same 0..255 units, so one `normalize` serves both. Batch order is
 (seed, epoch) alone, so any epoch can be replayed without running the ones before it. Training
 drops the last partial batch (a different one each epoch, since the order is reshuffled);
 evaluation pads it and masks the padding, so every example is counted exactly once.
+
+A run's data is held in memory (`load_data`, `Data`) or streamed through grain batch by batch
+(cnnjax/data/stream.py) when it is larger than `data.max_memory_gb` or `data.stream=on`
+(`open_data` decides). Both give the same batches, with the same methods: `train_batches`,
+`eval_batches`, `size`, `images`, and `position`/`restore` for the reader's place in a checkpoint.
 """
 
 from __future__ import annotations
@@ -15,32 +20,52 @@ from typing import Iterator
 
 import numpy as np
 
-from cnnjax.data import datasets, imagefolder, sources, tfds_prepared
+from cnnjax.data import datasets, imagefolder, sources, stream, tfds_prepared
+from cnnjax.data.order import (check_eval_batch_size, epoch_permutation, process_rows,
+                               split_indices, steps_per_epoch)
 from cnnjax.config import DataConfig
 
-_SPLIT_STREAM = 0x5EED  # keeps the validation split's draw apart from the epoch shuffles
+ReadError = stream.ReadError
+Streamed = stream.Streamed
 
 
 @dataclasses.dataclass(frozen=True)
 class Data:
     """The three splits of a run, in memory: (N, H, W, C) images, uint8 or float32 in 0..255
-    units, and int32 labels."""
+    units, and int32 labels; `skipped` names the image files left out as unreadable."""
 
     spec: datasets.DatasetSpec
     train: tuple[np.ndarray, np.ndarray]
     val: tuple[np.ndarray, np.ndarray]
     test: tuple[np.ndarray, np.ndarray]
+    skipped: tuple[str, ...] = ()
 
+    def size(self, split: str) -> int:
+        return len(getattr(self, split)[1])
 
-def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A seeded random (1 - f, f) partition of range(n); each part sorted, so it reads in file order."""
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}.")
-    n_val = int(round(n * val_fraction))
-    if n_val == 0 or n_val == n:
-        raise ValueError(f"data.val_fraction={val_fraction} of {n} examples leaves an empty split.")
-    perm = np.random.default_rng([seed, _SPLIT_STREAM]).permutation(n)
-    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+    def images(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        return getattr(self, split)
+
+    def train_batches(self, batch_size: int, seed: int, epoch: int, start: int = 0,
+                      part: tuple[int, int] = (0, 1)) -> Iterator[dict[str, np.ndarray]]:
+        return train_batches(*self.train, batch_size, seed, epoch, start, part)
+
+    def eval_batches(self, split: str, batch_size: int, part: tuple[int, int] = (0, 1)
+                     ) -> Iterator[dict[str, np.ndarray]]:
+        return eval_batches(*getattr(self, split), batch_size, part)
+
+    def position(self) -> None:
+        """Nothing to save: in-memory batches start anywhere from (epoch, batch) alone."""
+        return None
+
+    def restore(self, saved) -> None:
+        pass
+
+    def report(self) -> dict:
+        return {"streamed": False, **stream.skipped_report(self.skipped)}
+
+    def close(self) -> None:
+        pass
 
 
 def is_builtin(dataset: str) -> bool:
@@ -107,7 +132,10 @@ def load_split(cfg: DataConfig | str, split: str) -> tuple[np.ndarray, np.ndarra
 
 def data_spec(cfg: DataConfig) -> datasets.DatasetSpec:
     """The dataset's spec; with `data.classes` its num_classes is the number of classes kept."""
-    spec = dataset_spec(cfg)
+    return _with_classes(dataset_spec(cfg), cfg)
+
+
+def _with_classes(spec: datasets.DatasetSpec, cfg: DataConfig) -> datasets.DatasetSpec:
     classes = tuple(cfg.classes)
     if not classes:
         return spec
@@ -140,32 +168,79 @@ def load_data(cfg: DataConfig, seed: int) -> Data:
     test = load_split(cfg, "test")
     train_idx, val_idx = split_indices(len(labels), cfg.val_fraction, seed)
     pick = lambda x, y: select_classes(x, y, tuple(cfg.classes))
+    skipped = ()
+    if cfg.dataset.startswith(imagefolder.PREFIX) and cfg.on_bad_image == "skip":
+        skipped = imagefolder.skipped(cfg)
     return Data(spec=spec, train=pick(images[train_idx], labels[train_idx]),
-                val=pick(images[val_idx], labels[val_idx]), test=pick(*test))
+                val=pick(images[val_idx], labels[val_idx]), test=pick(*test), skipped=skipped)
 
 
-def steps_per_epoch(num_examples: int, batch_size: int) -> int:
-    """Training steps in one epoch: full batches only, the remainder is dropped."""
-    if batch_size <= 0:
-        raise ValueError(f"train.batch_size must be positive, got {batch_size}.")
-    if batch_size > num_examples:
-        raise ValueError(f"train.batch_size={batch_size} is larger than the {num_examples} training "
-                         f"examples; choose at most {num_examples}.")
-    return num_examples // batch_size
+# The settings that say how a run's data is read, never what it computes.
+READING_SETTINGS = frozenset({"data.stream", "data.max_memory_gb", "data.workers",
+                              "data.read_timeout_s"})
 
 
-def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
-    """The example order of one epoch, a pure function of (seed, epoch)."""
-    return np.random.default_rng([seed, epoch]).permutation(num_examples)
+def decoded_bytes(cfg: DataConfig) -> int:
+    """The bytes of the dataset's decoded pixels, every stored split: what an in-memory run holds
+    (about twice that at its peak, the split read and its training copy). Read from the prepared
+    dataset's metadata or the files' headers, not from the pixels; 0 for arrays of one's own."""
+    kind = _checked_kind(cfg)
+    if kind == "builtin":
+        return datasets.decoded_bytes(cfg.dataset, data_dir=cfg.data_dir,
+                                      manual_dir=cfg.manual_dir, label=cfg.label)
+    if kind in _PREFIXED:
+        return _PREFIXED[kind].decoded_bytes(cfg)
+    return 0
 
 
-def _rows(n: int, part: tuple[int, int]) -> slice:
-    """The rows of an n-row global batch that process `part[0]` of `part[1]` loads."""
-    index, count = part
-    if n % count:
-        raise ValueError(f"a batch of {n} does not split across {count} processes; choose a "
-                         f"multiple of {count}.")
-    return slice(index * n // count, (index + 1) * n // count)
+def streams(cfg: DataConfig) -> bool:
+    """Whether a run of `cfg` streams its data: `data.stream=on`, or 'auto' with decoded pixels
+    beyond `data.max_memory_gb`."""
+    kind = _checked_kind(cfg)
+    if cfg.stream == "off":
+        return False
+    if kind == "arrays":
+        if cfg.stream == "on":
+            raise ValueError(f"data.stream=on: dataset {cfg.dataset!r} is arrays of your own, "
+                             f"already in memory; streaming reads built-in datasets, "
+                             f"imagefolder:PATH and tfds:NAME. Remove the setting.")
+        return False
+    return cfg.stream == "on" or decoded_bytes(cfg) > cfg.max_memory_gb * 1e9
+
+
+def open_data(cfg: DataConfig, seed: int) -> Data | stream.Streamed:
+    """A run's data, in memory (`load_data`) or streamed (`streams`): the same splits, batches
+    and spec either way. Streaming prepares nothing it does not have to (an image folder's pixels
+    are read from its files); its one-time passes are named on stderr."""
+    if not streams(cfg):
+        data = load_data(cfg, seed)
+        if cfg.dataset.startswith(imagefolder.PREFIX):
+            imagefolder.report_skipped(cfg, data.skipped)
+        return data
+    kind = _checked_kind(cfg)
+    if kind == "builtin":
+        stored = datasets.streamed(cfg.dataset, data_dir=cfg.data_dir, manual_dir=cfg.manual_dir,
+                                   label=cfg.label)
+    else:
+        stored = _PREFIXED[kind].streamed(cfg)
+    spec = _with_classes(stored.spec, cfg)
+    train, test = stored.splits["train"], stored.splits["test"]
+    train_idx, val_idx = split_indices(len(train), cfg.val_fraction, seed)
+    pick = lambda split: _select_split(split, tuple(cfg.classes))
+    if cfg.dataset.startswith(imagefolder.PREFIX):
+        imagefolder.report_skipped(cfg, stored.skipped)
+    return stream.Streamed(spec, pick(train.take(train_idx)), pick(train.take(val_idx)),
+                           pick(test), workers=cfg.workers, timeout_s=cfg.read_timeout_s,
+                           skipped=stored.skipped)
+
+
+def _select_split(split: stream.Split, classes: tuple[int, ...]) -> stream.Split:
+    """`select_classes` on a streamed split: its examples of `classes`, relabelled by position."""
+    if not classes:
+        return split
+    kept, labels = select_classes(np.arange(len(split)), split.labels, classes)
+    return split.take(kept, labels)
+
 
 
 def train_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int,
@@ -180,7 +255,7 @@ def train_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, seed:
     """
     n_steps = steps_per_epoch(len(labels), batch_size)
     order = epoch_permutation(len(labels), seed, epoch)[: n_steps * batch_size]
-    rows = _rows(batch_size, part)
+    rows = process_rows(batch_size, part)
     for idx in order.reshape(n_steps, batch_size)[start:, rows].astype(np.int32):
         yield {"image": images[idx], "label": labels[idx], "index": idx}
 
@@ -189,9 +264,8 @@ def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int,
                  part: tuple[int, int] = (0, 1)) -> Iterator[dict[str, np.ndarray]]:
     """Batches in order, all of the same shape (one compile); the last is zero-padded with mask 0,
     so every example counts exactly once. `part` as in `train_batches`."""
-    if batch_size <= 0:
-        raise ValueError(f"train.eval_batch_size must be positive, got {batch_size}.")
-    rows = _rows(batch_size, part)
+    check_eval_batch_size(batch_size)
+    rows = process_rows(batch_size, part)
     for start in range(0, len(labels), batch_size):
         x, y = images[start:start + batch_size], labels[start:start + batch_size]
         pad = batch_size - len(y)

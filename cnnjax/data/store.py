@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import math
 import os
 import pathlib
 import socket
@@ -249,10 +250,9 @@ def _preparing(builder: tfds.core.DatasetBuilder):
         os.close(fd)
 
 
-def load(builder: tfds.core.DatasetBuilder, split: str, *, label_key: str = "label",
-         prepare: Callable[[], None] | None = None, **read_kwargs: Any
-         ) -> tuple[np.ndarray, np.ndarray]:
-    """One split of `builder`'s dataset, prepared first (`prepare()`) if it is not yet."""
+def ensure_prepared(builder: tfds.core.DatasetBuilder,
+                    prepare: Callable[[], None] | None = None) -> None:
+    """Prepares `builder`'s dataset (`prepare()`) unless it is; one process at a time."""
     with quiet():
         with quiet(absl_logging.ERROR):  # a dataset not yet prepared is no cause for a warning
             prepared = builder.is_prepared()
@@ -266,6 +266,14 @@ def load(builder: tfds.core.DatasetBuilder, split: str, *, label_key: str = "lab
                     builder.info.read_from_directory(builder.data_path)
                 else:
                     prepare()
+
+
+def load(builder: tfds.core.DatasetBuilder, split: str, *, label_key: str = "label",
+         prepare: Callable[[], None] | None = None, **read_kwargs: Any
+         ) -> tuple[np.ndarray, np.ndarray]:
+    """One split of `builder`'s dataset, prepared first (`prepare()`) if it is not yet."""
+    ensure_prepared(builder, prepare)
+    with quiet():
         # The info file's mtime tells a re-prepared dataset from the one that was cached.
         stamp = os.stat(builder.data_path / "dataset_info.json").st_mtime_ns
         key = (os.fspath(pathlib.Path(builder.data_path).resolve()), split, label_key, stamp,
@@ -275,6 +283,159 @@ def load(builder: tfds.core.DatasetBuilder, split: str, *, label_key: str = "lab
         return cached(key, lambda: read_split(
             builder.as_data_source(split), where, num_classes=feature.num_classes,
             label_key=label_key, **read_kwargs))
+
+
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[i]
+        i += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, i
+        shift += 7
+
+
+def _length_fields(buf: bytes, start: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """(field number, start, end) of each length-delimited field of the protobuf message in
+    buf[start:end]; fields of other wire types are stepped over."""
+    i = start
+    while i < end:
+        key, i = _varint(buf, i)
+        wire = key & 7
+        if wire == 2:
+            n, i = _varint(buf, i)
+            yield key >> 3, i, i + n
+            i += n
+        elif wire == 0:
+            i = _varint(buf, i)[1]
+        elif wire in (1, 5):
+            i += 8 if wire == 1 else 4
+        else:
+            raise ValueError(f"protobuf wire type {wire}")
+
+
+def _packed_values(record: bytes, key: bytes) -> tuple[int, int] | None:
+    """Where the packed int64 values of feature `key` lie in a serialized tf.train.Example
+    (Example: 1 features; Features: 1 entries; entry: 1 key, 2 Feature; Feature: 3 int64_list;
+    Int64List: 1 packed values), or None where the record is laid out otherwise."""
+    for field, start, end in _length_fields(record, 0, len(record)):
+        if field != 1:
+            continue
+        for entry, entry_start, entry_end in _length_fields(record, start, end):
+            parts = {f: (a, b) for f, a, b in _length_fields(record, entry_start, entry_end)}
+            if entry == 1 and 2 in parts and 1 in parts and record[slice(*parts[1])] == key:
+                lists = {f: (a, b) for f, a, b in _length_fields(record, *parts[2])}
+                values = {f: (a, b) for f, a, b in _length_fields(record, *lists[3])} \
+                    if 3 in lists else {}
+                return values.get(1)
+    return None
+
+
+def packed_uint8(records: Sequence[bytes], key: bytes, shape: tuple[int, ...]
+                 ) -> np.ndarray | None:
+    """(N, *shape) uint8: the Tensor feature `key` that TFDS wrote into each serialized
+    tf.train.Example as an int64_list of packed varints, decoded with NumPy for the whole batch
+    at once; None where a record is laid out otherwise (TFDS then decodes them).
+
+    A value below 128 is one byte; from 128 to 255 it is two, the value itself and then 0x01, so
+    decoding drops each byte that follows one of 128 or more. TFDS's decoder parses every varint
+    into a protobuf list and converts it element by element: 43 us a CIFAR-shaped image against
+    12 here, and with it a streamed run fell short of the in-memory one (benchmarks/
+    stream_throughput.py, seed CNN, batch 128, 2 shared AMD EPYC cores: 0.77x with 0 workers,
+    0.84x with 2; with this decode 0.91-1.00x and 0.90-1.05x)."""
+    spans = [_packed_values(record, key) for record in records]
+    if not records or None in spans:
+        return None
+    data = np.frombuffer(b"".join(memoryview(r)[a:b] for r, (a, b) in zip(records, spans)),
+                         np.uint8)
+    high = data >= 0x80
+    lengths = np.array([b - a for a, b in spans])
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    if high[-1] or not np.all(~high[:-1] | (data[1:] == 1)):
+        return None  # a value beyond 255: not a uint8 feature
+    if (lengths - np.add.reduceat(high, starts, dtype=np.int64) != math.prod(shape)).any():
+        return None  # another number of values than the feature's shape holds
+    first = np.ones(len(data), bool)  # the first byte of each varint: its value
+    first[1:] = ~high[:-1]
+    return np.compress(first, data).reshape(len(records), *shape)
+
+
+class RecordReader:
+    """Random access to the images of a prepared array_record split, for streaming:
+    `reader[row]` is its (H, W, C) uint8 image (after `convert(image, row)`), decoded by TFDS;
+    `reader._getitems(rows)` reads several at once (grain's batched read; array_record reads them
+    in parallel). The data source is opened in each process on first use, so grain's worker
+    processes each get their own (the reader pickles as its path)."""
+
+    def __init__(self, path: os.PathLike | str, split: str, length: int, image_key: str = "image",
+                 convert: Callable[[np.ndarray, int], np.ndarray] | None = None):
+        self.path, self.split, self.length = os.fspath(path), split, length
+        self.image_key, self.convert = image_key, convert
+        self._source = self._shape = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_source": None, "_shape": None}
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _open(self):
+        if self._source is None:
+            with quiet(absl_logging.ERROR):  # TFDS notes that it decodes with Pillow
+                self._source = tfds.builder_from_directory(self.path).as_data_source(
+                    self.split, file_format="array_record")
+            feature = self._source.dataset_info.features[self.image_key]
+            fixed = (isinstance(feature, tfds.features.Tensor) and feature.np_dtype == np.uint8
+                     and None not in feature.shape)
+            self._shape = tuple(feature.shape) if fixed else None  # `packed_uint8`'s, if it applies
+        return self._source
+
+    def _decode(self, raw: bytes, row: int) -> np.ndarray:
+        image = np.asarray(self._source.dataset_info.features.deserialize_example_np(raw)
+                           [self.image_key])
+        image = self.convert(image, row) if self.convert is not None else image
+        return image[..., None] if image.ndim == 2 else image
+
+    def __getitem__(self, row: int) -> np.ndarray:
+        return self._decode(self._open().data_source[row], row)
+
+    def _getitems(self, rows: Sequence[int]) -> Sequence[np.ndarray]:
+        raws = self._open().data_source.__getitems__(list(rows))
+        if self._shape is not None and self.convert is None:
+            images = packed_uint8(raws, self.image_key.encode(), self._shape)
+            if images is not None:  # a list, as grain takes it: views of one array
+                return list(images if images.ndim == 4 else images[..., None])
+        return [self._decode(raw, row) for raw, row in zip(raws, rows)]
+
+
+def read_labels(path: os.PathLike | str, split: str, label_key: str, image_key: str = "image"
+                ) -> np.ndarray:
+    """A prepared array_record split's labels (int32), read without decoding the images."""
+    with quiet(absl_logging.ERROR):
+        builder = tfds.builder_from_directory(os.fspath(path))
+        source = builder.as_data_source(split, file_format="array_record",
+                                        decoders={image_key: tfds.decode.SkipDecoding()})
+    n = len(source)
+    labels = np.empty(n, np.int32)
+    for start in range(0, n, _READ_CHUNK):
+        records = source.__getitems__(list(range(start, min(start + _READ_CHUNK, n))))
+        labels[start:start + len(records)] = [record[label_key] for record in records]
+    return labels
+
+
+def write_small(path: pathlib.Path, write: Callable[[pathlib.Path], None]) -> bool:
+    """Writes a small cache file atomically (a temporary file renamed); False, and nothing
+    written, where the directory is not writable (a shared, read-only data dir)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        os.replace(tmp, path)
+        return True
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        return False
 
 
 def holdout(labels: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
@@ -309,7 +470,14 @@ def resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and (population) std over all pixels of (N, H, W, C) pixel-unit images,
-    in [0, 1] units: two float64 passes in chunks, so a large uint8 split is never copied whole."""
+    in [0, 1] units. uint8 images: exact, from per-channel value counts (`pixel_histogram`), in
+    chunks, so a split streamed batch by batch (cnnjax/data/stream.py) gets the very same numbers
+    as one held whole; float images: two float64 passes in chunks, never copied whole."""
+    if images.dtype == np.uint8:
+        hist = sum((pixel_histogram(images[s:s + _HIST_CHUNK])
+                    for s in range(0, len(images), _HIST_CHUNK)),
+                   np.zeros((images.shape[-1], 256), np.int64))
+        return stats_from_histogram(hist)
     c, chunk = images.shape[-1], 4096
     parts = lambda: (images[s:s + chunk].reshape(-1, c).astype(np.float64)
                      for s in range(0, len(images), chunk))
@@ -317,3 +485,28 @@ def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, .
     mean = sum(x.sum(0) for x in parts()) / count
     var = sum(np.square(x - mean).sum(0) for x in parts()) / count
     return tuple(map(float, mean / 255.0)), tuple(map(float, np.sqrt(var) / 255.0))
+
+
+_HIST_CHUNK = 512  # images per count: bounds the int64 copy bincount makes
+
+
+def pixel_histogram(images: np.ndarray) -> np.ndarray:
+    """(C, 256) int64: how many pixels of each channel of uint8 (..., C) images hold each value.
+    Counts add up across chunks, workers and processes in any order."""
+    c = images.shape[-1]
+    codes = images.reshape(-1, c).astype(np.intp) + np.arange(c) * 256
+    return np.bincount(codes.ravel(), minlength=256 * c).reshape(c, 256).astype(np.int64)
+
+
+def stats_from_histogram(hist: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and population std in [0, 1] units from `pixel_histogram` counts, with
+    integer sums: the mean is the correctly rounded quotient (as a float64 sum of the pixels gives
+    it), the variance (n * sum x^2 - (sum x)^2) / n^2 rounded once before its square root."""
+    means, stds = [], []
+    for counts in hist.tolist():
+        n = sum(counts)
+        s1 = sum(k * v for v, k in enumerate(counts))
+        s2 = sum(k * v * v for v, k in enumerate(counts))
+        means.append(s1 / n / 255.0)
+        stds.append(math.sqrt((n * s2 - s1 * s1) / (n * n)) / 255.0)
+    return tuple(means), tuple(stds)

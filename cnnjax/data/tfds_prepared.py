@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 import os
 import pathlib
 import re
@@ -25,7 +27,7 @@ from tensorflow_datasets.core import dataset_builder
 from tensorflow_datasets.core.utils import file_utils
 
 from cnnjax.config import DataConfig
-from cnnjax.data import datasets, store
+from cnnjax.data import datasets, store, stream
 
 PREFIX = "tfds:"
 _SPLITS = ("train", "test")
@@ -228,3 +230,104 @@ def spec(cfg: DataConfig) -> datasets.DatasetSpec:
     """The dataset's spec, from its files and its train split (normalization constants per
     channel over train); computed once per process for each prepared dataset and setting."""
     return _spec(_open(cfg), cfg.test_fraction)
+
+
+# ----------------------------------------------------------------------------- streaming
+
+
+def _info(source: _Source) -> tfds.core.DatasetInfo:
+    return _builder(source.path).info
+
+
+def _stored_shape(source: _Source) -> tuple[int, ...] | None:
+    """The prepared image shape when the features fix it (after `data.image_size`), else None."""
+    shape = tuple(_info(source).features[source.image_key].shape)
+    shape = shape if len(shape) == 3 else (*shape, 1)
+    if source.size:
+        shape = (*source.size, shape[-1])
+    return shape if None not in shape else None
+
+
+def decoded_bytes(cfg: DataConfig) -> int:
+    """Bytes of the dataset's pixels decoded (at `data.image_size`), train and test, from its
+    metadata (and one example where the features leave the image size open)."""
+    source = _open(cfg)
+    n = sum(split.num_examples for split in _info(source).splits.values()
+            if split.name in _SPLITS)
+    shape = _stored_shape(source) or _reader(source, "train")[0].shape
+    return n * int(np.prod(shape))
+
+
+def _reader(source: _Source, split: str) -> store.RecordReader:
+    where = f"Dataset {source.dataset!r} ({source.path}, split {split!r})"
+    return store.RecordReader(source.path, split, _info(source).splits[split].num_examples,
+                              source.image_key,
+                              functools.partial(_convert, size=source.size, where=where))
+
+
+def _index_dir(cfg: DataConfig, source: _Source) -> pathlib.Path:
+    """Where the streaming index of `source` goes: the data dir's cnnjax_stream/, named by what the
+    index depends on (the files' stamp among it), so a re-prepared dataset gets a new one."""
+    key = json.dumps([*map(str, _key(source)), cfg.test_fraction])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", source.dataset.removeprefix(PREFIX)).strip("_")
+    return store.data_root(cfg.data_dir) / "cnnjax_stream" / f"{slug}_{digest}"
+
+
+def _labels(folder: pathlib.Path, source: _Source, split: str) -> np.ndarray:
+    """A stored split's labels, read once without decoding images and kept in the index."""
+    path = folder / f"labels_{split}.npy"
+    if path.exists():
+        return np.load(path)
+    labels = store.read_labels(source.path, split, source.label_key, source.image_key)
+    bad = labels[(labels < 0) | (labels >= len(source.class_names))]
+    if bad.size:
+        raise ValueError(f"Dataset {source.dataset!r} ({source.path}, split {split!r}): label "
+                         f"{int(bad[0])} is out of range [0, {len(source.class_names) - 1}].")
+
+    def write(tmp: pathlib.Path) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, labels)
+
+    store.write_small(path, write)
+    return labels
+
+
+def streamed(cfg: DataConfig) -> stream.Stored:
+    """The dataset for streaming: each split's records read by index (decoded, and resized with
+    `data.image_size`, where they are read). Labels, the hold-out and the spec's statistics come
+    from passes over the stored records at first use (cached under the data dir's
+    cnnjax_stream/): the splits and spec an in-memory run gets."""
+    source = _open(cfg)
+    folder = _index_dir(cfg, source)
+    stored = {s: _labels(folder, source, s) for s in (_SPLITS if source.has_test else ("train",))}
+    if source.has_test:
+        splits = {s: stream.whole(_reader(source, s), stored[s]) for s in _SPLITS}
+    else:  # the stratified hold-out an in-memory run takes (`_held_out`)
+        mask = store.holdout(stored["train"], cfg.test_fraction)
+        rows = {"train": np.flatnonzero(~mask), "test": np.flatnonzero(mask)}
+        splits = {s: stream.Split(_reader(source, "train"), rows[s], stored["train"][rows[s]])
+                  for s in _SPLITS}
+    try:
+        index = json.loads((folder / "index.json").read_text())
+    except (OSError, ValueError):
+        index = {}
+    if "mean" not in index:
+        train = splits["train"]
+        shape = _stored_shape(source) or train.reader[int(train.rows[0])].shape
+        every = {s: splits[s] for s in _SPLITS}
+        stream.notice(f"{cfg.dataset}: reading its {sum(map(len, every.values()))} images once for "
+                      f"their statistics (cached in {folder})")
+        hist = np.zeros((shape[-1], 256), np.int64)
+        for s, part in every.items():  # test too: every image is checked once
+            hist += stream.scan(part.reader, part.rows, np.full(len(part), s == "train"),
+                                shape[-1], workers=cfg.workers, timeout_s=cfg.read_timeout_s,
+                                skip_bad=False, what=f"the {s} images of {cfg.dataset}",
+                                shape=shape)[0]
+        mean, std = store.stats_from_histogram(hist)
+        index = {"shape": list(shape), "mean": mean, "std": std}
+        store.write_small(folder / "index.json", lambda tmp: tmp.write_text(json.dumps(index)))
+    spec = datasets.DatasetSpec(source.dataset, len(source.class_names), tuple(index["shape"]),
+                                tuple(index["mean"]), tuple(index["std"]), _SPLITS, False,
+                                source.class_names)
+    return stream.Stored(spec, splits)

@@ -152,7 +152,7 @@ class RunSetup:
 
     cfg: Config
     run_dir: pathlib.Path
-    data: input_pipeline.Data
+    data: input_pipeline.Data | input_pipeline.Streamed  # in memory or read through grain
     parts: RunParts
     par: parallel.DataParallel
     resuming: bool
@@ -173,15 +173,14 @@ class RunSetup:
         the parameters' EMA when `optim.ema_decay` keeps one."""
         if split not in self.eval_sizes:
             raise ValueError(f"split must be one of {sorted(self.eval_sizes)}, got {split!r}.")
-        batches = input_pipeline.eval_batches(*getattr(self.data, split), self.eval_sizes[split],
-                                              self.par.part)
+        batches = self.data.eval_batches(split, self.eval_sizes[split], self.par.part)
         return evaluate(self.parts.eval_step, self.parts.evaluated(state),
                         _on_devices(self, batches))
 
     def images(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         if split not in ("train", "val", "test"):
             raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}.")
-        return getattr(self.data, split)
+        return self.data.images(split)
 
     def epochs(self, loop: LoopState) -> Iterator[int]:
         """The epochs left to train (none once early stopping has ended the run)."""
@@ -198,6 +197,9 @@ class RunSetup:
                     state=state, control=control, best=loop.best, config=self.cfg,
                     run_dir=self.run_dir, is_primary=self.par.is_primary,
                     steps_per_epoch=self.steps_per_epoch, _run=self, **fields)
+
+
+_DATA_POSITION = "data"  # the loop JSON's key for the data reader's position (streamed runs)
 
 
 def _on_devices(run: RunSetup, batches) -> Iterator[dict[str, jax.Array]]:
@@ -244,27 +246,27 @@ def setup(cfg: Config, run_dir: pathlib.Path | str | None = None
     train and loop states (`open_run`)."""
     started = time.perf_counter()
     tc = cfg.train
-    data = input_pipeline.load_data(cfg.data, tc.seed)
+    data = input_pipeline.open_data(cfg.data, tc.seed)
     par = parallel.DataParallel.create()
     par.check_batch_size(tc.batch_size)
     if run_dir is None and jax.process_count() > 1:
         raise ValueError("a multi-process run needs an explicit --run-dir shared by every process.")
     parts = builder.build(cfg, data.spec,
-                          input_pipeline.steps_per_epoch(len(data.train[1]), tc.batch_size),
+                          input_pipeline.steps_per_epoch(data.size("train"), tc.batch_size),
                           devices=par.num_devices, sharding=par.replicated,
                           eval_rows=eval_sizes(par, data, tc.eval_batch_size)["val"])
     return open_run(parts, data, par, run_dir if run_dir is not None
                     else rundir.default_run_dir(cfg), started)
 
 
-def eval_sizes(par: parallel.DataParallel, data: input_pipeline.Data, requested: int
-               ) -> dict[str, int]:
+def eval_sizes(par: parallel.DataParallel, data: input_pipeline.Data | input_pipeline.Streamed,
+               requested: int) -> dict[str, int]:
     """Each evaluation split's batch rows on these devices."""
-    return {split: par.eval_batch_size(requested, len(getattr(data, split)[1]))
-            for split in ("val", "test")}
+    return {split: par.eval_batch_size(requested, data.size(split)) for split in ("val", "test")}
 
 
-def open_run(parts: RunParts, data: input_pipeline.Data, par: parallel.DataParallel,
+def open_run(parts: RunParts, data: input_pipeline.Data | input_pipeline.Streamed,
+             par: parallel.DataParallel,
              run_dir: pathlib.Path | str, started: float | None = None, *, step: int | None = None,
              keep: int | None = None, announce: bool = True
              ) -> tuple[RunSetup, TrainState, LoopState]:
@@ -284,6 +286,7 @@ def open_run(parts: RunParts, data: input_pipeline.Data, par: parallel.DataParal
         state, saved, step, _ = _restore(ckpt, parts.abstract, step)
         ckpt.discard_after(step)
         loop = LoopState.from_json(saved, tc.monitor)
+        data.restore(saved.get(_DATA_POSITION))  # the streamed reader's place, where saved
         if par.is_primary and announce:
             print(f"resuming {run_dir} from step {step} (epoch {loop.epoch}, batch {loop.batch})")
     loop = loop.replace(last_checkpoint_step=int(state.step))
@@ -305,7 +308,10 @@ def save(run: RunSetup, state: TrainState, loop: LoopState, callbacks: CallbackL
     """Checkpoints the state with the loop state and the callbacks' state; the seconds the save
     waited for the previous one go to the next timing line."""
     loop = loop.replace(callbacks=callbacks.state_dict(), last_checkpoint_step=int(state.step))
-    blocked = run.ckpt.save(int(state.step), state, loop.to_json(), best)
+    saved = loop.to_json()
+    if (position := run.data.position()) is not None:  # a streamed run's grain iterator state
+        saved[_DATA_POSITION] = position
+    blocked = run.ckpt.save(int(state.step), state, saved, best)
     return loop.replace(timing=dataclasses.replace(
         loop.timing, unlogged_checkpoint_seconds=loop.timing.unlogged_checkpoint_seconds + blocked))
 
@@ -330,8 +336,8 @@ def open_epoch(run: RunSetup, loop: LoopState, step: int) -> tuple[EpochWindow, 
 def epoch_batches(run: RunSetup, loop: LoopState) -> Iterator[dict[str, jax.Array]]:
     """The epoch's train batches from `loop.batch` on, placed on the run's devices."""
     tc = run.cfg.train
-    return _on_devices(run, input_pipeline.train_batches(
-        *run.data.train, tc.batch_size, tc.seed, loop.epoch, loop.batch, run.par.part))
+    return _on_devices(run, run.data.train_batches(tc.batch_size, tc.seed, loop.epoch, loop.batch,
+                                                   run.par.part))
 
 
 def first_step_timed(loop: LoopState, seconds: float) -> LoopState:
@@ -468,6 +474,7 @@ def finish(run: RunSetup, state: TrainState, loop: LoopState, callbacks: Callbac
         "conv_lowerings": run.parts.lowerings,
         "checkpoint_seconds": checkpoint_seconds,
         "checkpoint_fraction_of_epoch_time": checkpoint_seconds / epoch_seconds if epoch_seconds else 0.0,
+        "data": run.data.report(),
     }
     _hook(callbacks, "on_train_end", run, EndEvent, best_state, loop, summary=summary)
     plots.plot_run(run.run_dir, confusion=test["confusion"])
@@ -477,10 +484,14 @@ def finish(run: RunSetup, state: TrainState, loop: LoopState, callbacks: Callbac
 
 
 def _close(run: RunSetup, failed: bool = False) -> None:
-    """Waits for the last save and gives the run directory's lock back; after a failure already
-    on its way to the caller, a failing last save is that failure again, not news."""
+    """Stops the data's readers, waits for the last save and gives the run directory's lock back;
+    after a failure already on its way to the caller, a failing last save is that failure again,
+    not news."""
     try:
-        run.ckpt.close()
+        try:
+            run.data.close()
+        finally:
+            run.ckpt.close()
     except (OSError, ValueError):
         if not failed:
             raise
@@ -528,14 +539,14 @@ def _train_and_evaluate(cfg: Config, run_dir: pathlib.Path | str | None,
         result = finish(run, state, loop, hooks)
         failed = False
         return result
-    except OSError as err:  # a full or read-only disk: one line, and what is safe
-        raise checkpoint.disk_error(err, run.run_dir, run.ckpt.committed()) or err
-    except (FloatingPointError, CallbackError) as err:
+    except (FloatingPointError, CallbackError, input_pipeline.ReadError) as err:
         last = run.ckpt.last_good_step()
         where = (f"step {last} in {run.ckpt.directory}; resume with cnnjax train --resume "
                  f"{run.run_dir}" if last else "none yet")
         loss = f"train.loss {cfg.train.loss!r}: " if isinstance(err, NonFiniteLoss) else ""
         raise type(err)(f"{loss}{err} Last good checkpoint: {where}.") from err
+    except OSError as err:  # a full or read-only disk: one line, and what is safe
+        raise checkpoint.disk_error(err, run.run_dir, run.ckpt.committed()) or err
     finally:
         try:
             hooks.close()  # a log's last flush may fail as the disk did: that failure again

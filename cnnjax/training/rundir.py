@@ -19,7 +19,7 @@ import shutil
 from typing import Iterator
 
 from cnnjax.config import Config
-from cnnjax.data import datasets, sources
+from cnnjax.data import datasets, input_pipeline, sources
 from cnnjax.report import disk
 from cnnjax.training import checkpoint, loop_state
 
@@ -90,8 +90,9 @@ def best_step(run_dir: pathlib.Path) -> int | None:
         ckpt.close()
 
 
-# Fields that change how a run is displayed, not what it computes: a resumed run may differ in them.
-DISPLAY_ONLY = {"train.progress"}
+# Fields that change how a run is displayed or its data read, not what it computes: a resumed run
+# may differ in them (a streamed run resumes in memory, or with another worker count, exactly).
+DISPLAY_ONLY = {"train.progress"} | input_pipeline.READING_SETTINGS
 
 
 def config_differences(saved: Config, wanted: Config) -> list[str]:
