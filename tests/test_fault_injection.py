@@ -76,8 +76,7 @@ def test_sigkill_at_random_moments_then_resume_replays_the_run(reference, tmp_pa
     # CNNJAX_FAULT_ROUNDS=N repeats the pattern with fresh draws, for a longer soak.
     trials = [trial for _ in range(int(os.environ.get("CNNJAX_FAULT_ROUNDS", "1"))) for trial in (
         [startup(rng), mid_log(rng, "metrics.jsonl", lines - 1)],
-        [saving(), finishing(rng)],
-        [saving()])]
+        [saving(), finishing(rng)])]
     outcomes = kill_and_resume(train, resume, trials, reference, tmp_path,
                                compare=["metrics.jsonl"], complete=["summary.json"], probe=probe)
     whole = json.loads((reference / "summary.json").read_text())
@@ -142,9 +141,11 @@ SPACE = {"optim.learning_rate": {"low": 1e-3, "high": 1e-2, "log": True},
 
 
 def test_sigkill_a_search_worker_at_random_moments_then_rerun_fills_the_same_study(tmp_path):
-    """A two-trial study whose worker is SIGKILLed mid-trial, during a save and at a trial's end,
-    then the same command run again: its trials are the uninterrupted study's, and each trial's
-    run (continued in a new trial's directory) wrote the uninterrupted bytes."""
+    """A two-trial study whose worker is SIGKILLed before trial 0's first checkpoint, then (each
+    time the same command run again) mid-trial, during a save and at a trial's end: its trials
+    are the uninterrupted study's, with the same values and best trial, and each trial's run
+    (continued in a new trial's directory, afresh or from its checkpoint) wrote the uninterrupted
+    bytes."""
     space = tmp_path / "space.json"
     space.write_text(json.dumps(SPACE))
 
@@ -153,29 +154,37 @@ def test_sigkill_a_search_worker_at_random_moments_then_rerun_fills_the_same_stu
                 "--study", str(out), "--pruner", "none",
                 *[arg for item in CFG for arg in ("--set", item)]]
 
+    def checkpointed(out) -> str:
+        runs = [p for p in (out / "trials").iterdir() if not (p / "summary.json").exists()]
+        return "a trial with a checkpoint" if any(
+            p.name.isdigit() for r in runs if (r / "ckpt").is_dir()
+            for p in (r / "ckpt").iterdir()) else "a trial without a checkpoint"
+
     whole = tmp_path / "whole"
     faultkit.run_to_end(search(whole))
     lines = faultkit.count_lines(whole / "trials" / "0" / "metrics.jsonl")
     rng = random.Random(SEED + 2)
-    trials = [[mid_log(rng, "trials/0/metrics.jsonl", lines - 1), saving(),
-               finishing(rng, first="trials/*/*.png")]]
-    outcomes = kill_and_resume(search, search, trials, whole, tmp_path, compare=[],
-                               complete=["study.json"])
-    assert all(all(o.landed) for o in outcomes), outcomes
+    n = rng.randint(lines // 2, lines - 1)
+    trials = [[startup(rng, first="trials/0/config.json", within=0.3),
+               faultkit.Moment(f"after line {n} of a trial's metrics.jsonl", lambda out: any(
+                   faultkit.count_lines(p) >= n for p in out.glob("trials/*/metrics.jsonl"))),
+               saving(), finishing(rng, first="trials/*/*.png")]]
+    outcome, = kill_and_resume(search, search, trials, whole, tmp_path, compare=[],
+                               complete=["study.json"], probe=checkpointed)
+    assert all(outcome.landed), outcome
+    assert outcome.during[0] == "a trial without a checkpoint", outcome
+    assert "a trial with a checkpoint" in outcome.during[1:], outcome
 
-    def proper(path):
-        study = json.loads((path / "study.json").read_text())
-        return [t for t in study["trials"] if "continued_by" not in t]
-
-    want = proper(whole)
-    for outcome in outcomes:
-        out = tmp_path / f"trial-{outcome.trial}"
-        got = proper(out)
-        assert [(t["state"], t["params"], t["value"]) for t in got] == \
-            [(t["state"], t["params"], t["value"]) for t in want], outcome
-        for t, w in zip(got, want):
-            assert (out / t["run_dir"] / "metrics.jsonl").read_bytes() == \
-                (whole / w["run_dir"] / "metrics.jsonl").read_bytes(), outcome
+    out = tmp_path / "trial-0"
+    got, want = (json.loads((d / "study.json").read_text()) for d in (out, whole))
+    assert got["best"]["params"] == want["best"]["params"]
+    assert got["best"]["value"] == want["best"]["value"]
+    got, want = ([t for t in d["trials"] if "continued_by" not in t] for d in (got, want))
+    assert [(t["state"], t["params"], t["value"]) for t in got] == \
+        [(t["state"], t["params"], t["value"]) for t in want]
+    for t, w in zip(got, want):
+        assert (out / t["run_dir"] / "metrics.jsonl").read_bytes() == \
+            (whole / w["run_dir"] / "metrics.jsonl").read_bytes(), t
 
 
 def test_sigkill_while_an_image_folder_is_prepared_then_rerun(tmp_path):
