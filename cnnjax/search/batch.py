@@ -31,8 +31,8 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.storages._heartbeat import get_heartbeat_thread  # Optuna's own, as optimize() uses it
 from optuna.trial import TrialState
 
-from cnnjax.report import logs
 from cnnjax.search import record
+from cnnjax.search.pruning import report_epochs
 from cnnjax.training import grid as grids
 from cnnjax.training.sweep import SWEEP_FILE, run_sweep
 
@@ -81,24 +81,24 @@ def run_batch(worker: "Worker", position: int, target: int, size: int) -> list[i
         raise
 
     points = list(dict.fromkeys(json.dumps(values) for _, values in asked))
+    value_sets = [json.loads(p) for p in points]
     batch_dir = worker.study_dir / BATCHES_DIR / str(asked[0][0].number)
     _adopt(worker, [t for t, _ in asked], points, batch_dir)
     names = grids.make_plan(worker.cfg, [worker.cfg.train.seed], "loop",
-                            points=[json.loads(p) for p in points]).members()
+                            points=value_sets).members()
     member_of = {p: m.name for p, m in zip(points, names)}
     for trial, values in asked:
         run_dir = batch_dir / member_of[json.dumps(values)]
         trial.set_user_attr(record.RUN_DIR, str(run_dir.relative_to(worker.study_dir)))
         trial.set_user_attr(BATCH, str(batch_dir.relative_to(worker.study_dir)))
-        worker.say(f"trial {trial.number}: " + " ".join(f"{k}={_short(v)}"
-                                                        for k, v in values.items()))
+        worker.say_trial(trial.number, values)
     t0 = time.perf_counter()
     try:
         with contextlib.ExitStack() as beats:
             for trial, _ in asked:
                 beats.enter_context(get_heartbeat_thread(trial._trial_id, study._storage))
             summary = run_sweep(worker.cfg, None, batch_dir, worker.settings.lowering,
-                                points=[json.loads(p) for p in points])
+                                points=value_sets)
     except BaseException:
         _queue_again(worker, [t for t, _ in asked], "interrupted")
         raise
@@ -118,9 +118,7 @@ def run_batch(worker: "Worker", position: int, target: int, size: int) -> list[i
 def _tell(worker: "Worker", trial: optuna.Trial, outcome: dict[str, Any], run_dir: pathlib.Path,
           monitor: str, seconds: float) -> None:
     """Reports a member's epochs to its trial, then completes or fails the trial."""
-    for line in logs.read_jsonl(run_dir / "metrics.jsonl"):
-        if line.get("kind") == "epoch":
-            trial.report(float(line[monitor]), int(line["epoch"]))
+    report_epochs(trial, run_dir, monitor)
     trial.set_user_attr("train_seconds", seconds)
     if outcome["status"] != "finished":
         trial.set_user_attr(record.FAILED_REASON, outcome.get("reason", outcome["status"]))
@@ -136,32 +134,26 @@ def _tell(worker: "Worker", trial: optuna.Trial, outcome: dict[str, Any], run_di
 
 
 def _queue_again(worker: "Worker", trials: list[optuna.Trial], why: str) -> None:
-    """Fails the batch's trials and queues them again, in order, with their parameters."""
-    for trial in trials:
-        frozen = worker.study._storage.get_trial(trial._trial_id)
-        if frozen.state != TrialState.RUNNING:
-            continue
-        worker.study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-        RetryHeartbeatStaleTrialCallback()(worker.study,
-                                           worker.study._storage.get_trial(trial._trial_id))
-    worker.say(f"trials {', '.join(str(t.number) for t in trials)}: {why}; queued again, to "
-               f"resume from their checkpoints when a worker with --batch {len(trials)} runs")
+    """Fails the batch's running trials and queues them again, in order, with their parameters."""
+    numbers = {t.number for t in trials}
+    for frozen in worker.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if frozen.number in numbers:
+            worker._requeue(frozen, why)
+    worker.say(f"trials {', '.join(str(n) for n in sorted(numbers))} resume from their "
+               f"checkpoints when a worker with --batch {len(trials)} runs")
     worker.write()
 
 
 def _adopt(worker: "Worker", trials: list[optuna.Trial], points: list[str],
            batch_dir: pathlib.Path) -> None:
     """Trials that continue one stopped batch, in its order, take over its directory."""
+    by_number = {t.number: t for t in worker.study.get_trials(deepcopy=False)}
     olds = set()
     for trial in trials:
-        frozen = worker.study._storage.get_trial(trial._trial_id)
-        history = RetryHeartbeatStaleTrialCallback.retry_history(frozen)
+        history = RetryHeartbeatStaleTrialCallback.retry_history(by_number[trial.number])
         if not history:
             return
-        old = worker.study._storage.get_trial(
-            worker.study._storage.get_trial_id_from_study_id_trial_number(
-                worker.study._study_id, history[-1]))
-        olds.add(old.user_attrs.get(BATCH))
+        olds.add(by_number[history[-1]].user_attrs.get(BATCH))
     if len(olds) != 1 or None in olds or batch_dir.exists():
         return
     old_dir = worker.study_dir / olds.pop()
@@ -174,6 +166,3 @@ def _adopt(worker: "Worker", trials: list[optuna.Trial], points: list[str],
     os.replace(old_dir, batch_dir)
     worker.say(f"batch {batch_dir.name}: continues batch {old_dir.name} from its directory")
 
-
-def _short(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)

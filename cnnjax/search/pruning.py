@@ -10,10 +10,12 @@ trial that continues it, so the pruner sees the same history.
 
 from __future__ import annotations
 
+import pathlib
 from typing import Any
 
 import optuna
 
+from cnnjax.report import logs
 from cnnjax.training.callbacks import Callback, EpochEvent, Event
 
 PRUNERS = ("median", "hyperband", "halving", "none")
@@ -31,6 +33,14 @@ def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
     if name == "none":
         return optuna.pruners.NopPruner()
     raise ValueError(f"--pruner {name!r} is not one of {', '.join(PRUNERS)}.")
+
+
+def report_epochs(trial: optuna.Trial, run_dir: pathlib.Path, monitor: str) -> None:
+    """Reports a run's epochs to the trial after the fact, from its metrics.jsonl (a run trained
+    while no one listened: in a batch, or before its worker died)."""
+    for line in logs.read_jsonl(run_dir / "metrics.jsonl"):
+        if line.get("kind") == "epoch":
+            trial.report(float(line[monitor]), int(line["epoch"]))
 
 
 class ReportToTrial(Callback):

@@ -51,7 +51,7 @@ from cnnjax.config import Config
 from cnnjax.data import input_pipeline
 from cnnjax.report import logs
 from cnnjax.search import batch, record
-from cnnjax.search.pruning import PRUNERS, ReportToTrial, make_pruner
+from cnnjax.search.pruning import PRUNERS, ReportToTrial, make_pruner, report_epochs
 from cnnjax.search.space import Space, load_space, space_differences
 from cnnjax.search.storage import JOURNAL, open_storage, optuna_quiet, redacted
 from cnnjax.training import builder, grid as grids, preempt, rundir
@@ -206,6 +206,9 @@ class Worker:
         if not self.quiet:
             print(text, flush=True)
 
+    def say_trial(self, number: int, overrides: dict[str, Any]) -> None:
+        self.say(f"trial {number}: " + " ".join(f"{k}={_short(v)}" for k, v in overrides.items()))
+
     # -- crashed workers of this machine ------------------------------------------------------
     def take_over_dead(self) -> None:
         """Fails and queues again every running trial whose worker on this machine has died."""
@@ -267,28 +270,29 @@ class Worker:
             if done >= target or slots <= 0:
                 break
             position = self.position(self.study.get_trials(deepcopy=False))
+            ran = len(self.ran)
             if self.settings.batch > 1:
                 batch.run_batch(self, position, target, min(self.settings.batch, slots))
-                self.write()
-                if preempt.requested():
-                    raise Preempted(preempt.requested())
-                continue
-            self.study.sampler = make_sampler(self.settings, self.space, position)
-            self.study.pruner = make_pruner(self.settings.pruner, self.cfg.train.epochs)
-            ran = len(self.ran)
-            try:
-                self.study.optimize(lambda trial: self.objective(trial, position, target),
-                                    n_trials=1, catch=(TrialFailed, SurplusTrial),
-                                    gc_after_trial=False)
-            except (KeyboardInterrupt, Preempted):
-                self._interrupted()
-                raise
+            else:
+                self._run_one(position, target)
             self.write()
-            if preempt.requested():  # a signal came between two trials, or during a last one
-                raise Preempted(preempt.requested())
-            if len(self.ran) > ran:
+            if self.settings.batch == 1 and len(self.ran) > ran:
                 trial = self.ran[-1]
                 trial["overhead_s"] = time.perf_counter() - t0 - trial["train_s"]
+            if preempt.requested():  # a signal came between two trials, or during a last one
+                raise Preempted(preempt.requested())
+
+    def _run_one(self, position: int, target: int) -> None:
+        """One trial, through Optuna's optimize."""
+        self.study.sampler = make_sampler(self.settings, self.space, position)
+        self.study.pruner = make_pruner(self.settings.pruner, self.cfg.train.epochs)
+        try:
+            self.study.optimize(lambda trial: self.objective(trial, position, target),
+                                n_trials=1, catch=(TrialFailed, SurplusTrial),
+                                gc_after_trial=False)
+        except (KeyboardInterrupt, Preempted):
+            self._interrupted()
+            raise
 
     def _interrupted(self) -> None:
         """Ctrl-C or SIGTERM: the trial just failed by Optuna is queued again, to resume from its
@@ -326,8 +330,7 @@ class Worker:
         self._adopt_run_dir(trial.number, RetryHeartbeatStaleTrialCallback.retry_history(frozen),
                             run_dir)
         trial.set_user_attr(record.RUN_DIR, str(run_dir.relative_to(self.study_dir)))
-        shown = " ".join(f"{k}={_short(v)}" for k, v in overrides.items())
-        self.say(f"trial {trial.number}: {shown}")
+        self.say_trial(trial.number, overrides)
         t0 = time.perf_counter()
         reporter = ReportToTrial(trial)
         if (run_dir / "summary.json").is_file():  # trained, but its worker died before telling
@@ -374,11 +377,9 @@ class Worker:
 
 
 def _report_finished(trial: optuna.Trial, run_dir: pathlib.Path, monitor: str) -> dict[str, Any]:
-    """A run that finished before its worker could tell: its epochs reported from metrics.jsonl,
-    its summary read back."""
-    for line in logs.read_jsonl(run_dir / "metrics.jsonl"):
-        if line.get("kind") == "epoch":
-            trial.report(float(line[monitor]), int(line["epoch"]))
+    """A run that finished before its worker could tell: its epochs reported, its summary read
+    back."""
+    report_epochs(trial, run_dir, monitor)
     return rundir.read_summary(run_dir)
 
 
