@@ -43,7 +43,7 @@ from cnnjax.data import input_pipeline
 from cnnjax.report import logs, plots
 from cnnjax.training import builder, checkpoint, parallel, preempt, rundir
 from cnnjax.training.builder import RunParts
-from cnnjax.training.losses import NonFiniteLoss
+from cnnjax.training.losses import NonFiniteLoss, NonFiniteStep
 from cnnjax.training.callbacks import (Callback, CallbackError, CallbackList, Control, EndEvent,
                                        EpochEvent, Event, LogEvent, StepEvent, default_callbacks)
 from cnnjax.training.periodic import is_due
@@ -73,14 +73,14 @@ class StepLog:
         self.pending = []
         for i, m in enumerate(window):
             if not m["finite"]:
-                loss, norm = float(m["loss"]), float(m["grad_norm"])
-                at = f"at step {self.first_step + i} (epoch {epoch}); the update was not applied."
+                loss, norm, step = float(m["loss"]), float(m["grad_norm"]), self.first_step + i
+                at = f"at step {step} (epoch {epoch}); the update was not applied."
                 if not math.isfinite(loss):
                     raise NonFiniteLoss(f"the loss is {loss} {at} Check the loss and the data (a "
                                         f"log of 0, a division by 0), or lower "
-                                        f"optim.learning_rate.")
-                raise FloatingPointError(f"non-finite gradient norm ({norm}) {at} Lower "
-                                         f"optim.learning_rate or check the data.")
+                                        f"optim.learning_rate.", step)
+                raise NonFiniteStep(f"non-finite gradient norm ({norm}) {at} Lower "
+                                    f"optim.learning_rate or check the data.", step)
         keys = [k for k in window[0] if k != "finite"]
         record = {k: float(np.mean([m[k] for m in window])) for k in keys}
         last = self.first_step + len(window) - 1
@@ -544,7 +544,10 @@ def _train_and_evaluate(cfg: Config, run_dir: pathlib.Path | str | None,
         where = (f"step {last} in {run.ckpt.directory}; resume with cnnjax train --resume "
                  f"{run.run_dir}" if last else "none yet")
         loss = f"train.loss {cfg.train.loss!r}: " if isinstance(err, NonFiniteLoss) else ""
-        raise type(err)(f"{loss}{err} Last good checkpoint: {where}.") from err
+        message = f"{loss}{err} Last good checkpoint: {where}."
+        if isinstance(err, NonFiniteStep):
+            raise type(err)(message, err.step) from err
+        raise type(err)(message) from err
     except OSError as err:  # a full or read-only disk: one line, and what is safe
         raise checkpoint.disk_error(err, run.run_dir, run.ckpt.committed()) or err
     finally:

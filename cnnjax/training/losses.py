@@ -24,7 +24,16 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
-class NonFiniteLoss(FloatingPointError):
+class NonFiniteStep(FloatingPointError):
+    """A step whose loss or gradient norm was NaN or infinite: the run stops there; `step` names
+    the step (a sweep's member leaves at it)."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
+class NonFiniteLoss(NonFiniteStep):
     """The loss itself was NaN or infinite at a step (not only its gradient): the run stops there,
     naming `train.loss`."""
 

@@ -472,7 +472,7 @@ class _Sweep:
             if diverged or stopped:
                 states = sweep_step.unpack(held)
                 for j, m, err in diverged:
-                    self._leave(m, "diverged", str(err), _first_step_of(err, m.step))
+                    self._leave(m, "diverged", str(err), getattr(err, "step", m.step))
                 for j in stopped:
                     members[j].state = states[j]
                     self._leave(members[j], "stopped", members[j].loop.stop_reason,
@@ -555,15 +555,6 @@ def _latest(run_dir: pathlib.Path) -> tuple[list[int], dict[str, Any]]:
         return steps, ckpt.read_loop(steps[-1]) if steps else {}
     finally:
         ckpt.close()
-
-
-def _first_step_of(err: FloatingPointError, default: int) -> int:
-    """The step a StepLog's FloatingPointError names ('... at step N ...')."""
-    text = str(err)
-    try:
-        return int(text.split(" at step ")[1].split()[0])
-    except (IndexError, ValueError):
-        return default
 
 
 def _finished(summary: Mapping[str, Any]) -> dict[str, Any]:
