@@ -21,7 +21,7 @@ _EXPORTS = {
                      "close_epoch", "RunSetup", "RunResult", "StepLog"), "cnnjax.training.loop"),
     **dict.fromkeys(("LoopState", "Best", "Timing"), "cnnjax.training.loop_state"),
     # the one way to build a run's model, optimizer, state and steps
-    **dict.fromkeys(("build", "RunParts", "seed_keys"), "cnnjax.training.builder"),
+    **dict.fromkeys(("build", "RunParts", "seed_keys", "evaluate"), "cnnjax.training.builder"),
     # callbacks
     **dict.fromkeys(("Callback", "CallbackError", "CallbackList", "Control", "Event", "StepEvent", "LogEvent",
                      "EpochEvent", "EndEvent", "Periodic", "StopAtStep", "CheckpointEvery",
@@ -30,7 +30,7 @@ _EXPORTS = {
                     "cnnjax.training.callbacks"),
     # steps and the optimizer, for scripts that write their own loop
     **dict.fromkeys(("TrainState", "StepOptions", "create_train_state", "make_train_step",
-                     "make_eval_step", "evaluate", "inference_state"), "cnnjax.training.steps"),
+                     "make_eval_step", "inference_state"), "cnnjax.training.steps"),
     **dict.fromkeys(("make_optimizer", "make_plateau", "register_optimizer", "register_schedule"),
                     "cnnjax.training.optim"),
     "register_augmentation": "cnnjax.data.augment",

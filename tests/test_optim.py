@@ -295,7 +295,8 @@ def test_transfer_clips_and_averages_the_whole_tree_once():
     params = {"conv1": {"kernel": jnp.ones((3, 3, 1, 2))}, "layer1": {"w": jnp.ones(3)},
               "fc": {"kernel": jnp.ones((2, 5)), "bias": jnp.zeros(5)}}
     grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
-    labelled, plain = transfer.make_transfer_optimizer(cfg, 10), make_optimizer(cfg.optim)
+    labelled = make_optimizer(cfg.optim, 10, cfg.train.epochs, transfer.parameter_groups(cfg, 10))
+    plain = make_optimizer(cfg.optim)
     (ours, state), (theirs, _) = (tx.update(grads, tx.init(params), params) for tx in (labelled, plain))
     np.testing.assert_array_equal(ours["fc"]["kernel"], theirs["fc"]["kernel"])
     whole = 0.1 / float(optax.tree.norm(grads))  # SGD: the update is -lr * 0.5 * that clip factor

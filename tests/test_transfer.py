@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import json
-import types
 
 import jax
 import jax.numpy as jnp
@@ -48,9 +47,19 @@ def batches(n, seed=0, size=16, num_classes=5):
                "index": rng.permutation(4000)[:size].astype(np.int32)}
 
 
+def variables_of(state):
+    return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def transfer_optimizer(cfg, steps_per_epoch):
+    """The run's optimizer with transfer's parameter groups, as the builder makes it."""
+    return make_optimizer(cfg.optim, steps_per_epoch, cfg.train.epochs,
+                          transfer.parameter_groups(cfg, steps_per_epoch))
+
+
 def train(model, tx, state, cfg, epoch, n_steps, seed):
     """`n_steps` train steps with the model of `epoch`; returns the state."""
-    step = make_train_step(transfer.model_for_epoch(model, cfg.transfer, state, epoch), tx,
+    step = make_train_step(transfer.model_for_epoch(model, cfg.transfer, variables_of(state), epoch), tx,
                            0.1307, 0.3081)
     for batch in batches(n_steps, seed):
         state, metrics = step(state, batch, jax.random.key(1))
@@ -79,7 +88,7 @@ def test_frozen_backbone_is_bit_identical_until_its_unfreezing_epoch():
     """Freeze everything but the head, unfreeze layer2 after epoch 1 (2 steps per epoch)."""
     cfg = config(freeze="backbone", unfreeze="layer2", unfreeze_after_epochs=1)
     model = SmallResNet(num_classes=5)
-    tx = transfer.make_transfer_optimizer(cfg, steps_per_epoch=2)
+    tx = transfer_optimizer(cfg, 2)
     state = new_state(model, tx)
     start = snapshot(state)
 
@@ -102,7 +111,7 @@ def test_freezing_a_middle_stage_lets_the_rest_train():
     """layer1 frozen alone: gradients flow through it (no stop_gradient), but nothing in it moves."""
     cfg = config(freeze="layer1", backbone_lr_scale=0.1)
     model = SmallResNet(num_classes=5)
-    tx = transfer.make_transfer_optimizer(cfg, steps_per_epoch=2)
+    tx = transfer_optimizer(cfg, 2)
     state = new_state(model, tx)
     start = snapshot(state)
     after = snapshot(train(model, tx, state, cfg, epoch=1, n_steps=2, seed=0))
@@ -118,15 +127,14 @@ def test_a_run_compiles_one_step_per_set_of_frozen_layers():
     steps = [parts.epoch_steps[epoch - 1] for epoch in (1, 2, 3, 4, 1)]
     assert [s is steps[0] for s in steps] == [True, True, False, False, True]
     assert steps[2] is steps[3]
-    frozen = [transfer.model_for_epoch(parts.model, cfg.transfer, parts.abstract, e).frozen
+    frozen = [transfer.model_for_epoch(parts.model, cfg.transfer, variables_of(parts.abstract), e).frozen
               for e in (1, 3)]
     assert frozen == [("bn1", "conv1", "layer1", "layer2"), ("bn1", "conv1", "layer1")]
 
 
 def test_seed_cnn_with_batch_norm_refuses_frozen_bn_layers():
     model = SeedCNN(features=(4, 8), dense=(16,), batch_norm=True)
-    variables = types.SimpleNamespace(**jax.eval_shape(model.init, jax.random.key(0),
-                                                       jnp.zeros((1, *IMAGE_SHAPE))))
+    variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *IMAGE_SHAPE)))
     with pytest.raises(ValueError, match="cannot keep frozen batch norm"):
         transfer.model_for_epoch(model, config(freeze="bn1", head="fc2").transfer, variables, 1)
     assert transfer.model_for_epoch(model, config(freeze="conv1", head="fc2").transfer,
@@ -154,7 +162,7 @@ def test_labels_scale_and_unfreeze_schedule():
     assert transfer.param_labels(PARAMS, cfg.transfer) == {
         "conv1": {"kernel": "frozen"}, "layer1": {"w": "backbone"}, "layer4": {"w": "late"},
         "fc": {"kernel": "head", "bias": "head"}}
-    ups = updates_over(transfer.make_transfer_optimizer(cfg, steps_per_epoch=2), 4)
+    ups = updates_over(transfer_optimizer(cfg, 2), 4)
     plain = updates_over(make_optimizer(cfg.optim), 4)
     for u, p in zip(ups, plain):
         np.testing.assert_array_equal(u["conv1"]["kernel"], 0.0)
@@ -188,7 +196,7 @@ def test_loading_weights_alone_keeps_the_default_optimizer():
 ])
 def test_bad_transfer_settings_are_named(fields, message):
     cfg = config(**fields)
-    tx = transfer.make_transfer_optimizer(cfg, 10)
+    tx = transfer_optimizer(cfg, 10)
     if message is None:
         tx.init(PARAMS)
         return
@@ -220,7 +228,7 @@ def backbone_run(tmp_path_factory):
     multi_transform (so its optimizer state is not the new run's)."""
     run_dir = tmp_path_factory.mktemp("runs") / "pretrain"
     model = SmallResNet(num_classes=5)
-    state = new_state(model, transfer.make_transfer_optimizer(config(freeze="conv1"), 2), seed=3)
+    state = new_state(model, transfer_optimizer(config(freeze="conv1"), 2), seed=3)
     ckpt = checkpoint.Checkpointer(run_dir, async_save=False)
     ckpt.save(7, state, {"best": {"epoch": 1, "step": 7, "val_loss": 0.5}}, {"val_loss": 0.5})
     ckpt.close()

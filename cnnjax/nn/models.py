@@ -249,10 +249,10 @@ def check_geometry(model: nn.Module, image_shape: Sequence[int]) -> None:
         model.feature_shape(tuple(image_shape)[:2])
 
 
-def has_batch_stats(model: nn.Module, image_shape: Sequence[int]) -> bool:
-    """Whether `model` keeps batch-norm statistics, from its variables' shapes (nothing computed)."""
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *image_shape)))
-    return bool(shapes.get("batch_stats"))
+def abstract_variables(model: nn.Module, image_shape: Sequence[int]) -> dict[str, Any]:
+    """The shapes of `model`'s variables ('params', and 'batch_stats' where it keeps batch-norm
+    statistics) on (H, W, C) images; nothing is computed."""
+    return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *image_shape)))
 
 
 def count_params(params) -> int:

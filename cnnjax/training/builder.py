@@ -20,13 +20,14 @@ import math
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from cnnjax.config import Config
 from cnnjax.data import augment
 from cnnjax.data.datasets import DatasetSpec
 from cnnjax.data import mix
-from cnnjax.nn.models import accepts_example_ids, build_model, check_model, has_batch_stats
+from cnnjax.nn.models import abstract_variables, accepts_example_ids, build_model, check_model
 from cnnjax.training.losses import make_losses
 from cnnjax.training import traced, transfer
 from cnnjax.nn.conv import conv_lowerings
@@ -47,6 +48,19 @@ def evaluated_state(state: TrainState) -> TrainState:
     EMA of the parameters (batch-norm statistics stay the live ones)."""
     ema = ema_params(state.opt_state, state.params) if state.opt_state is not None else None
     return state if ema is None else state.replace(params=ema)
+
+
+def evaluate(eval_step: Callable, state: TrainState, batches) -> dict[str, Any]:
+    """Loss, accuracy, count and confusion matrix over `batches`: the masked sums of
+    `eval_step` (`make_eval_step`) added up, one host sync at the end."""
+    totals = None
+    for batch in batches:
+        out = eval_step(state, batch)
+        totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+    totals = jax.device_get(totals)
+    count = float(totals["count"])
+    return {"loss": float(totals["loss_sum"]) / count, "accuracy": float(totals["correct"]) / count,
+            "count": int(count), "confusion": totals["confusion"].tolist()}
 
 
 def check_lengths(cfg: Config) -> None:
@@ -103,6 +117,10 @@ class RunParts:
             state = state if self.sharding is None else jax.device_put(state, self.sharding)
         return state
 
+    def evaluate(self, state: TrainState, batches) -> dict[str, Any]:
+        """`evaluate` of `state`: of its parameters' EMA where the optimizer keeps one."""
+        return evaluate(self.eval_step, self.evaluated(state), batches)
+
     def _create(self, key: jax.Array) -> TrainState:
         return create_train_state(self.model, self.tx, self.plateau, self.spec.image_shape, key)
 
@@ -123,25 +141,26 @@ def build(cfg: Config, spec: DatasetSpec, steps_per_epoch: int, devices: int = 1
     if steps_per_epoch <= 0:
         raise ValueError(f"steps_per_epoch must be positive, got {steps_per_epoch}.")
     tc = cfg.train
+    init_key, train_key = seed_keys(tc.seed)
     model = build_model(cfg.model, spec.num_classes)
     check_model(model, spec.image_shape, spec.num_classes, cfg.model.name)
-    batch_norm, example_ids = has_batch_stats(model, spec.image_shape), accepts_example_ids(model)
+    variables, example_ids = abstract_variables(model, spec.image_shape), accepts_example_ids(model)
     loss, eval_loss = make_losses(tc, spec.num_classes)
     options = StepOptions(loss, eval_loss, mix.from_config(cfg.augment), tc.dtype, example_ids)
-    tx = (transfer.make_transfer_optimizer(cfg, steps_per_epoch) if cfg.transfer.groups
-          else make_optimizer(cfg.optim, steps_per_epoch, tc.epochs))
+    # Transfer learning: the optimizer's parameter groups and, under frozen batch norm, one model
+    # per epoch (refused here for a model that cannot hold it)
+    plan = transfer.plan(cfg, model, variables, steps_per_epoch) if cfg.transfer.groups else None
+    models = plan.models if plan else (model,)
+    tx = make_optimizer(cfg.optim, steps_per_epoch, tc.epochs, plan and plan.groups)
     plateau = make_plateau(cfg.optim)
     learning_rate = rate_function(cfg.optim, steps_per_epoch, tc.epochs)
     augmenter = augment.from_config(cfg.augment)
     # the optimizer meets the parameters: transfer's labels are checked here
     abstract = jax.eval_shape(lambda key: create_train_state(model, tx, plateau, spec.image_shape,
                                                              key), jax.random.key(0))
-    # One model per epoch: under transfer learning, each epoch's frozen batch norm held still
-    # (refused here for a model that cannot hold it); one compiled step per distinct model.
-    models = ([transfer.model_for_epoch(model, cfg.transfer, abstract, epoch)
-               for epoch in range(1, tc.epochs + 1)] if cfg.transfer.groups else [model])
-    passes = grad_passes(tc.batch_size // devices, tc.microbatch, batch_norm)
-    steps: dict[tuple, Callable] = {}  # by the frozen prefixes of an epoch's model
+    passes = grad_passes(tc.batch_size // devices, tc.microbatch,
+                         bool(variables.get("batch_stats")))
+    steps: dict[tuple, Callable] = {}  # one compiled step per distinct model: by frozen prefixes
     for m in models:
         if getattr(m, "frozen", ()) not in steps:
             steps[getattr(m, "frozen", ())] = make_train_step(
@@ -155,7 +174,6 @@ def build(cfg: Config, spec: DatasetSpec, steps_per_epoch: int, devices: int = 1
         train = conv_lowerings(model, spec.image_shape, max(1, tc.batch_size // passes))
         infer = conv_lowerings(model, spec.image_shape, infer_rows)
         lowerings = {name: {**p, "inference": infer[name]["inference"]} for name, p in train.items()}
-    init_key, train_key = seed_keys(tc.seed)
     if sharding is not None:
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
                                 abstract)

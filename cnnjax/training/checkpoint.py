@@ -92,14 +92,24 @@ def _quiet_closed_loop() -> None:
     sys.unraisablehook = hook
 
 
-def disk_error(err: BaseException, run_dir: pathlib.Path, written: list[int]
+def disk_error(err: BaseException, run_dir: pathlib.Path, written: list[int] | None = None
                ) -> disk.DiskError | None:
     """One line saying why the run directory cannot be written, that the checkpoints `written`
-    before are intact and how to go on; None when `err` is not about the disk."""
+    before (by default those committed in it) are intact and how to go on; None when `err` is not
+    about the disk."""
+    written = committed_steps(pathlib.Path(run_dir) / CKPT_DIR) if written is None else written
     kept = (f"the checkpoints written before (steps {written[0]}..{written[-1]}) are intact"
             if written else "no checkpoint was written yet")
     return disk.disk_error(err, run_dir, f"Free space (or make it writable) and resume: cnnjax "
                                          f"train --resume {run_dir}", kept)
+
+
+def committed_steps(directory: pathlib.Path) -> list[int]:
+    """The steps in a checkpoint directory under their final names, whatever a manager holds in
+    flight: what a failed save leaves intact."""
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
 
 
 def _path_name(path) -> str:
@@ -201,13 +211,6 @@ class Checkpointer:
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def committed(self) -> list[int]:
-        """The steps on disk under their final names, whatever the manager holds in flight: what a
-        failed save leaves intact."""
-        if not self.directory.is_dir():
-            return []
-        return sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
-
     def save(self, step: int, state, loop: dict[str, Any], best: dict[str, float] | None = None
              ) -> float:
         """Starts saving (asynchronously where enabled); `best` ({'val_loss': 0.07} or
@@ -224,7 +227,7 @@ class Checkpointer:
             if not self.async_save:
                 self.manager.wait_until_finished()
         except Exception as err:
-            raise disk_error(err, self.directory.parent, self.committed()) or err
+            raise disk_error(err, self.directory.parent) or err
         return time.perf_counter() - t0
 
     def _record_checksums(self) -> None:
@@ -241,7 +244,7 @@ class Checkpointer:
         try:
             self.manager.wait_until_finished()
         except Exception as err:
-            raise disk_error(err, self.directory.parent, self.committed()) or err
+            raise disk_error(err, self.directory.parent) or err
         return time.perf_counter() - t0
 
     def last_good_step(self) -> int | None:

@@ -48,7 +48,7 @@ from cnnjax.training.callbacks import (Callback, CallbackError, CallbackList, Co
                                        EpochEvent, Event, LogEvent, StepEvent, default_callbacks)
 from cnnjax.training.periodic import is_due
 from cnnjax.training.loop_state import LoopState
-from cnnjax.training.steps import TrainState, evaluate
+from cnnjax.training.steps import TrainState
 
 
 class StepLog:
@@ -174,8 +174,7 @@ class RunSetup:
         if split not in self.eval_sizes:
             raise ValueError(f"split must be one of {sorted(self.eval_sizes)}, got {split!r}.")
         batches = self.data.eval_batches(split, self.eval_sizes[split], self.par.part)
-        return evaluate(self.parts.eval_step, self.parts.evaluated(state),
-                        _on_devices(self, batches))
+        return self.parts.evaluate(state, _on_devices(self, batches))
 
     def images(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         if split not in ("train", "val", "test"):
@@ -213,11 +212,14 @@ def _hook(callbacks: CallbackList, hook: str, run: RunSetup, kind: type[Event],
     callbacks.call(hook, run.event(kind, state, loop, callbacks.control, **fields))
 
 
-def _restore(ckpt: checkpoint.Checkpointer, abstract: TrainState, step: int | None = None):
+def _restore(run: RunSetup, step: int | None = None, *, resume: bool = False):
     """(state, saved loop state, step, seconds waited for a save in flight) of `step`, or of the
-    newest intact checkpoint."""
-    waited = ckpt.wait()
-    return (*ckpt.restore(abstract, step=step), waited)
+    newest intact checkpoint; to `resume` from it, the checkpoints after it are dropped."""
+    waited = run.ckpt.wait()
+    state, saved, step = run.ckpt.restore(run.parts.abstract, step=step)
+    if resume:
+        run.ckpt.discard_after(step)
+    return state, saved, step, waited
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,8 +257,7 @@ def setup(cfg: Config, run_dir: pathlib.Path | str | None = None
                           input_pipeline.steps_per_epoch(data.size("train"), tc.batch_size),
                           devices=par.num_devices, sharding=par.replicated,
                           eval_rows=eval_sizes(par, data, tc.eval_batch_size)["val"])
-    return open_run(parts, data, par, run_dir if run_dir is not None
-                    else rundir.default_run_dir(cfg), started)
+    return open_run(parts, data, par, run_dir, started)
 
 
 def eval_sizes(par: parallel.DataParallel, data: input_pipeline.Data | input_pipeline.Streamed,
@@ -266,34 +267,46 @@ def eval_sizes(par: parallel.DataParallel, data: input_pipeline.Data | input_pip
 
 
 def open_run(parts: RunParts, data: input_pipeline.Data | input_pipeline.Streamed,
-             par: parallel.DataParallel,
-             run_dir: pathlib.Path | str, started: float | None = None, *, step: int | None = None,
-             keep: int | None = None, announce: bool = True
-             ) -> tuple[RunSetup, TrainState, LoopState]:
-    """Creates the run directory of `parts.cfg` (or opens it to resume from its latest checkpoint,
-    or from `step`, dropping the checkpoints after it) and makes the initial (or restored) train
-    and loop states. `keep` overrides train.keep_checkpoints; `announce` prints the resume line."""
-    started = time.perf_counter() if started is None else started
-    cfg, tc, run_dir = parts.cfg, parts.cfg.train, pathlib.Path(run_dir)
-    # a new run's state is made (and transfer.backbone read, or refused) before its directory
-    state = None if rundir.has_checkpoint(run_dir) else parts.init_state()
-    resuming = rundir.open_run_dir(run_dir, cfg, par.is_primary)
-    if par.is_primary and not resuming:
-        rundir.write_data_spec(run_dir, data.spec, parts.steps_per_epoch)
-    ckpt = checkpoint.Checkpointer(run_dir, keep or tc.keep_checkpoints, tc.async_checkpointing)
-    loop = LoopState(best=dataclasses.replace(LoopState().best, monitor=tc.monitor))
-    if resuming:
-        state, saved, step, _ = _restore(ckpt, parts.abstract, step)
-        ckpt.discard_after(step)
-        loop = LoopState.from_json(saved, tc.monitor)
-        data.restore(saved.get(_DATA_POSITION))  # the streamed reader's place, where saved
-        if par.is_primary and announce:
-            print(f"resuming {run_dir} from step {step} (epoch {loop.epoch}, batch {loop.batch})")
-    loop = loop.replace(last_checkpoint_step=int(state.step))
-    run = RunSetup(cfg=cfg, run_dir=run_dir, data=data, parts=parts, par=par, resuming=resuming,
-                   eval_sizes=eval_sizes(par, data, tc.eval_batch_size), ckpt=ckpt,
-                   started=started)
-    return run, state, loop
+             par: parallel.DataParallel, run_dir: pathlib.Path | str | None = None,
+             started: float | None = None, *, step: int | None = None, keep: int | None = None,
+             announce: bool = True) -> tuple[RunSetup, TrainState, LoopState]:
+    """Creates the run directory of `parts.cfg` (`run_dir`, or a new one under checkpoints/) or
+    opens it to resume from its latest checkpoint, or from `step`, dropping the checkpoints after
+    it; returns the run with its initial (or restored) train and loop states. `keep` overrides
+    train.keep_checkpoints; `announce` prints the resume line."""
+    run, state = _open(parts, data, par, run_dir, started, keep)
+    return _resume(run, state, step, announce)
+
+
+def _open(parts: RunParts, data: input_pipeline.Data | input_pipeline.Streamed,
+          par: parallel.DataParallel, run_dir: pathlib.Path | str | None, started: float | None,
+          keep: int | None) -> tuple[RunSetup, TrainState | None]:
+    """The run, its directory open, and a new run's initial state (None when resuming)."""
+    tc = parts.cfg.train
+    opened = rundir.open_run_dir(run_dir, parts.cfg, par.is_primary, spec=data.spec,
+                                 steps_per_epoch=parts.steps_per_epoch,
+                                 initial_state=parts.init_state)
+    run = RunSetup(cfg=parts.cfg, run_dir=opened.path, data=data, parts=parts, par=par,
+                   resuming=opened.resuming, eval_sizes=eval_sizes(par, data, tc.eval_batch_size),
+                   ckpt=checkpoint.Checkpointer(opened.path, keep or tc.keep_checkpoints,
+                                                tc.async_checkpointing),
+                   started=time.perf_counter() if started is None else started)
+    return run, opened.state
+
+
+def _resume(run: RunSetup, state: TrainState | None, step: int | None, announce: bool
+            ) -> tuple[RunSetup, TrainState, LoopState]:
+    """The loop state of a new run, or the state and loop state its checkpoint saved."""
+    monitor = run.cfg.train.monitor
+    loop = LoopState(best=dataclasses.replace(LoopState().best, monitor=monitor))
+    if run.resuming:
+        state, saved, step, _ = _restore(run, step, resume=True)
+        loop = LoopState.from_json(saved, monitor)
+        run.data.restore(saved.get(_DATA_POSITION))  # the streamed reader's place, where saved
+        if run.par.is_primary and announce:
+            print(f"resuming {run.run_dir} from step {step} (epoch {loop.epoch}, batch "
+                  f"{loop.batch})")
+    return run, state, loop.replace(last_checkpoint_step=int(state.step))
 
 
 def start(run: RunSetup, state: TrainState, loop: LoopState, callbacks: CallbackList) -> LoopState:
@@ -452,7 +465,7 @@ def finish(run: RunSetup, state: TrainState, loop: LoopState, callbacks: Callbac
                           and loop.epoch <= run.cfg.train.epochs):
         return RunResult(run.run_dir, int(state.step), loop.stop_reason, preempted=loop.preempted)
     tc = run.cfg.train
-    best_state, _, _, waited = _restore(run.ckpt, run.parts.abstract, loop.best.step)
+    best_state, _, _, waited = _restore(run, loop.best.step)
     val, test = run.evaluate(best_state, "val"), run.evaluate(best_state, "test")
     best_state = run.parts.evaluated(best_state)  # what the callbacks see: the evaluated parameters
     if not run.par.is_primary:
@@ -549,7 +562,7 @@ def _train_and_evaluate(cfg: Config, run_dir: pathlib.Path | str | None,
             raise type(err)(message, err.step) from err
         raise type(err)(message) from err
     except OSError as err:  # a full or read-only disk: one line, and what is safe
-        raise checkpoint.disk_error(err, run.run_dir, run.ckpt.committed()) or err
+        raise checkpoint.disk_error(err, run.run_dir) or err
     finally:
         try:
             hooks.close()  # a log's last flush may fail as the disk did: that failure again

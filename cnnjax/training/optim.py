@@ -34,7 +34,8 @@ optimizer.step(), which divides by norm + 1e-6 where optax divides by the norm: 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple
+import operator
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -274,13 +275,38 @@ def wrap_optimizer(cfg: OptimConfig, tx: optax.GradientTransformation
     return tx if len(parts) == 1 else optax.chain(*parts)
 
 
+class ParamGroups(NamedTuple):
+    """Parameters optimized in groups, as torch's param_groups. `labels` names each parameter's
+    group (a tree like the parameters, or a function of them); `scales[group]` multiplies its
+    learning rate (0: no update and no optimizer state); a group in `starts` trains from that
+    update count on, its optimizer state starting from zero then, as for a group added to a torch
+    optimizer at that step."""
+
+    labels: Any
+    scales: Mapping[str, float]
+    starts: Mapping[str, int]
+
+
 def make_optimizer(cfg: OptimConfig, steps_per_epoch: int | None = None,
-                   epochs: int | None = None) -> optax.GradientTransformation:
+                   epochs: int | None = None, groups: ParamGroups | None = None
+                   ) -> optax.GradientTransformation:
     """The run's optimizer; `steps_per_epoch` and `epochs` are needed by per-step schedules only.
 
-    The default: coupled weight decay -> torch-style Adam/AMSGrad -> -learning_rate.
+    The default: coupled weight decay -> torch-style Adam/AMSGrad -> -learning_rate. With
+    `groups`, that rule per group (`optax.multi_transform`); gradient clipping and the parameter
+    EMA (`wrap_optimizer`) act once, on the whole tree.
     """
-    return wrap_optimizer(cfg, make_base_optimizer(cfg, steps_per_epoch, epochs))
+    if groups is None:
+        return wrap_optimizer(cfg, make_base_optimizer(cfg, steps_per_epoch, epochs))
+    transforms = {}
+    for name, scale in groups.scales.items():
+        tx = make_base_optimizer(cfg, steps_per_epoch, epochs) if scale else optax.set_to_zero()
+        tx = tx if scale in (0.0, 1.0) else optax.chain(tx, optax.scale(scale))
+        if name in groups.starts:
+            tx = optax.transforms.conditionally_mask(
+                tx, functools.partial(operator.le, groups.starts[name]))
+        transforms[name] = tx
+    return wrap_optimizer(cfg, optax.multi_transform(transforms, groups.labels))
 
 
 def rate_function(cfg: OptimConfig, steps_per_epoch: int | None = None,

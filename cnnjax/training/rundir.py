@@ -16,7 +16,7 @@ import json
 import os
 import pathlib
 import shutil
-from typing import Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 from cnnjax.config import Config
 from cnnjax.data import datasets, input_pipeline, sources
@@ -25,6 +25,7 @@ from cnnjax.training import checkpoint, loop_state
 
 DEFAULT_ROOT = pathlib.Path("checkpoints")
 LOCK_FILE = ".lock"
+DATA_SPEC = "data_spec.json"  # what the run was trained on: `load_run` rebuilds its model from it
 _held: dict[pathlib.Path, int] = {}  # run directories this process writes -> their lock's fd
 
 
@@ -132,38 +133,70 @@ def close_run_dir(run_dir: pathlib.Path) -> None:
         os.close(fd)  # closing the descriptor drops its flock
 
 
-def open_run_dir(run_dir: pathlib.Path, cfg: Config, primary: bool = True) -> bool:
-    """Creates and locks the run directory, or checks it can be resumed with `cfg`; True when
-    resuming.
+class Opened(NamedTuple):
+    path: pathlib.Path
+    resuming: bool
+    state: Any  # a new run's initial state; None when resuming
+
+
+def open_run_dir(run_dir: pathlib.Path | str | None, cfg: Config, primary: bool = True, *,
+                 spec: datasets.DatasetSpec | None = None, steps_per_epoch: int = 0,
+                 initial_state: Callable[[], Any] | None = None) -> Opened:
+    """Opens the run directory of `cfg` (`run_dir`, or a new `default_run_dir`): resuming when it
+    holds a run to resume with `cfg`, else created and locked, with config.json and, given `spec`,
+    data_spec.json written, and the state `initial_state()` makes. That state is made before
+    anything is written, so a run refused there (a transfer.backbone that does not fit) leaves no
+    directory.
 
     Only the primary process creates files and takes the lock; the others only read what is there.
     """
+    run_dir = default_run_dir(cfg) if run_dir is None else pathlib.Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise FileExistsError(f"--run-dir {run_dir} is a file, not a directory; give the path of a "
                               f"new directory, or of a run to resume.")
     if (run_dir / "summary.json").exists():
         raise FileExistsError(f"run directory {run_dir} already holds a finished run; choose another "
                               f"--run-dir or delete it.")
-    if not primary:
-        return _check_run_dir(run_dir, cfg, primary)
-    with _writing(run_dir):
+    steps = checkpoint_steps(run_dir)
+    resuming = bool(steps) and _resumable(run_dir, cfg)
+    state = None if resuming or initial_state is None else initial_state()
+    if primary:
+        with _locked(run_dir, steps), _writing(run_dir, steps):
+            if not resuming:
+                _start(run_dir, cfg, spec, steps_per_epoch)
+    return Opened(run_dir, resuming, state)
+
+
+def _resumable(run_dir: pathlib.Path, cfg: Config) -> bool:
+    """True, or a ValueError naming each setting in which `cfg` differs from the saved run's."""
+    diffs = config_differences(read_config(run_dir), cfg)
+    if diffs:
+        raise ValueError(f"refusing to resume {run_dir} with a different config:\n  "
+                         + "\n  ".join(diffs) + "\nResume with the run's own config "
+                         f"(cnnjax train --resume {run_dir}) or train into a new --run-dir.")
+    return True
+
+
+@contextlib.contextmanager
+def _locked(run_dir: pathlib.Path, steps: list[int]) -> Iterator[None]:
+    """The run directory created and locked by this process; a failure inside gives the lock
+    back, so a refused run leaves no lock behind."""
+    fresh = run_dir.resolve() not in _held
+    with _writing(run_dir, steps):
         run_dir.mkdir(parents=True, exist_ok=True)
-        fresh = run_dir.resolve() not in _held
         lock_run_dir(run_dir)
     try:
-        with _writing(run_dir):
-            return _check_run_dir(run_dir, cfg, primary)
+        yield
     except BaseException:
-        if fresh:  # a refused run leaves no lock behind
+        if fresh:
             close_run_dir(run_dir)
         raise
 
 
 @contextlib.contextmanager
-def _writing(run_dir: pathlib.Path) -> Iterator[None]:
+def _writing(run_dir: pathlib.Path, steps: list[int]) -> Iterator[None]:
     """A write refused while a run directory is opened, as one line: a run to resume keeps its
-    checkpoints; a new one needs a writable place."""
-    steps = checkpoint_steps(run_dir)
+    checkpoints (`steps`); a new one needs a writable place."""
     try:
         yield
     except OSError as err:
@@ -197,32 +230,17 @@ def has_checkpoint(run_dir: pathlib.Path) -> bool:
     return bool(checkpoint_steps(run_dir))
 
 
-def _check_run_dir(run_dir: pathlib.Path, cfg: Config, primary: bool) -> bool:
-    saved_path = run_dir / "config.json"
-    if not has_checkpoint(run_dir):
-        if not primary:
-            return False
-        if any((run_dir / name).exists() for name in RUN_FILES):
-            print(f"{run_dir} holds a run stopped before its first checkpoint: starting it afresh.")
-            _clear_run_files(run_dir)
-        disk.write_atomic(saved_path, cfg.to_json() + "\n")
-        return False
-    diffs = config_differences(read_config(run_dir), cfg)
-    if diffs:
-        raise ValueError(f"refusing to resume {run_dir} with a different config:\n  "
-                         + "\n  ".join(diffs) + "\nResume with the run's own config "
-                         f"(cnnjax train --resume {run_dir}) or train into a new --run-dir.")
-    return True
-
-
-DATA_SPEC = "data_spec.json"
-
-
-def write_data_spec(run_dir: pathlib.Path, spec: datasets.DatasetSpec, steps_per_epoch: int) -> None:
-    """What the run was trained on (image shape, classes, normalization) and its steps per epoch,
-    so that `load_run` rebuilds the model without the data (which may be a user's arrays)."""
-    record = {"spec": sources.spec_to_dict(spec), "steps_per_epoch": steps_per_epoch}
-    with _writing(run_dir):
+def _start(run_dir: pathlib.Path, cfg: Config, spec: datasets.DatasetSpec | None,
+           steps_per_epoch: int) -> None:
+    """A new run's config.json and, given `spec`, data_spec.json, after what a run stopped before
+    its first checkpoint left."""
+    if any((run_dir / name).exists() for name in RUN_FILES):
+        print(f"{run_dir} holds a run stopped before its first checkpoint: starting it afresh.")
+        _clear_run_files(run_dir)
+    record = None if spec is None else {"spec": sources.spec_to_dict(spec),
+                                        "steps_per_epoch": steps_per_epoch}
+    disk.write_atomic(run_dir / "config.json", cfg.to_json() + "\n")
+    if record is not None:
         disk.write_atomic(run_dir / DATA_SPEC, json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 

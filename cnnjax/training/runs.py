@@ -17,7 +17,7 @@ from cnnjax.config import Config
 from cnnjax.data.input_pipeline import as_nhwc
 from cnnjax.data.pixels import normalize
 from cnnjax.training.parallel import DataParallel
-from cnnjax.training.steps import evaluate, inference_state
+from cnnjax.training.steps import inference_state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,8 +93,8 @@ class Run:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}.")
         images = as_nhwc(images, self.spec.image_shape)
-        return evaluate(self.parts.eval_step, inference_state(self.variables),
-                        input_pipeline.eval_batches(images, labels, min(batch_size, len(labels))))
+        return self.parts.evaluate(inference_state(self.variables), input_pipeline.eval_batches(
+            images, labels, min(batch_size, len(labels))))
 
 
 def load_config(run_dir: pathlib.Path | str) -> Config:

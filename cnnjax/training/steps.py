@@ -189,6 +189,11 @@ def _pass_rows(x: jax.Array, index: jax.Array | int, passes: int) -> jax.Array:
     return jax.lax.dynamic_index_in_dim(split, index, axis=1, keepdims=False)
 
 
+def _model_input(pixels: jax.Array, mean: float, std: float, options: StepOptions) -> jax.Array:
+    """What the model sees of host pixels (0..255 units): normalized, in the compute dtype."""
+    return options.cast(normalize(pixels, mean, std))
+
+
 def _train_step_parts(model: nn.Module, tx: optax.GradientTransformation, mean: float,
                      std: float, augment: Compose = Compose(()),
                      *, options: StepOptions = StepOptions()) -> tuple[Callable, Callable]:
@@ -216,14 +221,14 @@ def _train_step_parts(model: nn.Module, tx: optax.GradientTransformation, mean: 
                                      batch["index"][partner])
             pixels, lam = options.mixing(pixels, partner_pixels, ids,
                                          jax.random.fold_in(step_rng, MIX_STREAM))
-        images = normalize(pixels, mean, std)
+        images = _model_input(pixels, mean, std, options)
         dropout_rng = jax.random.fold_in(step_rng, DROPOUT_STREAM)
         extra = {"example_ids": ids} if takes_ids else {}
 
         def loss_fn(params):
             logits, updated = model.apply(
                 {"params": options.cast(params), "batch_stats": state.batch_stats},
-                options.cast(images), train=True, rngs={"dropout": dropout_rng},
+                images, train=True, rngs={"dropout": dropout_rng},
                 mutable=["batch_stats"], **extra)
             logits = logits.astype(jnp.float32)
             losses = options.loss(logits, labels)
@@ -272,7 +277,7 @@ def make_eval_step(model: nn.Module, mean: float, std: float, num_classes: int,
                   passes: int, acc: dict[str, jax.Array] | None = None):
         rows = jax.tree.map(lambda x: _pass_rows(x, index, passes), batch)
         logits = model.apply({"params": options.cast(state.params), "batch_stats": state.batch_stats},
-                             options.cast(normalize(rows["image"], mean, std)), train=False)
+                             _model_input(rows["image"], mean, std, options), train=False)
         logits = logits.astype(jnp.float32)
         labels, mask = rows["label"], rows["mask"]
         losses = options.eval_loss(logits, labels)
@@ -316,15 +321,3 @@ def inference_state(variables: dict[str, Any]) -> TrainState:
     return TrainState(step=jnp.zeros([], jnp.int32), params=variables["params"],
                       batch_stats=variables.get("batch_stats", {}), opt_state=None,
                       plateau_state=None)
-
-
-def evaluate(eval_step: Callable, state: TrainState, batches) -> dict[str, Any]:
-    """Sums the masked eval metrics over `batches`; one host sync at the end."""
-    totals = None
-    for batch in batches:
-        out = eval_step(state, batch)
-        totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
-    totals = jax.device_get(totals)
-    count = float(totals["count"])
-    return {"loss": float(totals["loss_sum"]) / count, "accuracy": float(totals["correct"]) / count,
-            "count": int(count), "confusion": totals["confusion"].tolist()}

@@ -16,28 +16,28 @@ How the optimizer treats each parameter is a label given by its path (`param_lab
                 unfreeze_after_epochs * steps_per_epoch; its Adam moments start from zero then,
                 as for a parameter group added to a torch optimizer at that epoch.
 
-composed by `optax.multi_transform`. The schedule lives in the optimizer state, so it is saved with
-every checkpoint and a resumed run unfreezes at the same step. Frozen batch norm layers must also
-stay in inference mode, which the optimizer cannot see: `model_for_epoch` hands the model its
-frozen prefixes (`cnnjax.nn.resnet.ResNet.frozen`) for the epoch, which the loop recompiles for at the
-unfreezing epoch, once.
+optimized as `optim.ParamGroups` (`optax.multi_transform`). The schedule lives in the optimizer
+state, so it is saved with every checkpoint and a resumed run unfreezes at the same step. Frozen
+batch norm layers must also stay in inference mode, which the optimizer cannot see:
+`model_for_epoch` hands the model its frozen prefixes (`cnnjax.nn.resnet.ResNet.frozen`) for the
+epoch, which the loop recompiles for at the unfreezing epoch, once. `plan` gives the run's builder
+both.
 """
 
 from __future__ import annotations
 
 import functools
 import pathlib
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
 import numpy as np
-import optax
 
 from cnnjax.training import checkpoint, rundir
 from cnnjax.nn import convert
 from cnnjax.config import Config, TransferConfig
-from cnnjax.training.optim import make_base_optimizer, wrap_optimizer
+from cnnjax.training.optim import ParamGroups
 from cnnjax.nn.resnet import ResNet, is_frozen
 
 BACKBONE = "backbone"  # in transfer.freeze: every top-level module outside transfer.head
@@ -133,45 +133,51 @@ def frozen_at(tc: TransferConfig, params, epoch: int) -> tuple[str, ...]:
 # The optimizer and the model of an epoch
 # ---------------------------------------------------------------------------------------------
 
-def make_transfer_optimizer(cfg: Config, steps_per_epoch: int) -> optax.GradientTransformation:
-    """`make_base_optimizer(cfg.optim)` per label (see the module docstring). Gradient clipping
-    and the parameter EMA (`wrap_optimizer`) act once, on the whole tree.
+class TransferPlan(NamedTuple):
+    """What transfer learning changes in a run's build: the optimizer's parameter groups and the
+    model of each epoch (`models[epoch - 1]`)."""
 
-    Labels are computed from the parameters when the optimizer is initialized, so this needs no
-    parameters; a bad prefix raises then, before anything compiles.
-    """
+    groups: ParamGroups
+    models: tuple[nn.Module, ...]
+
+
+def plan(cfg: Config, model: nn.Module, variables: dict[str, Any], steps_per_epoch: int
+         ) -> TransferPlan:
+    """The transfer settings applied to `model` (`variables`: its variables or their shapes):
+    checked against its parameters, a bad prefix or a contradiction refused here."""
+    groups = parameter_groups(cfg, steps_per_epoch)
+    check_transfer(cfg.transfer, variables["params"])
+    return TransferPlan(groups, tuple(model_for_epoch(model, cfg.transfer, variables, epoch)
+                                      for epoch in range(1, cfg.train.epochs + 1)))
+
+
+def parameter_groups(cfg: Config, steps_per_epoch: int) -> ParamGroups:
+    """The groups 'head', 'backbone', 'frozen' and 'late' of the module docstring, labelled from
+    the parameters when the optimizer is initialized."""
     tc = cfg.transfer
     if steps_per_epoch <= 0:
         raise ValueError(f"steps_per_epoch must be positive, got {steps_per_epoch}.")
-
-    def backbone():
-        tx = make_base_optimizer(cfg.optim, steps_per_epoch, cfg.train.epochs)
-        return tx if tc.backbone_lr_scale == 1.0 else optax.chain(tx, optax.scale(tc.backbone_lr_scale))
-
-    unfreeze_step = tc.unfreeze_after_epochs * steps_per_epoch
-    transforms = {"head": make_base_optimizer(cfg.optim, steps_per_epoch, cfg.train.epochs),
-                  "backbone": backbone(),
-                  "frozen": optax.set_to_zero(),
-                  "late": optax.transforms.conditionally_mask(
-                      backbone(), lambda count: count >= unfreeze_step)}
-
-    def labels(params):
-        check_transfer(tc, params)
-        return param_labels(params, tc)
-
-    return wrap_optimizer(cfg.optim, optax.multi_transform(transforms, labels))
+    return ParamGroups(functools.partial(_labels, tc),
+                       {"head": 1.0, "backbone": tc.backbone_lr_scale, "frozen": 0.0,
+                        "late": tc.backbone_lr_scale},
+                       {"late": tc.unfreeze_after_epochs * steps_per_epoch})
 
 
-def model_for_epoch(model: nn.Module, tc: TransferConfig, state, epoch: int) -> nn.Module:
-    """`model` with the batch norm layers frozen during `epoch` held in inference mode; `state`
-    is the train state or its shapes (only the parameter paths are read).
+def _labels(tc: TransferConfig, params) -> Any:
+    check_transfer(tc, params)
+    return param_labels(params, tc)
+
+
+def model_for_epoch(model: nn.Module, tc: TransferConfig, variables, epoch: int) -> nn.Module:
+    """`model` with the batch norm layers frozen during `epoch` held in inference mode;
+    `variables` holds its 'params' and 'batch_stats' or their shapes (only paths are read).
 
     A model without a `frozen` field (SeedCNN) can be frozen only where it has no batch norm.
     """
-    frozen = frozen_at(tc, state.params, epoch)
+    frozen = frozen_at(tc, variables["params"], epoch)
     if hasattr(model, "frozen"):
         return model.clone(frozen=frozen)
-    stats = [p for p in _paths(state.batch_stats or {}) if is_frozen(p, frozen)]
+    stats = [p for p in _paths(variables.get("batch_stats") or {}) if is_frozen(p, frozen)]
     if stats:
         raise ValueError(f"{type(model).__name__} cannot keep frozen batch norm layers in inference "
                          f"mode ({'/'.join(stats[0])} is frozen); use a ResNet, or do not freeze "
