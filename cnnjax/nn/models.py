@@ -132,7 +132,11 @@ register_model("resnet34", ResNet34)
 
 def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     """The model a config names, its own checks passed (geometry comes with `check_model`)."""
-    factory = MODELS.lookup(cfg.name)
+    return model_from(MODELS.lookup(cfg.name), cfg, num_classes)
+
+
+def model_from(factory: Any, cfg: ModelConfig, num_classes: int) -> nn.Module:
+    """The model `factory` (what `model.name` names in `MODELS`) builds with `model.kwargs`."""
     if not callable(factory):
         raise ValueError(f"model {cfg.name!r} names {imports.kind(factory)}, not a flax.linen "
                          f"Module class or a function building one.")

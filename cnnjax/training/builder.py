@@ -27,8 +27,9 @@ from cnnjax.config import Config
 from cnnjax.data import augment
 from cnnjax.data.datasets import DatasetSpec
 from cnnjax.data import mix
-from cnnjax.nn.models import abstract_variables, accepts_example_ids, build_model, check_model
-from cnnjax.training.losses import make_losses
+from cnnjax.nn.models import (MODELS, abstract_variables, accepts_example_ids, build_model,
+                              check_model, model_from)
+from cnnjax.training.losses import LOSSES, losses_from, make_losses
 from cnnjax.training import traced, transfer
 from cnnjax.nn.conv import conv_lowerings
 from cnnjax.training.optim import (ema_params, make_optimizer, make_plateau, plateau_step,
@@ -142,10 +143,12 @@ def build(cfg: Config, spec: DatasetSpec, steps_per_epoch: int, devices: int = 1
         raise ValueError(f"steps_per_epoch must be positive, got {steps_per_epoch}.")
     tc = cfg.train
     init_key, train_key = seed_keys(tc.seed)
-    model = build_model(cfg.model, spec.num_classes)
+    # the names the config gives, looked up as a user's are: registered, or package.module:Name
+    factory, loss_fn = MODELS.lookup(cfg.model.name), LOSSES.lookup(tc.loss)
+    model = model_from(factory, cfg.model, spec.num_classes)
     check_model(model, spec.image_shape, spec.num_classes, cfg.model.name)
     variables, example_ids = abstract_variables(model, spec.image_shape), accepts_example_ids(model)
-    loss, eval_loss = make_losses(tc, spec.num_classes)
+    loss, eval_loss = losses_from(loss_fn, tc, spec.num_classes)
     options = StepOptions(loss, eval_loss, mix.from_config(cfg.augment), tc.dtype, example_ids)
     # Transfer learning: the optimizer's parameter groups and, under frozen batch norm, one model
     # per epoch (refused here for a model that cannot hold it)

@@ -8,7 +8,7 @@ logits before anything is compiled.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -52,13 +52,17 @@ def smoothed_cross_entropy(smoothing: float) -> LossFn:
 
 
 def make_losses(tc: TrainConfig, num_classes: int) -> tuple[LossFn, LossFn]:
-    """(training loss, evaluation loss) of the config, checked on a (2, num_classes) batch.
+    """(training loss, evaluation loss) of the config, checked on a (2, num_classes) batch."""
+    return losses_from(LOSSES.lookup(tc.loss), tc, num_classes)
+
+
+def losses_from(loss: Any, tc: TrainConfig, num_classes: int) -> tuple[LossFn, LossFn]:
+    """`make_losses` of `loss`, what `train.loss` names in `LOSSES`.
 
     A `label_smoothing` held as an array (a traced config, one program for several values, each
     checked as a number before) always smooths: 0 gives the one-hot targets."""
     smoothing = tc.label_smoothing
     traced = not isinstance(smoothing, (int, float))
-    loss = LOSSES.lookup(tc.loss)
     if not callable(loss):
         raise ValueError(f"train.loss {tc.loss!r} is {imports.kind(loss)}, not a function "
                          f"(logits, labels) -> per-example loss.")
