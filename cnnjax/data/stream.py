@@ -400,7 +400,7 @@ class ImagesView:
 
 class Streamed:
     """The three splits of a run, read through grain batch by batch; the same methods as the
-    in-memory `input_pipeline.Data`, and the same batches."""
+    in-memory `memory.Data`, and the same batches."""
 
     def __init__(self, spec, train: Split, val: Split, test: Split, *, workers: int = 0,
                  timeout_s: float = 300.0, skipped: Sequence[str] = ()):
