@@ -1,8 +1,8 @@
 """A run's data held in memory, and its batches: replayable shuffles, padded evaluation.
 
 Images stay uint8 on the host (4x less to copy than float32) and are scaled and normalized inside
-the compiled step by `pixels.normalize`; a dataset of float images (cnnjax/data/sources.py) is held as
-float32 in the same 0..255 units, so one `normalize` serves both. Batch order is a function of
+the compiled step by `pixels.normalize`; a dataset of float images (cnnjax/data/sources.py) is held
+as float32 in the same 0..255 units, so one `normalize` serves both. Batch order is a function of
 (seed, epoch) alone (cnnjax/data/order.py), so any epoch can be replayed without running the ones
 before it. Training drops the last partial batch (a different one each epoch, since the order is
 reshuffled); evaluation pads it and masks the padding, so every example is counted exactly once.
@@ -17,7 +17,8 @@ from typing import Iterator
 import numpy as np
 
 from cnnjax.data import datasets, stream
-from cnnjax.data.order import check_eval_batch_size, epoch_permutation, process_rows, steps_per_epoch
+from cnnjax.data.order import (check_eval_batch_size, epoch_permutation, process_rows,
+                               steps_per_epoch)
 
 
 @dataclasses.dataclass(frozen=True)
