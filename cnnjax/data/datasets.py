@@ -20,6 +20,7 @@ import os
 
 import numpy as np
 
+from cnnjax.config import DataConfig
 from cnnjax.data import cifar, mnist, store, stream
 
 default_data_dir = store.default_data_dir
@@ -81,6 +82,12 @@ def _builder(name: str, data_dir) -> store.ArrayRecordBuilder:
         return _BUILDERS[name](data_dir=os.fspath(store.data_root(data_dir)))
 
 
+def _prepared(name: str, data_dir, manual_dir) -> store.ArrayRecordBuilder:
+    builder = _builder(name, data_dir)
+    store.ensure_prepared(builder, lambda: builder.prepare(manual_dir))
+    return builder
+
+
 def _check_split(name: str, split: str, spec: DatasetSpec) -> None:
     if split not in spec.splits:
         raise ValueError(f"Dataset {name!r} has no split {split!r}; choose one of "
@@ -98,37 +105,41 @@ def load(name: str, split: str, *, data_dir: str | os.PathLike | None = None,
     """
     spec = get_spec(name, label)
     _check_split(name, split, spec)
-    builder = _builder(name, data_dir)
-    return store.load(builder, split, label_key=label_feature(name, label),
-                      prepare=lambda: builder.prepare(manual_dir),
-                      image_shape=spec.image_shape,
+    return _whole(_prepared(name, data_dir, manual_dir), split, label_feature(name, label), spec)
+
+
+def read(cfg: DataConfig) -> stream.Stored:
+    """The built-in dataset as a run of `cfg` reads it, prepared first if it is not yet: each split
+    whole in memory (`load`), or, when `cfg` asks for streaming or the decoded pixels exceed the
+    budget, its records read by index with its labels read once (without the images)."""
+    spec = get_spec(cfg.dataset, cfg.label)
+    builder = _prepared(cfg.dataset, cfg.data_dir, cfg.manual_dir)
+    feature = label_feature(cfg.dataset, cfg.label)
+    size = _decoded_bytes(spec, builder)
+    if stream.wanted(cfg, size):
+        splits = {split: _by_index(builder, split, feature) for split in spec.splits}
+    else:
+        splits = {split: _whole(builder, split, feature, spec) for split in spec.splits}
+    return stream.Stored(spec, splits)
+
+
+def _whole(builder: store.ArrayRecordBuilder, split: str, feature: str, spec: DatasetSpec
+           ) -> tuple[np.ndarray, np.ndarray]:
+    return store.load(builder, split, label_key=feature, image_shape=spec.image_shape,
                       fix=f"; delete {builder.data_path} to prepare it again")
 
 
-def _prepared(name: str, data_dir, manual_dir) -> store.ArrayRecordBuilder:
-    builder = _builder(name, data_dir)
-    store.ensure_prepared(builder, lambda: builder.prepare(manual_dir))
-    return builder
+def _by_index(builder: store.ArrayRecordBuilder, split: str, feature: str) -> stream.Split:
+    labels = store.read_labels(builder.data_path, split, feature)
+    return stream.whole(store.RecordReader(builder.data_path, split, len(labels)), labels)
 
 
-def decoded_bytes(name: str, *, data_dir=None, manual_dir=None, label: str = "") -> int:
+def decoded_bytes(cfg: DataConfig) -> int:
     """Bytes of the dataset's decoded images, every split (prepared first if it is not yet)."""
-    spec = get_spec(name, label)
-    info = _prepared(name, data_dir, manual_dir).info
+    spec = get_spec(cfg.dataset, cfg.label)
+    return _decoded_bytes(spec, _prepared(cfg.dataset, cfg.data_dir, cfg.manual_dir))
+
+
+def _decoded_bytes(spec: DatasetSpec, builder: store.ArrayRecordBuilder) -> int:
+    info = builder.info
     return sum(info.splits[s].num_examples for s in spec.splits) * math.prod(spec.image_shape)
-
-
-def streamed(name: str, *, data_dir=None, manual_dir=None, label: str = "") -> stream.Stored:
-    """The prepared dataset for streaming: each split's records read by index, its labels read
-    once (without the images) and kept in this process."""
-    spec = get_spec(name, label)
-    builder = _prepared(name, data_dir, manual_dir)
-    feature = label_feature(name, label)
-    stamp = os.stat(builder.data_path / "dataset_info.json").st_mtime_ns
-    splits = {}
-    for split in spec.splits:
-        labels = store.cached((os.fspath(builder.data_path), split, feature, stamp, "labels"),
-                              lambda: store.read_labels(builder.data_path, split, feature))
-        reader = store.RecordReader(builder.data_path, split, len(labels))
-        splits[split] = stream.whole(reader, labels)
-    return stream.Stored(spec, splits)

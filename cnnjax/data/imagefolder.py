@@ -36,7 +36,6 @@ from absl import logging as absl_logging
 from PIL import Image
 
 from cnnjax.config import DataConfig
-from cnnjax import notices
 from cnnjax.data import datasets, store, stream
 
 PREFIX = "imagefolder:"
@@ -265,15 +264,6 @@ def _check_skipped(cfg: DataConfig, folder: _Folder, skipped: Sequence[str]) -> 
         raise ValueError(f"{names}{more} cannot be decoded as images; {_SKIP_HINT}.")
 
 
-def report_skipped(cfg: DataConfig, skipped: Sequence[str]) -> None:
-    """The one line that says which files a run leaves out (`data.on_bad_image=skip`)."""
-    if skipped:
-        shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5
-                                         else "")
-        notices.warn(f"{cfg.dataset}: skipped {len(skipped)} unreadable image"
-                     f"{'s' if len(skipped) > 1 else ''} (data.on_bad_image=skip): {shown}.")
-
-
 # ----------------------------------------------------------------------------- preparing
 
 class CnnjaxImageFolder(store.ArrayRecordBuilder, skip_registration=True):
@@ -375,39 +365,32 @@ def _builder(cfg: DataConfig, folder: _Folder) -> tfds.core.DatasetBuilder:
                                  data_dir=os.fspath(data_dir))
 
 
-def _load(cfg: DataConfig, folder: _Folder, split: str) -> tuple[np.ndarray, np.ndarray]:
-    b = _builder(cfg, folder)
-    return store.load(b, split, prepare=b.prepare if isinstance(b, CnnjaxImageFolder) else None,
-                      image_shape=tuple(b.info.features["image"].shape),
-                      fix=f"; delete {b.data_path} to prepare it again")
-
-
-def load(cfg: DataConfig, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """One whole split: read-only uint8 (N, H, W, C) images and int32 labels, in sorted path
-    order; prepared first if the folder has no matching prepared copy."""
-    if split not in _SPLITS:
-        raise ValueError(f"Dataset {cfg.dataset!r} has no split {split!r}; choose one of "
-                         f"{', '.join(map(repr, _SPLITS))}.")
-    return _load(cfg, _scan(cfg), split)
-
-
-def skipped(cfg: DataConfig) -> tuple[str, ...]:
-    """The files the prepared copy left out (relative to the folder; `data.on_bad_image=skip`)."""
+def read(cfg: DataConfig) -> stream.Stored:
+    """The folder as a run of `cfg` reads it: its prepared copy (prepared first if the folder has
+    none that matches) read whole into memory, in sorted path order, or its files streamed
+    (`_streamed`) when `cfg` asks for it or their decoded pixels exceed the budget."""
     folder = _scan(cfg)
-    _load(cfg, folder, "test")  # prepared, if it was not
-    return tuple(_stored_metadata(_prepared_path(cfg, folder)).get("skipped") or ())
+    size = _decoded_bytes(cfg, folder)
+    if stream.wanted(cfg, size):
+        return _streamed(cfg, folder)
+    builder = _builder(cfg, folder)
+    prepare = builder.prepare if isinstance(builder, CnnjaxImageFolder) else None
+    splits = {split: store.load(builder, split, prepare=prepare,
+                                image_shape=tuple(builder.info.features["image"].shape),
+                                fix=f"; delete {builder.data_path} to prepare it again")
+              for split in _SPLITS}
+    skipped = tuple(_stored_metadata(_prepared_path(cfg, folder)).get("skipped") or ())
+    return stream.Stored(_measured_spec(cfg, folder, splits["train"][0]), splits, skipped)
 
 
-def spec(cfg: DataConfig) -> datasets.DatasetSpec:
-    """The dataset's spec, with per-channel mean and std of the train split (before the
-    validation set is carved out of it, so they do not depend on the seed); cached per process."""
-    folder = _scan(cfg)
+def _measured_spec(cfg: DataConfig, folder: _Folder, train: np.ndarray) -> datasets.DatasetSpec:
+    """The spec, with per-channel mean and std of the train split (before the validation set is
+    carved out of it, so they do not depend on the seed); measured once per process."""
     key = (cfg.dataset, os.fspath(store.data_root(cfg.data_dir)),
            store.target_size(cfg.image_size), cfg.test_fraction, folder.fingerprint)
     if key not in _specs:
-        images, _ = _load(cfg, folder, "train")
-        mean, std = store.channel_stats(images)
-        _specs[key] = _spec(cfg, folder, tuple(images.shape[1:]), mean, std)
+        mean, std = store.channel_stats(train)
+        _specs[key] = _spec(cfg, folder, tuple(train.shape[1:]), mean, std)
     return _specs[key]
 
 
@@ -442,7 +425,7 @@ def _headers(cfg: DataConfig, folder: _Folder) -> dict:
                                             cfg.on_bad_image == "skip")
         index = {"fingerprint": folder.fingerprint, "shape": list(shape),
                  "not_images": _relative(folder, not_images)}
-        store.write_small(path, lambda tmp: tmp.write_text(json.dumps(index)))
+        store.write_small(path, json.dumps(index).encode())
     _check_skipped(cfg, folder, index["not_images"])
     return index
 
@@ -450,7 +433,10 @@ def _headers(cfg: DataConfig, folder: _Folder) -> dict:
 def decoded_bytes(cfg: DataConfig) -> int:
     """Bytes of the folder's pixels decoded at the prepared size, every split (without decoding:
     the prepared copy's shape, else the files' headers)."""
-    folder = _scan(cfg)
+    return _decoded_bytes(cfg, _scan(cfg))
+
+
+def _decoded_bytes(cfg: DataConfig, folder: _Folder) -> int:
     prepared = _prepared_path(cfg, folder)
     if _stored_metadata(prepared).get("fingerprint") == folder.fingerprint:
         with store.quiet(absl_logging.ERROR):
@@ -462,12 +448,11 @@ def decoded_bytes(cfg: DataConfig) -> int:
     return n * math.prod(index["shape"])
 
 
-def streamed(cfg: DataConfig) -> stream.Stored:
+def _streamed(cfg: DataConfig, folder: _Folder) -> stream.Stored:
     """The folder for streaming: each split's files read by index (decoded and resized where they
     are read, nothing prepared). Its spec's statistics, and with `data.on_bad_image=skip` the files
     that fail to decode, come from one pass over every file through grain at first use (cached in
     the data dir's index beside where a prepared copy would go): the spec an in-memory run gets."""
-    folder = _scan(cfg)
     index = _headers(cfg, folder)
     path = _config_dir(cfg, folder) / _INDEX
     shape = tuple(index["shape"])
@@ -487,7 +472,7 @@ def streamed(cfg: DataConfig) -> stream.Stored:
         mean, std = store.stats_from_histogram(hist)
         index = {**index, "mean": mean, "std": std,
                  "undecodable": _relative(folder, [every[i] for i in bad])}
-        store.write_small(path, lambda tmp: tmp.write_text(json.dumps(index)))
+        store.write_small(path, json.dumps(index).encode())
     _check_skipped(cfg, folder, index["undecodable"])
     bad = {folder.root / f for f in index["undecodable"]}
     splits = {}

@@ -1,84 +1,36 @@
-"""From dataset splits to batches: seeded train/validation split, replayable shuffles, normalization.
+"""A run's data, opened once: the kind of dataset `data.dataset` names, read in memory or streamed,
+with the seeded validation carve-out and `data.classes`.
 
-Images stay uint8 on the host (4x less to copy than float32) and are scaled and normalized inside
-the compiled step by `pixels.normalize`; a dataset of float images (cnnjax/data/sources.py) is held as
-float32 in the same 0..255 units, so one `normalize` serves both. Batch order is a function of
-(seed, epoch) alone, so any epoch can be replayed without running the ones before it. Training
-drops the last partial batch (a different one each epoch, since the order is reshuffled);
-evaluation pads it and masks the padding, so every example is counted exactly once.
-
-A run's data is held in memory (`load_data`, `Data`) or streamed through grain batch by batch
-(cnnjax/data/stream.py) when it is larger than `data.max_memory_gb` or `data.stream=on`
-(`open_data` decides). Both give the same batches, with the same methods: `train_batches`,
-`eval_batches`, `size`, `images`, and `position`/`restore` for the reader's place in a checkpoint.
+Each kind of dataset is read by its own module's `read(cfg)`: the built-ins (cnnjax/data/
+datasets.py), `imagefolder:PATH` and `tfds:NAME` (imagefolder.py, tfds_prepared.py), arrays of
+one's own (sources.py). `read` describes the dataset once and hands back a `stream.Stored`: the
+spec and the two stored splits, whole in memory or by index for grain, as a run of `cfg` reads
+them (streamed with `data.stream=on`, or 'auto' where the decoded pixels exceed
+`data.max_memory_gb`). `open_data` checks the kind, reads it once and makes the run's three
+splits: `Data` in memory (cnnjax/data/memory.py) or `Streamed` through grain (stream.py), the same
+batches either way, with the same methods: `train_batches`, `eval_batches`, `size`, `images`, and
+`position`/`restore` for the reader's place in a checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator
 
 import numpy as np
 
-from cnnjax.data import datasets, imagefolder, sources, stream, tfds_prepared
-from cnnjax.data.order import (check_eval_batch_size, epoch_permutation, process_rows,
-                               split_indices, steps_per_epoch)
+from cnnjax import notices
 from cnnjax.config import DataConfig
+from cnnjax.data import datasets, imagefolder, sources, stream, tfds_prepared
+from cnnjax.data.memory import Data, eval_batches, train_batches
+from cnnjax.data.order import split_indices, steps_per_epoch
 
 ReadError = stream.ReadError
 Streamed = stream.Streamed
 
-
-@dataclasses.dataclass(frozen=True)
-class Data:
-    """The three splits of a run, in memory: (N, H, W, C) images, uint8 or float32 in 0..255
-    units, and int32 labels; `skipped` names the image files left out as unreadable."""
-
-    spec: datasets.DatasetSpec
-    train: tuple[np.ndarray, np.ndarray]
-    val: tuple[np.ndarray, np.ndarray]
-    test: tuple[np.ndarray, np.ndarray]
-    skipped: tuple[str, ...] = ()
-
-    def size(self, split: str) -> int:
-        return len(getattr(self, split)[1])
-
-    def images(self, split: str) -> tuple[np.ndarray, np.ndarray]:
-        return getattr(self, split)
-
-    def train_batches(self, batch_size: int, seed: int, epoch: int, start: int = 0,
-                      part: tuple[int, int] = (0, 1)) -> Iterator[dict[str, np.ndarray]]:
-        return train_batches(*self.train, batch_size, seed, epoch, start, part)
-
-    def eval_batches(self, split: str, batch_size: int, part: tuple[int, int] = (0, 1)
-                     ) -> Iterator[dict[str, np.ndarray]]:
-        return eval_batches(*getattr(self, split), batch_size, part)
-
-    def position(self) -> None:
-        """Nothing to save: in-memory batches start anywhere from (epoch, batch) alone."""
-        return None
-
-    def restore(self, saved) -> None:
-        pass
-
-    def report(self) -> dict:
-        return {"streamed": False, **stream.skipped_report(self.skipped)}
-
-    def close(self) -> None:
-        pass
-
-
-def is_builtin(dataset: str) -> bool:
-    return dataset in datasets.DATASETS
-
-
-# Datasets named by a prefix and described from their data: each module has spec(cfg), load(cfg, split).
-_PREFIXED = {"imagefolder:": imagefolder, "tfds:": tfds_prepared}
-
-
-def _as_config(cfg: DataConfig | str) -> DataConfig:
-    return DataConfig(dataset=cfg) if isinstance(cfg, str) else cfg
-
+# The module that reads each kind of dataset: read(cfg) -> stream.Stored, decoded_bytes(cfg).
+_KINDS = {"builtin": datasets, "imagefolder:": imagefolder, "tfds:": tfds_prepared,
+          "arrays": sources}
+_SPLITS = ("train", "test")
 
 # The data settings each kind of dataset does not take, and why: refused before anything loads.
 _NOT_FOR = {
@@ -89,17 +41,73 @@ _NOT_FOR = {
                "image_size": "arrays of your own carry one label and their own size"},
 }
 
+# The settings that say how a run's data is read, never what it computes.
+READING_SETTINGS = frozenset({"data.stream", "data.max_memory_gb", "data.workers",
+                              "data.read_timeout_s"})
+
+
+def _as_config(cfg: DataConfig | str) -> DataConfig:
+    return DataConfig(dataset=cfg) if isinstance(cfg, str) else cfg
+
 
 def _checked_kind(cfg: DataConfig) -> str:
     """The kind of `cfg`'s dataset, once each setting it does not take is known to be unset."""
-    kind = ("builtin" if is_builtin(cfg.dataset)
-            else next((p for p in _PREFIXED if cfg.dataset.startswith(p)), "arrays"))
+    kind = ("builtin" if cfg.dataset in datasets.DATASETS
+            else next((p for p in ("imagefolder:", "tfds:") if cfg.dataset.startswith(p)),
+                      "arrays"))
     for field, why in _NOT_FOR[kind].items():
         if value := getattr(cfg, field):
             shown = list(value) if isinstance(value, tuple) else repr(value)
             raise ValueError(f"data.{field}={shown} does not apply to dataset {cfg.dataset!r} "
                              f"({why}); remove the setting.")
     return kind
+
+
+def _in_memory(cfg: DataConfig) -> DataConfig:
+    return dataclasses.replace(cfg, stream="off")
+
+
+def open_data(cfg: DataConfig, seed: int) -> Data | Streamed:
+    """A run's data, in memory or streamed: the same splits, batches and spec either way.
+    Streaming prepares nothing it does not have to (an image folder's pixels are read from its
+    files); its one-time passes are named on stderr."""
+    stored = _KINDS[_checked_kind(cfg)].read(cfg)
+    _warn_skipped(cfg, stored.skipped)
+    return _run_data(cfg, stored, seed)
+
+
+def load_data(cfg: DataConfig, seed: int) -> Data:
+    """The run's data in memory, whatever the streaming settings."""
+    return _run_data(cfg, _KINDS[_checked_kind(cfg)].read(_in_memory(cfg)), seed)
+
+
+def _run_data(cfg: DataConfig, stored: stream.Stored, seed: int) -> Data | Streamed:
+    """The run's three splits from the stored two: the validation set carved out of train by the
+    seed, then `data.classes` kept, so an example is in validation for every class subset exactly
+    when it is for the whole dataset (with the same seed)."""
+    spec = _with_classes(stored.spec, cfg)
+    train, test = stored.splits["train"], stored.splits["test"]
+    classes = tuple(cfg.classes)
+    if stored.streamed:
+        train_idx, val_idx = split_indices(len(train), cfg.val_fraction, seed)
+        pick = lambda split: _select_split(split, classes)
+        return Streamed(spec, pick(train.take(train_idx)), pick(train.take(val_idx)), pick(test),
+                        workers=cfg.workers, timeout_s=cfg.read_timeout_s, skipped=stored.skipped)
+    images, labels = train
+    train_idx, val_idx = split_indices(len(labels), cfg.val_fraction, seed)
+    pick = lambda x, y: select_classes(x, y, classes)
+    return Data(spec=spec, train=pick(images[train_idx], labels[train_idx]),
+                val=pick(images[val_idx], labels[val_idx]), test=pick(*test),
+                skipped=stored.skipped)
+
+
+def _warn_skipped(cfg: DataConfig, skipped: tuple[str, ...]) -> None:
+    """The one line that says which files a run leaves out (`data.on_bad_image=skip`)."""
+    if skipped:
+        shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5
+                                         else "")
+        notices.warn(f"{cfg.dataset}: skipped {len(skipped)} unreadable image"
+                     f"{'s' if len(skipped) > 1 else ''} (data.on_bad_image=skip): {shown}.")
 
 
 def dataset_spec(cfg: DataConfig | str) -> datasets.DatasetSpec:
@@ -109,25 +117,17 @@ def dataset_spec(cfg: DataConfig | str) -> datasets.DatasetSpec:
     kind = _checked_kind(cfg)
     if kind == "builtin":
         return datasets.get_spec(cfg.dataset, cfg.label)
-    if kind in _PREFIXED:
-        return _PREFIXED[kind].spec(cfg)
-    return sources.load(cfg.dataset).spec
+    return _KINDS[kind].read(_in_memory(cfg)).spec
 
 
 def load_split(cfg: DataConfig | str, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """One whole split of any dataset: images in host units (see the module docstring), labels."""
+    """One whole split of any dataset: images in host units (cnnjax/data/memory.py), labels."""
     cfg = _as_config(cfg)
     kind = _checked_kind(cfg)
-    if kind == "builtin":
-        return datasets.load(cfg.dataset, split, data_dir=cfg.data_dir, manual_dir=cfg.manual_dir,
-                             label=cfg.label)
-    if kind in _PREFIXED:
-        return _PREFIXED[kind].load(cfg, split)
-    source = sources.load(cfg.dataset)
-    if split not in sources.SPLITS:
+    if split not in _SPLITS:
         raise ValueError(f"Dataset {cfg.dataset!r} has no split {split!r}; choose one of "
-                         f"{', '.join(map(repr, sources.SPLITS))}.")
-    return getattr(source, split)
+                         f"{', '.join(map(repr, _SPLITS))}.")
+    return _KINDS[kind].read(_in_memory(cfg)).splits[split]
 
 
 def data_spec(cfg: DataConfig) -> datasets.DatasetSpec:
@@ -157,83 +157,6 @@ def select_classes(images: np.ndarray, labels: np.ndarray, classes: tuple[int, .
     return images[keep], lookup[labels[keep]].astype(labels.dtype)
 
 
-def load_data(cfg: DataConfig, seed: int) -> Data:
-    """Loads the dataset's train and test splits and carves the validation set out of train.
-
-    `data.classes` is applied after the split, so an example is in validation for every class
-    subset exactly when it is for the whole dataset (with the same seed).
-    """
-    spec = data_spec(cfg)
-    images, labels = load_split(cfg, "train")
-    test = load_split(cfg, "test")
-    train_idx, val_idx = split_indices(len(labels), cfg.val_fraction, seed)
-    pick = lambda x, y: select_classes(x, y, tuple(cfg.classes))
-    skipped = ()
-    if cfg.dataset.startswith(imagefolder.PREFIX) and cfg.on_bad_image == "skip":
-        skipped = imagefolder.skipped(cfg)
-    return Data(spec=spec, train=pick(images[train_idx], labels[train_idx]),
-                val=pick(images[val_idx], labels[val_idx]), test=pick(*test), skipped=skipped)
-
-
-# The settings that say how a run's data is read, never what it computes.
-READING_SETTINGS = frozenset({"data.stream", "data.max_memory_gb", "data.workers",
-                              "data.read_timeout_s"})
-
-
-def decoded_bytes(cfg: DataConfig) -> int:
-    """The bytes of the dataset's decoded pixels, every stored split: what an in-memory run holds
-    (about twice that at its peak, the split read and its training copy). Read from the prepared
-    dataset's metadata or the files' headers, not from the pixels; 0 for arrays of one's own."""
-    kind = _checked_kind(cfg)
-    if kind == "builtin":
-        return datasets.decoded_bytes(cfg.dataset, data_dir=cfg.data_dir,
-                                      manual_dir=cfg.manual_dir, label=cfg.label)
-    if kind in _PREFIXED:
-        return _PREFIXED[kind].decoded_bytes(cfg)
-    return 0
-
-
-def streams(cfg: DataConfig) -> bool:
-    """Whether a run of `cfg` streams its data: `data.stream=on`, or 'auto' with decoded pixels
-    beyond `data.max_memory_gb`."""
-    kind = _checked_kind(cfg)
-    if cfg.stream == "off":
-        return False
-    if kind == "arrays":
-        if cfg.stream == "on":
-            raise ValueError(f"data.stream=on: dataset {cfg.dataset!r} is arrays of your own, "
-                             f"already in memory; streaming reads built-in datasets, "
-                             f"imagefolder:PATH and tfds:NAME. Remove the setting.")
-        return False
-    return cfg.stream == "on" or decoded_bytes(cfg) > cfg.max_memory_gb * 1e9
-
-
-def open_data(cfg: DataConfig, seed: int) -> Data | stream.Streamed:
-    """A run's data, in memory (`load_data`) or streamed (`streams`): the same splits, batches
-    and spec either way. Streaming prepares nothing it does not have to (an image folder's pixels
-    are read from its files); its one-time passes are named on stderr."""
-    if not streams(cfg):
-        data = load_data(cfg, seed)
-        if cfg.dataset.startswith(imagefolder.PREFIX):
-            imagefolder.report_skipped(cfg, data.skipped)
-        return data
-    kind = _checked_kind(cfg)
-    if kind == "builtin":
-        stored = datasets.streamed(cfg.dataset, data_dir=cfg.data_dir, manual_dir=cfg.manual_dir,
-                                   label=cfg.label)
-    else:
-        stored = _PREFIXED[kind].streamed(cfg)
-    spec = _with_classes(stored.spec, cfg)
-    train, test = stored.splits["train"], stored.splits["test"]
-    train_idx, val_idx = split_indices(len(train), cfg.val_fraction, seed)
-    pick = lambda split: _select_split(split, tuple(cfg.classes))
-    if cfg.dataset.startswith(imagefolder.PREFIX):
-        imagefolder.report_skipped(cfg, stored.skipped)
-    return stream.Streamed(spec, pick(train.take(train_idx)), pick(train.take(val_idx)),
-                           pick(test), workers=cfg.workers, timeout_s=cfg.read_timeout_s,
-                           skipped=stored.skipped)
-
-
 def _select_split(split: stream.Split, classes: tuple[int, ...]) -> stream.Split:
     """`select_classes` on a streamed split: its examples of `classes`, relabelled by position."""
     if not classes:
@@ -242,39 +165,20 @@ def _select_split(split: stream.Split, classes: tuple[int, ...]) -> stream.Split
     return split.take(kept, labels)
 
 
-
-def train_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int,
-                  epoch: int, start: int = 0, part: tuple[int, int] = (0, 1)
-                  ) -> Iterator[dict[str, np.ndarray]]:
-    """Shuffled full batches of one epoch from batch `start` on; the last partial batch is dropped.
-
-    'index' is each example's position in the training split: the per-example random draws
-    (dropout, augmentation) are keyed by it. `start` resumes an epoch without re-reading the
-    batches before it. With `part=(process, count)` only that process's rows of each global batch
-    are read, every process agreeing on the global order.
-    """
-    n_steps = steps_per_epoch(len(labels), batch_size)
-    order = epoch_permutation(len(labels), seed, epoch)[: n_steps * batch_size]
-    rows = process_rows(batch_size, part)
-    for idx in order.reshape(n_steps, batch_size)[start:, rows].astype(np.int32):
-        yield {"image": images[idx], "label": labels[idx], "index": idx}
+def decoded_bytes(cfg: DataConfig) -> int:
+    """The bytes of the dataset's decoded pixels, every stored split: what an in-memory run holds
+    (about twice that at its peak, the split read and its training copy). Read from the prepared
+    dataset's metadata or the files' headers, not from the pixels; 0 for arrays of one's own."""
+    kind = _checked_kind(cfg)
+    return 0 if kind == "arrays" else _KINDS[kind].decoded_bytes(cfg)
 
 
-def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int,
-                 part: tuple[int, int] = (0, 1)) -> Iterator[dict[str, np.ndarray]]:
-    """Batches in order, all of the same shape (one compile); the last is zero-padded with mask 0,
-    so every example counts exactly once. `part` as in `train_batches`."""
-    check_eval_batch_size(batch_size)
-    rows = process_rows(batch_size, part)
-    for start in range(0, len(labels), batch_size):
-        x, y = images[start:start + batch_size], labels[start:start + batch_size]
-        pad = batch_size - len(y)
-        mask = np.ones(batch_size, np.float32)
-        if pad:
-            x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
-            y = np.concatenate([y, np.zeros(pad, y.dtype)])
-            mask[batch_size - pad:] = 0.0
-        yield {"image": x[rows], "label": y[rows], "mask": mask[rows]}
+def streams(cfg: DataConfig) -> bool:
+    """Whether a run of `cfg` streams its data: `data.stream=on`, or 'auto' with decoded pixels
+    beyond `data.max_memory_gb`; arrays of one's own are in memory already."""
+    if _checked_kind(cfg) == "arrays":
+        return sources.read(cfg).streamed
+    return stream.wanted(cfg, decoded_bytes(cfg))
 
 
 def as_nhwc(images, image_shape: tuple[int, int, int]) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Which examples a step reads: the seeded validation carve-out, each epoch's order, the steps of
 an epoch and a process's rows of a global batch. Pure functions of the seed and the counts, shared
-by the in-memory batches and the streamed ones (cnnjax/data/input_pipeline.py, stream.py), so both
+by the in-memory batches and the streamed ones (cnnjax/data/memory.py, stream.py), so both
 read the same examples at every step.
 """
 

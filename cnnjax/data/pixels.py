@@ -1,6 +1,6 @@
 """Pixels to model inputs: the normalization every model sees, applied inside compiled programs.
 
-Images travel in host units (uint8, or float32 in 0..255: cnnjax/data/input_pipeline.py) and
+Images travel in host units (uint8, or float32 in 0..255: cnnjax/data/memory.py) and
 become the network's input here, on the device: training, evaluation, a loaded run and the
 pictures all go through this one function.
 """

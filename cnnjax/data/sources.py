@@ -33,7 +33,8 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from cnnjax import imports
-from cnnjax.data import datasets, store
+from cnnjax.config import DataConfig
+from cnnjax.data import datasets, store, stream
 
 SPLITS = ("train", "test")
 _OPTIONAL = ("mean", "std", "class_names")
@@ -77,6 +78,16 @@ def register_dataset(name: str, source: Callable[[], Mapping] | Mapping | None =
 
 def registered() -> tuple[str, ...]:
     return _REGISTRY.names()
+
+
+def read(cfg: DataConfig) -> stream.Stored:
+    """The arrays `cfg` names as a run reads them: already in memory, never streamed."""
+    if cfg.stream == "on":
+        raise ValueError(f"data.stream=on: dataset {cfg.dataset!r} is arrays of your own, "
+                         f"already in memory; streaming reads built-in datasets, "
+                         f"imagefolder:PATH and tfds:NAME. Remove the setting.")
+    source = load(cfg.dataset)
+    return stream.Stored(source.spec, {"train": source.train, "test": source.test})
 
 
 def load(name: str) -> Source:

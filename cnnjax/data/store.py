@@ -178,8 +178,7 @@ _cache: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}  # insertion-ordered: ol
 _cache_lock = threading.Lock()
 
 
-def cached(key: tuple, read: Callable[[], tuple[np.ndarray, np.ndarray]]
-           ) -> tuple[np.ndarray, np.ndarray]:
+def _cached(key: tuple, read: Callable[[], Any]) -> Any:
     """`read()`'s arrays, shared by later calls with the same key (include a stamp of the files)."""
     with _cache_lock:
         if key in _cache:
@@ -198,8 +197,8 @@ def read_split(source, where: str, *, num_classes: int, image_key: str = "image"
                fix: str = "") -> tuple[np.ndarray, np.ndarray]:
     """A whole split of a TFDS data source: read-only uint8 (N, H, W, C) images and int32 labels.
 
-    Every image must have `image_shape` (by default the first one's) after `convert(image, index)`;
-    the error names the first that does not and `fix`, what to do about it.
+    Every image must have `image_shape` (by default the first one's) after `convert(image, index)`
+    (`conform`, say); the error names the first that does not and `fix`, what to do about it.
     """
     n = len(source)
     images = labels = None
@@ -269,20 +268,43 @@ def ensure_prepared(builder: tfds.core.DatasetBuilder,
 
 
 def load(builder: tfds.core.DatasetBuilder, split: str, *, label_key: str = "label",
-         prepare: Callable[[], None] | None = None, **read_kwargs: Any
-         ) -> tuple[np.ndarray, np.ndarray]:
-    """One split of `builder`'s dataset, prepared first (`prepare()`) if it is not yet."""
+         prepare: Callable[[], None] | None = None, holdout: float | None = None,
+         where: str | None = None, **read_kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
+    """One split of `builder`'s dataset, prepared first (`prepare()`) if it is not yet; cached per
+    process. With `holdout`, the dataset has no 'test': 'test' is the stratified hold-out
+    (`holdout()`) of that fraction of the stored 'train', and 'train' the rest. `where` names the
+    stored split in errors; `read_kwargs` go to `read_split`."""
     ensure_prepared(builder, prepare)
+    stored = split if holdout is None else "train"
     with quiet():
         # The info file's mtime tells a re-prepared dataset from the one that was cached.
         stamp = os.stat(builder.data_path / "dataset_info.json").st_mtime_ns
-        key = (os.fspath(pathlib.Path(builder.data_path).resolve()), split, label_key, stamp,
+        key = (os.fspath(pathlib.Path(builder.data_path).resolve()), label_key, stamp,
                tuple(sorted((k, repr(v)) for k, v in read_kwargs.items())))
         feature = builder.info.features[label_key]
-        where = f"{builder.data_path} (split {split!r})"
-        return cached(key, lambda: read_split(
-            builder.as_data_source(split), where, num_classes=feature.num_classes,
-            label_key=label_key, **read_kwargs))
+        where = where or f"{builder.data_path} (split {stored!r})"
+
+        def read():
+            with quiet(absl_logging.ERROR):  # TFDS warns that it decodes with Pillow, not OpenCV
+                source = builder.as_data_source(stored, file_format="array_record")
+                return read_split(source, where, num_classes=feature.num_classes,
+                                  label_key=label_key, **read_kwargs)
+
+        arrays = _cached(key + (stored,), read)
+    if holdout is None:
+        return arrays
+    return _cached(key + (split, holdout), lambda: _held_out(*arrays, holdout, split))
+
+
+def _held_out(images: np.ndarray, labels: np.ndarray, fraction: float, split: str
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """'test', the stratified hold-out of a stored 'train' (`holdout`), or 'train', the rest."""
+    mask = holdout(labels, fraction)
+    keep = mask if split == "test" else ~mask
+    part = images[keep], labels[keep]
+    for array in part:
+        array.flags.writeable = False
+    return part
 
 
 def _varint(buf: bytes, i: int) -> tuple[int, int]:
@@ -411,26 +433,32 @@ class RecordReader:
 
 def read_labels(path: os.PathLike | str, split: str, label_key: str, image_key: str = "image"
                 ) -> np.ndarray:
-    """A prepared array_record split's labels (int32), read without decoding the images."""
-    with quiet(absl_logging.ERROR):
-        builder = tfds.builder_from_directory(os.fspath(path))
-        source = builder.as_data_source(split, file_format="array_record",
-                                        decoders={image_key: tfds.decode.SkipDecoding()})
-    n = len(source)
-    labels = np.empty(n, np.int32)
-    for start in range(0, n, _READ_CHUNK):
-        records = source.__getitems__(list(range(start, min(start + _READ_CHUNK, n))))
-        labels[start:start + len(records)] = [record[label_key] for record in records]
-    return labels
+    """A prepared array_record split's labels (int32), read without decoding the images; cached
+    per process and stamp of the files."""
+    stamp = os.stat(pathlib.Path(path) / "dataset_info.json").st_mtime_ns
+
+    def read():
+        with quiet(absl_logging.ERROR):
+            builder = tfds.builder_from_directory(os.fspath(path))
+            source = builder.as_data_source(split, file_format="array_record",
+                                            decoders={image_key: tfds.decode.SkipDecoding()})
+        n = len(source)
+        labels = np.empty(n, np.int32)
+        for start in range(0, n, _READ_CHUNK):
+            records = source.__getitems__(list(range(start, min(start + _READ_CHUNK, n))))
+            labels[start:start + len(records)] = [record[label_key] for record in records]
+        return labels
+
+    return _cached((os.fspath(path), split, label_key, stamp, "labels"), read)
 
 
-def write_small(path: pathlib.Path, write: Callable[[pathlib.Path], None]) -> bool:
+def write_small(path: pathlib.Path, content: bytes) -> bool:
     """Writes a small cache file atomically (a temporary file renamed); False, and nothing
     written, where the directory is not writable (a shared, read-only data dir)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write(tmp)
+        tmp.write_bytes(content)
         os.replace(tmp, path)
         return True
     except OSError:
@@ -448,6 +476,17 @@ def holdout(labels: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
         n = int(round(fraction * len(rows)))
         mask[np.random.default_rng([seed, int(c)]).permutation(rows)[:n]] = True
     return mask
+
+
+def conform(image: np.ndarray, index: int, *, size: tuple[int, int] | None, where: str
+            ) -> np.ndarray:
+    """A decoded image of a dataset prepared elsewhere as cnnjax reads it: (H, W, C) with 1 or 3
+    channels, resized to `size` if given (`read_split`'s and `RecordReader`'s `convert`)."""
+    image = image[..., None] if image.ndim == 2 else image
+    if image.ndim != 3 or image.shape[-1] not in (1, 3):
+        raise ValueError(f"{where}: example {index} is shaped {image.shape}; cnnjax reads images "
+                         f"with 1 or 3 channels.")
+    return resize(image, size) if size else image
 
 
 def target_size(image_size: Sequence[int]) -> tuple[int, int] | None:

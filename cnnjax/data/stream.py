@@ -43,6 +43,7 @@ import grain
 import numpy as np
 from absl import flags
 
+from cnnjax.config import DataConfig
 from cnnjax.data import order, store
 
 _BATCHES_AHEAD = 1 << 40  # a training iterator covers the run: more batches than any run takes
@@ -80,12 +81,23 @@ def whole(reader, labels: np.ndarray) -> Split:
 
 @dataclasses.dataclass(frozen=True)
 class Stored:
-    """A dataset as streaming reads it: its spec, each stored split ('train', 'test') as a
+    """What a dataset's module hands the input pipeline, read the way a run's settings ask: its
+    spec, each stored split ('train', 'test') in memory as (images, labels) or by index as a
     `Split`, and the files left out as unreadable (`data.on_bad_image=skip`)."""
 
     spec: Any
-    splits: Mapping[str, Split]
+    splits: Mapping[str, tuple[np.ndarray, np.ndarray] | Split]
     skipped: tuple[str, ...] = ()
+
+    @property
+    def streamed(self) -> bool:
+        return isinstance(self.splits["train"], Split)
+
+
+def wanted(cfg: DataConfig, decoded_bytes: int) -> bool:
+    """Whether a run of `cfg` streams a dataset of `decoded_bytes` decoded pixels:
+    `data.stream=on`, or 'auto' beyond `data.max_memory_gb`."""
+    return cfg.stream == "on" or (cfg.stream == "auto" and decoded_bytes > cfg.max_memory_gb * 1e9)
 
 
 def notice(message: str) -> None:
@@ -388,7 +400,7 @@ class ImagesView:
 
 class Streamed:
     """The three splits of a run, read through grain batch by batch; the same methods as the
-    in-memory `input_pipeline.Data`, and the same batches."""
+    in-memory `memory.Data`, and the same batches."""
 
     def __init__(self, spec, train: Split, val: Split, test: Split, *, workers: int = 0,
                  timeout_s: float = 300.0, skipped: Sequence[str] = ()):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import io
 import json
 import os
 import pathlib
@@ -142,11 +143,12 @@ def _label_key(info: tfds.core.DatasetInfo, label: str, dataset: str) -> str:
     return key
 
 
-def _open(cfg: DataConfig) -> _Source:
-    """The dataset `cfg` names, described from its files: a wrong name, config, version, format,
-    split or feature is refused here, before any example is read."""
+def _open(cfg: DataConfig) -> tuple[_Source, tfds.core.DatasetBuilder]:
+    """The dataset `cfg` names, described from its files, and its builder: a wrong name, config,
+    version, format, split or feature is refused here, before any example is read."""
     path = _builder_dir(cfg.dataset, cfg.data_dir)
-    info = _builder(path).info
+    builder = _builder(path)
+    info = builder.info
     _check_format(info, path, cfg.dataset, store.data_root(cfg.data_dir))
     splits = tuple(info.splits)
     if "train" not in splits:
@@ -154,121 +156,81 @@ def _open(cfg: DataConfig) -> _Source:
                          f"{', '.join(splits)}); cnnjax trains on 'train' and tests on 'test' "
                          f"(or a hold-out of 'train').")
     label_key = _label_key(info, cfg.label, cfg.dataset)
-    return _Source(cfg.dataset, path, os.stat(path / "dataset_info.json").st_mtime_ns,
-                   _image_key(info.features, cfg.dataset), label_key,
-                   tuple(info.features[label_key].names), "test" in splits,
-                   store.target_size(cfg.image_size))
+    source = _Source(cfg.dataset, path, os.stat(path / "dataset_info.json").st_mtime_ns,
+                     _image_key(info.features, cfg.dataset), label_key,
+                     tuple(info.features[label_key].names), "test" in splits,
+                     store.target_size(cfg.image_size))
+    return source, builder
 
 
-def _convert(image: np.ndarray, index: int, *, size: tuple[int, int] | None, where: str
-             ) -> np.ndarray:
-    image = image[..., None] if image.ndim == 2 else image
-    if image.ndim != 3 or image.shape[-1] not in (1, 3):
-        raise ValueError(f"{where}: example {index} is shaped {image.shape}; cnnjax reads images "
-                         f"with 1 or 3 channels.")
-    return store.resize(image, size) if size else image
+_specs: dict[tuple, datasets.DatasetSpec] = {}  # per process: (source, test fraction) -> spec
 
 
-def _key(source: _Source) -> tuple:
-    """What the arrays depend on: the same files read the same way, under whichever name."""
-    return (PREFIX, os.fspath(source.path), source.stamp, source.image_key, source.label_key,
-            source.size)
-
-
-def _read(source: _Source, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """One stored split whole, cached per process and stamp."""
-    where = f"Dataset {source.dataset!r} ({source.path}, split {split!r})"
-
-    def read():
-        with store.quiet(absl_logging.ERROR):  # TFDS warns that it decodes with Pillow, not OpenCV
-            data = _builder(source.path).as_data_source(split, file_format="array_record")
-            return store.read_split(
-                data, where, num_classes=len(source.class_names), image_key=source.image_key,
-                label_key=source.label_key,
-                convert=functools.partial(_convert, size=source.size, where=where),
+def read(cfg: DataConfig) -> stream.Stored:
+    """The dataset as a run of `cfg` reads it: each split whole in memory, in stored order (a
+    dataset without 'test' tested on the hold-out of 'train'), cached per process with the spec's
+    normalization constants per channel over train; or streamed (`_streamed`) when `cfg` asks for
+    it or the decoded pixels exceed the budget."""
+    source, builder = _open(cfg)
+    size = _decoded_bytes(source, builder.info)
+    if not stream.wanted(cfg, size):
+        splits = {}
+        for split in _SPLITS:
+            stored = split if source.has_test else "train"
+            where = f"Dataset {source.dataset!r} ({source.path}, split {stored!r})"
+            splits[split] = store.load(
+                builder, split, label_key=source.label_key, image_key=source.image_key,
+                holdout=None if source.has_test else cfg.test_fraction, where=where,
+                convert=functools.partial(store.conform, size=source.size, where=where),
                 fix="" if source.size else "; resize them all with --set data.image_size=H,W")
-
-    return store.cached(_key(source) + (split,), read)
-
-
-def _held_out(source: _Source, split: str, fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """A split of a dataset without 'test': the stratified hold-out of 'train', or the rest."""
-    images, labels = _read(source, "train")
-
-    def carve():
-        mask = store.holdout(labels, fraction)
-        keep = mask if split == "test" else ~mask
-        part = images[keep], labels[keep]
-        for array in part:
-            array.flags.writeable = False
-        return part
-
-    return store.cached(_key(source) + (split, fraction), carve)
+        key = (source, cfg.test_fraction)
+        if key not in _specs:
+            train = splits["train"][0]
+            mean, std = store.channel_stats(train)
+            _specs[key] = datasets.DatasetSpec(source.dataset, len(source.class_names),
+                                               tuple(train.shape[1:]), mean, std, _SPLITS, False,
+                                               source.class_names)
+        return stream.Stored(_specs[key], splits)
+    return _streamed(cfg, source, builder.info)
 
 
-def load(cfg: DataConfig, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """A whole split: read-only uint8 (N, H, W, C) images and int32 labels, in stored order."""
-    if split not in _SPLITS:
-        raise ValueError(f"Dataset {cfg.dataset!r} has no split {split!r}; choose one of "
-                         f"{', '.join(map(repr, _SPLITS))}.")
-    source = _open(cfg)
-    if source.has_test:
-        return _read(source, split)
-    return _held_out(source, split, cfg.test_fraction)
+def decoded_bytes(cfg: DataConfig) -> int:
+    """Bytes of the dataset's pixels decoded (at `data.image_size`), train and test, from its
+    metadata (and one example where the features leave the image size open)."""
+    source, builder = _open(cfg)
+    return _decoded_bytes(source, builder.info)
 
 
-@functools.lru_cache(maxsize=None)
-def _spec(source: _Source, test_fraction: float) -> datasets.DatasetSpec:
-    images, _ = (_read(source, "train") if source.has_test
-                 else _held_out(source, "train", test_fraction))
-    mean, std = store.channel_stats(images)
-    return datasets.DatasetSpec(source.dataset, len(source.class_names), tuple(images.shape[1:]),
-                                mean, std, _SPLITS, False, source.class_names)
-
-
-def spec(cfg: DataConfig) -> datasets.DatasetSpec:
-    """The dataset's spec, from its files and its train split (normalization constants per
-    channel over train); computed once per process for each prepared dataset and setting."""
-    return _spec(_open(cfg), cfg.test_fraction)
+def _decoded_bytes(source: _Source, info: tfds.core.DatasetInfo) -> int:
+    n = sum(split.num_examples for split in info.splits.values() if split.name in _SPLITS)
+    shape = _stored_shape(source, info) or _reader(source, info, "train")[0].shape
+    return n * int(np.prod(shape))
 
 
 # ----------------------------------------------------------------------------- streaming
 
 
-def _info(source: _Source) -> tfds.core.DatasetInfo:
-    return _builder(source.path).info
-
-
-def _stored_shape(source: _Source) -> tuple[int, ...] | None:
+def _stored_shape(source: _Source, info: tfds.core.DatasetInfo) -> tuple[int, ...] | None:
     """The prepared image shape when the features fix it (after `data.image_size`), else None."""
-    shape = tuple(_info(source).features[source.image_key].shape)
+    shape = tuple(info.features[source.image_key].shape)
     shape = shape if len(shape) == 3 else (*shape, 1)
     if source.size:
         shape = (*source.size, shape[-1])
     return shape if None not in shape else None
 
 
-def decoded_bytes(cfg: DataConfig) -> int:
-    """Bytes of the dataset's pixels decoded (at `data.image_size`), train and test, from its
-    metadata (and one example where the features leave the image size open)."""
-    source = _open(cfg)
-    n = sum(split.num_examples for split in _info(source).splits.values()
-            if split.name in _SPLITS)
-    shape = _stored_shape(source) or _reader(source, "train")[0].shape
-    return n * int(np.prod(shape))
-
-
-def _reader(source: _Source, split: str) -> store.RecordReader:
+def _reader(source: _Source, info: tfds.core.DatasetInfo, split: str) -> store.RecordReader:
     where = f"Dataset {source.dataset!r} ({source.path}, split {split!r})"
-    return store.RecordReader(source.path, split, _info(source).splits[split].num_examples,
+    return store.RecordReader(source.path, split, info.splits[split].num_examples,
                               source.image_key,
-                              functools.partial(_convert, size=source.size, where=where))
+                              functools.partial(store.conform, size=source.size, where=where))
 
 
 def _index_dir(cfg: DataConfig, source: _Source) -> pathlib.Path:
     """Where the streaming index of `source` goes: the data dir's cnnjax_stream/, named by what the
     index depends on (the files' stamp among it), so a re-prepared dataset gets a new one."""
-    key = json.dumps([*map(str, _key(source)), cfg.test_fraction])
+    key = json.dumps([PREFIX, *map(str, (source.path, source.stamp, source.image_key,
+                                         source.label_key, source.size)), cfg.test_fraction])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     slug = re.sub(r"[^A-Za-z0-9]+", "_", source.dataset.removeprefix(PREFIX)).strip("_")
     return store.data_root(cfg.data_dir) / "cnnjax_stream" / f"{slug}_{digest}"
@@ -284,29 +246,28 @@ def _labels(folder: pathlib.Path, source: _Source, split: str) -> np.ndarray:
     if bad.size:
         raise ValueError(f"Dataset {source.dataset!r} ({source.path}, split {split!r}): label "
                          f"{int(bad[0])} is out of range [0, {len(source.class_names) - 1}].")
-
-    def write(tmp: pathlib.Path) -> None:
-        with open(tmp, "wb") as f:
-            np.save(f, labels)
-
-    store.write_small(path, write)
+    buffer = io.BytesIO()
+    np.save(buffer, labels)
+    store.write_small(path, buffer.getvalue())
     return labels
 
 
-def streamed(cfg: DataConfig) -> stream.Stored:
+def _streamed(cfg: DataConfig, source: _Source, info: tfds.core.DatasetInfo) -> stream.Stored:
     """The dataset for streaming: each split's records read by index (decoded, and resized with
     `data.image_size`, where they are read). Labels, the hold-out and the spec's statistics come
     from passes over the stored records at first use (cached under the data dir's
     cnnjax_stream/): the splits and spec an in-memory run gets."""
-    source = _open(cfg)
     folder = _index_dir(cfg, source)
-    stored = {s: _labels(folder, source, s) for s in (_SPLITS if source.has_test else ("train",))}
+    stored = _SPLITS if source.has_test else ("train",)
+    readers = {s: _reader(source, info, s) for s in stored}
+    shape = _stored_shape(source, info)
+    labels = {s: _labels(folder, source, s) for s in stored}
     if source.has_test:
-        splits = {s: stream.whole(_reader(source, s), stored[s]) for s in _SPLITS}
-    else:  # the stratified hold-out an in-memory run takes (`_held_out`)
-        mask = store.holdout(stored["train"], cfg.test_fraction)
+        splits = {s: stream.whole(readers[s], labels[s]) for s in _SPLITS}
+    else:  # the stratified hold-out an in-memory run takes (`store.load`)
+        mask = store.holdout(labels["train"], cfg.test_fraction)
         rows = {"train": np.flatnonzero(~mask), "test": np.flatnonzero(mask)}
-        splits = {s: stream.Split(_reader(source, "train"), rows[s], stored["train"][rows[s]])
+        splits = {s: stream.Split(readers["train"], rows[s], labels["train"][rows[s]])
                   for s in _SPLITS}
     try:
         index = json.loads((folder / "index.json").read_text())
@@ -314,19 +275,18 @@ def streamed(cfg: DataConfig) -> stream.Stored:
         index = {}
     if "mean" not in index:
         train = splits["train"]
-        shape = _stored_shape(source) or train.reader[int(train.rows[0])].shape
-        every = {s: splits[s] for s in _SPLITS}
-        stream.notice(f"{cfg.dataset}: reading its {sum(map(len, every.values()))} images once for "
-                      f"their statistics (cached in {folder})")
+        shape = shape or train.reader[int(train.rows[0])].shape
+        stream.notice(f"{cfg.dataset}: reading its {sum(map(len, splits.values()))} images once "
+                      f"for their statistics (cached in {folder})")
         hist = np.zeros((shape[-1], 256), np.int64)
-        for s, part in every.items():  # test too: every image is checked once
+        for s, part in splits.items():  # test too: every image is checked once
             hist += stream.scan(part.reader, part.rows, np.full(len(part), s == "train"),
                                 shape[-1], workers=cfg.workers, timeout_s=cfg.read_timeout_s,
                                 skip_bad=False, what=f"the {s} images of {cfg.dataset}",
                                 shape=shape)[0]
         mean, std = store.stats_from_histogram(hist)
         index = {"shape": list(shape), "mean": mean, "std": std}
-        store.write_small(folder / "index.json", lambda tmp: tmp.write_text(json.dumps(index)))
+        store.write_small(folder / "index.json", json.dumps(index).encode())
     spec = datasets.DatasetSpec(source.dataset, len(source.class_names), tuple(index["shape"]),
                                 tuple(index["mean"]), tuple(index["std"]), _SPLITS, False,
                                 source.class_names)
