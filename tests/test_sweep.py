@@ -288,7 +288,7 @@ def test_cnnjax_sweep_command(tmp_path, capsys):
     out = tmp_path / "sw"
     assert main(["sweep", "--seeds", "2", "--seed", "5", "--epochs", "1", "--quiet", "--out",
                  str(out), "--batch-size", "500", "--set", "model.kwargs.features=4",
-                 "--set", "model.kwargs.dense=8"]) == 0
+                 "--set", "model.kwargs.dense=8", "--set", "data.classes=0,1"]) == 0
     saved = json.loads((out / "sweep.json").read_text())
     assert saved["seeds"] == [5, 6] and (out / "seed=6" / "metrics.jsonl").exists()
     assert json.loads((out / "seed=5" / "config.json").read_text())["train"]["seed"] == 5
