@@ -37,10 +37,12 @@ def pytest_configure(config):
 
 # The slowest files first (measured with --durations): pytest-xdist hands files out in collection
 # order, so starting the long ones first lets the workers end together, not one finishing alone.
-SLOW_FIRST = ("test_search.py", "test_parallel.py", "test_sweep.py", "test_stream.py",
-              "test_fault_injection.py", "test_preempt.py", "test_steps.py", "test_open.py",
-              "test_visualize.py", "test_checkpoint.py", "test_transfer.py", "test_faults.py",
-              "test_reliability.py", "test_callbacks.py", "test_disk.py", "test_regularization.py",
+# A file that trains another file's config (preempt: stream's; disk: fault injection's;
+# regularization: checkpoint's) comes well after it, so the compilation cache holds its programs.
+SLOW_FIRST = ("test_search.py", "test_sweep.py", "test_fault_injection.py", "test_parallel.py",
+              "test_stream.py", "test_steps.py", "test_visualize.py", "test_checkpoint.py",
+              "test_open.py", "test_transfer.py", "test_faults.py", "test_reliability.py",
+              "test_callbacks.py", "test_preempt.py", "test_disk.py", "test_regularization.py",
               "test_train.py")
 
 

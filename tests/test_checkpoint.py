@@ -14,9 +14,12 @@ from cnnjax import Config, load_run, train_and_evaluate
 from cnnjax.training.checkpoint import Checkpointer
 from cnnjax.cli import main
 
-# Dropout and augmentation on: their draws must replay too. 50 steps per epoch, a log line every 10.
-CFG = ["model.kwargs.features=8,16", "model.kwargs.dense=32", "train.epochs=3", "train.progress=false",
-       "model.kwargs.dropout=0.5", "augment.rotate=10", "augment.translate=2", "train.log_every=10"]
+# Dropout, batch norm and augmentation on: their draws and statistics must replay too. 50 steps per
+# epoch, a log line every 10. The model and augmentation of test_regularization's runs: the
+# compiled programs are shared through the cache.
+CFG = ["model.kwargs.features=8,16", "model.kwargs.dense=32", "train.epochs=2", "train.progress=false",
+       "model.kwargs.dropout=0.5", "model.kwargs.batch_norm=true", "augment.rotate=10",
+       "augment.translate=2", "augment.scale=0.1", "train.log_every=10"]
 
 
 def config(*extra):

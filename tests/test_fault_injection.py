@@ -23,6 +23,7 @@ import pytest
 
 import faultkit
 from cnnjax import Config, train_and_evaluate
+from cnnjax.cli import main
 from faultkit import cli_many, finishing, kill_and_resume, mid_log, one_error_line, saving, startup
 
 pytestmark = pytest.mark.faults
@@ -59,6 +60,13 @@ def probe(out) -> str:
     if (out / "metrics.jsonl").exists():
         return f"training ({faultkit.count_lines(out / 'metrics.jsonl')} log lines)"
     return "starting up"
+
+
+def run_here(argv: list[str]) -> None:
+    """The uninterrupted reference of a `python -m cnnjax ...` command line, run by the command's
+    own entry point in this process (what the command does, without another interpreter)."""
+    assert argv[:3] == [sys.executable, "-m", "cnnjax"], argv
+    assert main(argv[3:]) == 0, argv
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +133,7 @@ def test_sigkill_a_sweep_at_random_moments_then_rerun_replays_every_member(tmp_p
     end, then the same command run again: every member's metrics.jsonl is the uninterrupted
     sweep's."""
     whole = tmp_path / "whole"
-    faultkit.run_to_end(sweep(whole))
+    run_here(sweep(whole))
     lines = faultkit.count_lines(whole / MEMBERS[0] / "metrics.jsonl")
     rng = random.Random(SEED + 1)
     trials = [[mid_log(rng, f"{MEMBERS[1]}/metrics.jsonl", lines - 1), saving(),
@@ -161,7 +169,7 @@ def test_sigkill_a_search_worker_at_random_moments_then_rerun_fills_the_same_stu
             for p in (r / "ckpt").iterdir()) else "a trial without a checkpoint"
 
     whole = tmp_path / "whole"
-    faultkit.run_to_end(search(whole))
+    run_here(search(whole))
     lines = faultkit.count_lines(whole / "trials" / "0" / "metrics.jsonl")
     rng = random.Random(SEED + 2)
     n = rng.randint(lines // 2, lines - 1)
@@ -212,7 +220,7 @@ def test_sigkill_while_an_image_folder_is_prepared_then_rerun(tmp_path):
             pathlib.Path(f"{out}-data").glob("cnnjax_imagefolder/*")), delay)
 
     reference = tmp_path / "whole"
-    faultkit.run_to_end(command(reference))
+    run_here(command(reference))
     draws = random.Random(SEED)
     outcome, = kill_and_resume(command, lambda out: resume(out) if (out / "config.json").exists()
                                else command(out), [[preparing(draws), preparing(draws)]],

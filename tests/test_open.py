@@ -249,7 +249,8 @@ def _rgb_dataset(n_train=640, n_test=160, seed=0):
 
 
 # The SeedCNN on 32x32x3 images: tests/test_cifar.py trains it on CIFAR-format files.
-@pytest.mark.parametrize("model", [["model.name=resnet_tiny", "model.kwargs.stem=small"]])
+@pytest.mark.parametrize("model", [["model.name=resnet_tiny", "model.kwargs.stem=small",
+                                    "model.kwargs.stage_sizes=1,1"]])
 def test_a_three_channel_32px_dataset_of_arrays_trains(tmp_path, model):
     cnnjax.register_dataset("test_rgb32", _rgb_dataset())
     cfg = cnnjax.Config().override(["data.dataset=test_rgb32", "train.epochs=1",

@@ -10,14 +10,14 @@ import sys
 import numpy as np
 import pytest
 
-from cnnjax import Config, load_run, train_and_evaluate
+from cnnjax import Config, load_data, load_run, train_and_evaluate
 from cnnjax.report.logs import read_jsonl
 
 # Batch norm, dropout and augmentation all on: their statistics and draws must not depend on the
-# device count. One epoch of 50 steps, a checkpoint every 20.
+# device count. Five digits: one epoch of 24 steps, a checkpoint every 20.
 CFG = ["model.kwargs.features=8,16", "model.kwargs.dense=32", "train.epochs=1", "train.progress=false",
        "model.kwargs.batch_norm=true", "model.kwargs.dropout=0.5", "augment.rotate=10", "augment.translate=2",
-       "train.checkpoint_every_steps=20"]
+       "data.classes=0,1,2,3,4", "train.checkpoint_every_steps=20"]
 
 
 def cli(run_dir, devices, *extra, env_extra=None, wait=True):
@@ -63,7 +63,9 @@ def assert_same_run(run, reference):
                 assert r[key] == pytest.approx(t[key], rel=1e-3, abs=1e-5), (key, r["step"])
     assert ours[-1]["val_accuracy"] == pytest.approx(theirs[-1]["val_accuracy"], abs=0.02)
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["val"]["count"] == 800 and summary["test"]["count"] == 1000
+    data = load_data(Config().override(CFG).data, 0)  # every example evaluated once
+    assert summary["steps"] == 24  # 1,594 training images, batch 64
+    assert summary["val"]["count"] == len(data.val[1]) and summary["test"]["count"] == len(data.test[1])
 
 
 def _leaves(tree):

@@ -38,9 +38,17 @@ def fixed() -> Config:
     return Config().override(FIXED)
 
 
-def cli(*args: str, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "cnnjax", "search", *args, *FLAGS],
+def cli(*args: str, sets: tuple[str, ...] = (), **kw) -> subprocess.Popen:
+    """`cnnjax search ARGS` on the FIXED config, then `sets` (overrides of it)."""
+    flags = FLAGS + [a for item in sets for a in ("--set", item)]
+    return subprocess.Popen([sys.executable, "-m", "cnnjax", "search", *args, *flags],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+# Workers that share a study are checked for who ran what, not for a trial's figures: one epoch,
+# and trials that differ in their seed alone, so every trial runs the one compiled program (the
+# persistent compilation cache serves it) where a learning rate would compile its own.
+ONE_EPOCH = ("train.epochs=1",)
 
 
 def study_json(path: pathlib.Path) -> dict:
@@ -57,6 +65,13 @@ def proper(record: dict) -> list[dict]:
 def space_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("space") / "space.json"
     path.write_text(json.dumps(SPACE))
+    return path
+
+
+@pytest.fixture(scope="module")
+def seed_space(tmp_path_factory):
+    path = tmp_path_factory.mktemp("space") / "seeds.json"
+    path.write_text(json.dumps({"train.seed": {"low": 0, "high": 10**6}}))
     return path
 
 
@@ -154,11 +169,12 @@ def _has_checkpoint(run: pathlib.Path) -> bool:
 def test_a_preempted_worker_checkpoints_its_trial_and_the_study_continues(study, space_file,
                                                                           tmp_path):
     """Ctrl-C once trial 0 has a checkpoint: the worker checkpoints the trial, queues it again
-    and exits 130 with the line to continue; the same command run again resumes the trial. The
-    study and every trial's metrics.jsonl are the uninterrupted study's. (SIGTERM: the batch
-    test below.)"""
+    and exits 130 with the line to continue; the same command run again resumes the trial and
+    goes on to the next. The study's trials and their metrics.jsonl are the uninterrupted
+    study's first two (each proposal is seeded by its position). (SIGTERM: the batch test
+    below.)"""
     path = tmp_path / "tiny"
-    args = ["--space", str(space_file), "--trials", str(N), "--study", str(path),
+    args = ["--space", str(space_file), "--trials", "2", "--study", str(path),
             "--pruner", "none"]
     outs = []
     for signum, status in ((signal.SIGINT, 130),):
@@ -179,8 +195,8 @@ def test_a_preempted_worker_checkpoints_its_trial_and_the_study_continues(study,
     assert out.count("continues trial") == 1 and "resuming" in out
 
     record, reference = study_json(path), study_json(study)
-    got, want = proper(record), proper(reference)
-    assert [t["state"] for t in got] == ["COMPLETE"] * N
+    got, want = proper(record), proper(reference)[:2]
+    assert [t["state"] for t in got] == ["COMPLETE"] * 2
     assert [(t["params"], t["value"]) for t in got] == [(t["params"], t["value"]) for t in want]
     for t, w in zip(got, want):
         assert (path / t["run_dir"] / "metrics.jsonl").read_bytes() == \
@@ -216,9 +232,10 @@ def test_a_batch_of_trials_is_one_sweep_whose_members_are_the_trials_runs(batch_
 def test_a_preempted_batch_resumes_to_the_uninterrupted_bytes(batch_study, space_file, tmp_path):
     """SIGTERM while the first batch trains: both its members checkpoint, its two trials are
     queued again and the worker exits 143; run again, the batch takes its directory back and
-    resumes: every trial's metrics.jsonl is the uninterrupted batched study's."""
+    resumes: every trial's metrics.jsonl is the uninterrupted batched study's (its first batch:
+    a study of two trials)."""
     path = tmp_path / "batched"
-    args = ["--space", str(space_file), "--trials", str(N), "--study", str(path),
+    args = ["--space", str(space_file), "--trials", "2", "--study", str(path),
             "--pruner", "none", "--batch", "2", "--lowering", "vmap"]
     proc = cli(*args)
     _wait_for(lambda: (path / "batches" / "0").is_dir() and all(
@@ -232,7 +249,8 @@ def test_a_preempted_batch_resumes_to_the_uninterrupted_bytes(batch_study, space
     out, _ = again.communicate(timeout=300)
     assert again.returncode == 0, out
     assert "continues batch 0" in out and "resuming" in out.lower()
-    got, want = proper(study_json(path)), proper(study_json(batch_study))
+    got, want = proper(study_json(path)), proper(study_json(batch_study))[:2]
+    assert len(got) == 2
     assert [(t["params"], t["value"]) for t in got] == [(t["params"], t["value"]) for t in want]
     for t, w in zip(got, want):
         assert (path / t["run_dir"] / "metrics.jsonl").read_bytes() == \
@@ -287,11 +305,11 @@ def _count(record: dict) -> None:
     assert record["finished_trials"] == N
 
 
-def test_two_workers_on_one_machine_fill_one_study(space_file, tmp_path):
+def test_two_workers_on_one_machine_fill_one_study(seed_space, tmp_path):
     path = tmp_path / "pair"
-    args = ["--space", str(space_file), "--trials", str(N), "--study", str(path),
+    args = ["--space", str(seed_space), "--trials", str(N), "--study", str(path),
             "--pruner", "none", "--sampler", "random"]
-    workers = [cli(*args) for _ in range(2)]
+    workers = [cli(*args, sets=ONE_EPOCH) for _ in range(2)]
     outs = [w.communicate(timeout=400)[0] for w in workers]
     assert all(w.returncode == 0 for w in workers), outs
     record = study_json(path)
@@ -300,20 +318,21 @@ def test_two_workers_on_one_machine_fill_one_study(space_file, tmp_path):
     assert len(ran) == N  # no trial trained twice
 
 
-def test_workers_on_many_machines_share_a_postgresql_study(space_file, tmp_path):
+def test_workers_on_many_machines_share_a_postgresql_study(seed_space, tmp_path):
     """A real PostgreSQL server; a worker whose machine dies (its own study directory, killed
     mid-trial), then two workers on other machines (directories) with a 1 s heartbeat: the dead
     worker's trial is taken over once its heartbeat is stale, and each of the N trials finishes
     exactly once."""
     with postgres_server() as url:
-        common = ["--space", str(space_file), "--trials", str(N), "--storage", url,
+        common = ["--space", str(seed_space), "--trials", str(N), "--storage", url,
                   "--pruner", "none", "--heartbeat", "1", "--sampler", "random"]
-        lost = cli(*common, "--study", str(tmp_path / "lost" / "pg"))
+        lost = cli(*common, "--study", str(tmp_path / "lost" / "pg"), sets=ONE_EPOCH)
         _wait_for(lambda: (tmp_path / "lost" / "pg" / "trials" / "0" / "config.json").exists(),
                   lost)
         lost.send_signal(signal.SIGKILL)
         lost.wait()
-        workers = [cli(*common, "--study", str(tmp_path / f"m{i}" / "pg")) for i in range(2)]
+        workers = [cli(*common, "--study", str(tmp_path / f"m{i}" / "pg"), sets=ONE_EPOCH)
+                   for i in range(2)]
         outs = [w.communicate(timeout=400)[0] for w in workers]
         assert all(w.returncode == 0 for w in workers), outs
         assert main(["search", "--show", str(tmp_path / "m0" / "pg"), "--storage", url]) == 0

@@ -266,17 +266,19 @@ def test_backbone_of_another_architecture_is_refused_with_every_path(backbone_ru
 
 
 def test_cnnjax_train_fine_tunes_a_frozen_backbone_from_an_earlier_run(tmp_path):
-    """The whole path through `train_and_evaluate`: pretrain on digits 0-4, then train a new head on
-    5-9 with the backbone frozen; the backbone and its BN statistics come back bit-identical."""
+    """The whole path through `train_and_evaluate`: pretrain on digits 0-2, then train a new head on
+    5-7 with the backbone frozen; the backbone and its BN statistics come back bit-identical. (The
+    two-stage ResNet of this module: every stage of the backbone frozen is the same code path.)"""
     import numpy as np
     from cnnjax import Config, load_run, train_and_evaluate
-    base = ["model.name=resnet_tiny", "model.kwargs.stem=small", "train.epochs=1", "train.progress=false",
-            "train.batch_size=128"]
-    train_and_evaluate(Config().override(base + ["data.classes=0,1,2,3,4"]), tmp_path / "pre")
+    from cnnjax.data.input_pipeline import load_split
+    base = ["model.name=resnet_tiny", "model.kwargs.stem=small", "model.kwargs.stage_sizes=1,1",
+            "train.epochs=1", "train.progress=false", "train.batch_size=128"]
+    train_and_evaluate(Config().override(base + ["data.classes=0,1,2"]), tmp_path / "pre")
     summary = train_and_evaluate(Config().override(base + [
-        "data.classes=5,6,7,8,9", f"transfer.backbone={tmp_path / 'pre'}", "transfer.freeze=backbone"]),
+        "data.classes=5,6,7", f"transfer.backbone={tmp_path / 'pre'}", "transfer.freeze=backbone"]),
         tmp_path / "post").summary
-    assert summary["test"]["count"] == 500
+    assert summary["test"]["count"] == int(np.isin(load_split("mnist5k", "test")[1], [5, 6, 7]).sum())
     pre, post = load_run(tmp_path / "pre").variables, load_run(tmp_path / "post").variables
     for collection in ("params", "batch_stats"):
         for name in pre[collection]:
