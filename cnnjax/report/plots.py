@@ -1,22 +1,27 @@
 """PNG plots of a run, drawn with matplotlib's object API: `new_figure` makes a figure that no
 pyplot state knows about, so cnnjax never switches the process's backend (a notebook that called
-cnnjax keeps its inline plots) and never leaks figures."""
+cnnjax keeps its inline plots) and never leaks figures. matplotlib is imported at the first figure:
+a process that never draws (a killed run, `cnnjax eval`) does not pay for it."""
 
 from __future__ import annotations
 
 import json
 import pathlib
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
-from matplotlib.figure import Figure
 
 from cnnjax.report.logs import read_jsonl
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def new_figure(rows: int = 1, cols: int = 1, **kwargs):
     """`(figure, axes)` as `pyplot.subplots(rows, cols, **kwargs)` returns them, without pyplot;
     `figsize` and `dpi` go to the figure, the rest to `Figure.subplots`."""
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=kwargs.pop("figsize", None), dpi=kwargs.pop("dpi", None))
     return fig, fig.subplots(rows, cols, **kwargs)
 
