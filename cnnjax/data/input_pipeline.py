@@ -121,12 +121,16 @@ def dataset_spec(cfg: DataConfig | str) -> datasets.DatasetSpec:
 
 
 def load_split(cfg: DataConfig | str, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """One whole split of any dataset: images in host units (cnnjax/data/memory.py), labels."""
+    """One whole split of any dataset: images in host units (cnnjax/data/memory.py), labels; a
+    built-in's split is read alone (evaluating on 'test' reads no training images)."""
     cfg = _as_config(cfg)
     kind = _checked_kind(cfg)
     if split not in _SPLITS:
         raise ValueError(f"Dataset {cfg.dataset!r} has no split {split!r}; choose one of "
                          f"{', '.join(map(repr, _SPLITS))}.")
+    if kind == "builtin":
+        return datasets.load(cfg.dataset, split, data_dir=cfg.data_dir, manual_dir=cfg.manual_dir,
+                             label=cfg.label)
     return _KINDS[kind].read(_in_memory(cfg)).splits[split]
 
 
